@@ -1,0 +1,232 @@
+"""Wires the gateway together: the store, the upstream session, the engine and two listeners.
+
+    public    (listen)           proxied routes, and poll URLs under /_stepgate/
+    internal  (internal_listen)  callbacks, events, admin, /metrics, /healthz, /readyz, /ui
+
+The shared resources outlive both listeners and are shut down in an order no single
+application's cleanup context can express: stop taking client requests, let invocations in
+flight finish (their callbacks still need the internal listener), close the internal listener,
+stop the child, then close the session and the store. `Gateway` owns that order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from gateway import admin, callbacks
+from gateway.config import Address, Settings
+from gateway.engine import ENGINE, Engine
+from gateway.errors import GatewayError
+from gateway.logging import configure as configure_logging
+from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gateway.metrics import Metrics
+from gateway.poll import poll
+from gateway.problem import problem
+from gateway.proxy import create_upstream_session, proxy_plain
+from gateway.routing import MethodNotAllowed, Router
+from gateway.store import Store
+from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
+
+log = structlog.get_logger("stepgate")
+
+SESSION = web.AppKey("stepgate.session", aiohttp.ClientSession)
+ROUTER = web.AppKey("stepgate.router", Router)
+METRICS = web.AppKey("stepgate.metrics", Metrics)
+
+RESERVED_PREFIX = "/_stepgate/"
+INTERNAL_MAX_BODY = 16 * 1024 * 1024  # step outputs and events
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Every public request that is not a poll: route it, then proxy or run it durably."""
+    started = time.perf_counter()
+    app = request.app
+    match = app[ROUTER].match(request.method, request.path)
+    if request.path.startswith(RESERVED_PREFIX):
+        match = None
+    if match is None:
+        response: web.StreamResponse = problem(404, detail="no route matches this path")
+        label = "none"
+    elif isinstance(match, MethodNotAllowed):
+        response = problem(405, detail=f"this path takes {match.allow_header}",
+                           headers={"Allow": match.allow_header})
+        label = "none"
+    else:
+        label = match.name
+        if match.durable:
+            response = await app[ENGINE].handle(request, match)
+        else:
+            response = await proxy_plain(request, match, app[SESSION])
+    app[METRICS].request(label, request.method, response.status, time.perf_counter() - started)
+    return response
+
+
+async def poll_any_method(request: web.Request) -> web.StreamResponse:
+    if request.method not in ("GET", "HEAD"):
+        return problem(405, detail="poll URLs take GET", headers={"Allow": "GET, HEAD"})
+    return await poll(request)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[ENGINE].store.ping()
+    except Exception as exc:
+        return problem(503, detail=f"the store is not reachable: {exc}")
+    return web.json_response({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[METRICS]
+    registry.set_run_counts(await request.app[ENGINE].store.count_by_status())
+    return web.Response(body=registry.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def _bound_port(runner: web.AppRunner) -> int:
+    address = runner.addresses[0]
+    return int(address[1])
+
+
+def _with_port(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+class Gateway:
+    """One running gateway. `await start()`, then `await stop()`; ports 0 are resolved."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = Store(settings.store_path, durability=settings.durability)
+        self.store.write_observer = self.metrics.store_write_duration.observe
+        self.public_port = 0
+        self.internal_port = 0
+        self._runners: list[web.AppRunner] = []
+        self._public: web.AppRunner | None = None
+        self._internal: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.engine: Engine | None = None
+
+    def _apps(self, engine: Engine, session: aiohttp.ClientSession) -> tuple[
+        web.Application, web.Application
+    ]:
+        public = web.Application()
+        public[ENGINE] = engine
+        public[SESSION] = session
+        public[ROUTER] = Router(self.settings.routes)
+        public[METRICS] = self.metrics
+        public.router.add_route("*", RESERVED_PREFIX + "runs/{run_id}", poll_any_method)
+        public.router.add_route("*", "/{tail:.*}", dispatch)
+
+        internal = web.Application(client_max_size=INTERNAL_MAX_BODY)
+        internal[ENGINE] = engine
+        internal[METRICS] = self.metrics
+        callbacks.add_routes(internal)
+        admin.add_routes(internal)
+        internal.router.add_get("/metrics", metrics)
+        internal.router.add_get("/healthz", healthz)
+        internal.router.add_get("/readyz", readyz)
+        return public, internal
+
+    async def _listen(self, app: web.Application, address: Address) -> web.AppRunner:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        site = web.TCPSite(runner, address.host, address.port, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise GatewayError(
+                f"cannot listen on {address.host}:{address.port}: {exc.strerror or exc}"
+            ) from exc
+        return runner
+
+    async def start(self) -> None:
+        await self.store.open()
+        self._session = create_upstream_session()
+        self.engine = engine = Engine(self.settings, self.store, self._session, self.metrics)
+        public, internal = self._apps(engine, self._session)
+        self._internal = await self._listen(internal, self.settings.internal_listen)
+        self.internal_port = _bound_port(self._internal)
+        if urlsplit(self.settings.internal_url).port == 0:
+            engine.internal_url = _with_port(self.settings.internal_url, self.internal_port)
+        if self.settings.metrics_listen is not None:
+            scrape = web.Application()
+            scrape[ENGINE] = engine
+            scrape[METRICS] = self.metrics
+            scrape.router.add_get("/metrics", metrics)
+            await self._listen(scrape, self.settings.metrics_listen)
+        await engine.start()
+        self._public = await self._listen(public, self.settings.listen)
+        self.public_port = _bound_port(self._public)
+        log.info("gateway.listening", public=self.public_port, internal=self.internal_port,
+                 routes=len(self.settings.routes))
+
+    async def stop(self) -> None:
+        if self._public is not None:
+            await self._public.cleanup()  # stop taking client requests first
+            self._runners.remove(self._public)
+        if self.engine is not None:
+            await self.engine.close()
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self._session is not None:
+            await self._session.close()
+        await self.store.close()
+
+
+async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
+    """Run until SIGTERM or SIGINT (or until the child exits); return the exit code."""
+    configure_logging(settings.log_level, settings.log_format)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    process: ChildProcess | None = None
+    gateway = Gateway(settings)
+    code = 0
+    try:
+        if child:
+            process = await ChildProcess.start(child)
+            for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                loop.add_signal_handler(sig, process.send_signal, sig)
+            await process.wait_ready(
+                upstream_addresses(route.upstream for route in settings.routes), timeout=30.0
+            )
+        await gateway.start()
+        waits = [asyncio.create_task(stop.wait(), name="stepgate-stop-signal")]
+        if process is not None:
+            waits.append(asyncio.create_task(process.wait(), name="stepgate-child-exit"))
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if process is not None and process.returncode is not None and not stop.is_set():
+            code = process.returncode
+            log.warning("child.exited", code=code)
+        log.info("gateway.stopping")
+    except (GatewayError, SupervisorError) as exc:
+        print(f"stepgate: {exc}", file=sys.stderr)
+        code = 1
+    finally:
+        with contextlib.suppress(Exception):
+            await gateway.stop()
+        if process is not None:
+            await process.terminate(settings.shutdown_grace)
+    return code
