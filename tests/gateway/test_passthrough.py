@@ -1,0 +1,120 @@
+"""On the success path a client must see what the upstream alone would have sent."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from tests.conftest import GatewayFactory, UpstreamFactory
+
+BIG = os.urandom(3 * 1024 * 1024)
+# Framing is hop-by-hop (RFC 9110 §7.6.1) and Date is the time of sending.
+IGNORED = {"date", "transfer-encoding", "content-length", "stepgate-run-id", "keep-alive",
+           "connection"}
+
+
+async def binary(request: web.Request) -> web.Response:
+    return web.Response(body=bytes(range(256)), content_type="application/x-thing",
+                        headers={"ETag": '"v1"', "Set-Cookie": "a=1"})
+
+
+async def empty(request: web.Request) -> web.Response:
+    return web.Response(status=204, headers={"X-Empty": "yes"})
+
+
+async def chunked(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(status=207, headers={"Content-Type": "text/plain"})
+    response.enable_chunked_encoding()
+    await response.prepare(request)
+    for part in (b"one,", b"two,", b"three"):
+        await response.write(part)
+    await response.write_eof()
+    return response
+
+
+async def large(request: web.Request) -> web.Response:
+    return web.Response(body=BIG, headers={"Content-Type": "application/octet-stream"})
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return web.Response(status=404, text="missing", headers={"X-Reason": "none"})
+
+
+async def multi_header(request: web.Request) -> web.Response:
+    response = web.Response(text="ok")
+    response.headers.add("Set-Cookie", "a=1")
+    response.headers.add("Set-Cookie", "b=2")
+    response.headers.add("Vary", "Accept")
+    return response
+
+
+PATHS = ["/binary", "/empty", "/chunked", "/large", "/missing", "/multi"]
+
+
+def upstream_app() -> web.Application:
+    app = web.Application()
+    for path, handler in zip(PATHS, (binary, empty, chunked, large, not_found, multi_header),
+                             strict=True):
+        app.router.add_route("*", path, handler)
+    return app
+
+
+async def fetch(session: aiohttp.ClientSession, url: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    async with session.get(url) as resp:
+        body = await resp.read()
+        headers = sorted((k.lower(), v) for k, v in resp.headers.items()
+                         if k.lower() not in IGNORED)
+        return resp.status, headers, body
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        yield s
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+async def test_responses_are_identical_to_the_upstream_alone(
+    gateway: GatewayFactory, upstream: UpstreamFactory, session: aiohttp.ClientSession,
+    durable: bool,
+) -> None:
+    base = await upstream(upstream_app())
+    gw = await gateway([{"name": "all", "path": "/*", "upstream": base, "durable": durable,
+                         "max_body": "8MiB"}])
+    for path in PATHS:
+        direct = await fetch(session, base + path)
+        proxied = await fetch(session, gw.url + path)
+        assert proxied == direct, path
+
+
+async def test_plain_route_keeps_content_length_and_streams_chunked(
+    gateway: GatewayFactory, upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    base = await upstream(upstream_app())
+    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}])
+    async with session.get(gw.url + "/large") as resp:
+        assert resp.headers["Content-Length"] == str(len(BIG))
+        assert await resp.read() == BIG
+    async with session.get(gw.url + "/chunked") as resp:
+        assert resp.headers.get("Transfer-Encoding") == "chunked"
+        assert await resp.read() == b"one,two,three"
+
+
+async def test_unknown_paths_and_methods_are_problems(
+    gateway: GatewayFactory, upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    base = await upstream(upstream_app())
+    gw = await gateway([{"name": "b", "path": "/binary", "upstream": base, "methods": ["POST"]}])
+    async with session.get(gw.url + "/nowhere") as resp:
+        assert resp.status == 404
+        assert resp.content_type == "application/problem+json"
+    async with session.get(gw.url + "/binary") as resp:
+        assert resp.status == 405
+        assert resp.headers["Allow"] == "POST"
+        assert resp.content_type == "application/problem+json"
+    async with session.get(gw.url + "/_stepgate/whatever") as resp:
+        assert resp.status == 404
