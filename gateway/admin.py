@@ -233,7 +233,7 @@ async def post_event(request: web.Request) -> web.StreamResponse:
         return web.json_response({"id": event_id, "woke": 0, "duplicate": True}, status=202)
     for run_id in woken:
         engine.wake(run_id, now)
-    log.info("event.received", event=name, event_id=event_id, woke=len(woken))
+    log.info("event.received", name=name, event_id=event_id, woke=len(woken))
     return web.json_response({"id": event_id, "woke": len(woken)}, status=202)
 
 

@@ -239,7 +239,9 @@ def _wait(value: object) -> tuple[dict[str, Any], str, float]:
     event = value.get("event")
     if not isinstance(event, str) or not event:
         raise BadRequest("wait.event must be a non-empty string")
-    match = value.get("match") or {}
+    match = value.get("match")
+    if match is None:
+        match = {}
     if not isinstance(match, dict):
         raise BadRequest("wait.match must be an object of dotted paths to values")
     timeout = value.get("timeout", DEFAULT_WAIT_TIMEOUT)

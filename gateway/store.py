@@ -634,7 +634,8 @@ class Store:
             output = json.dumps(obj, separators=(",", ":"))
             woken: list[str] = []
             waiting = conn.execute(
-                "SELECT run_id, step_id, match FROM steps WHERE status = 'waiting' AND event = ?",
+                "SELECT s.run_id, s.step_id, s.match FROM steps s JOIN runs r ON r.id = s.run_id "
+                "WHERE s.status = 'waiting' AND s.event = ? AND r.ended_at IS NULL",
                 (name,),
             ).fetchall()
             for run_id, step_id, match in waiting:

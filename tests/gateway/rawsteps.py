@@ -56,3 +56,43 @@ class RawSteps:
         status, answer = await self.put(name, {"output": output})
         assert status in (200, 201), answer
         return answer["output"]
+
+
+class Suspend(Exception):
+    """The handler must answer 202 with Stepgate-Suspend: true."""
+
+
+SUSPEND_RESPONSE_HEADERS = {"Stepgate-Suspend": "true"}
+
+
+def suspended() -> web.Response:
+    return web.Response(status=202, headers=SUSPEND_RESPONSE_HEADERS)
+
+
+async def _parked_step(steps: RawSteps, name: str, body: dict[str, Any]) -> Any:
+    recorded = (await steps.steps()).get(name)
+    if recorded is not None:
+        steps._seq += 1
+        if recorded["status"] == "completed":
+            return recorded.get("output")
+        raise Suspend(name)
+    status, answer = await steps.put(name, body)
+    assert status == 200, answer
+    if answer["status"] == "completed":
+        return answer.get("output")
+    raise Suspend(name)
+
+
+async def raw_sleep(steps: RawSteps, name: str, seconds: float) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    until = (datetime.now(UTC) + timedelta(seconds=seconds)).isoformat()
+    await _parked_step(steps, name, {"sleep": {"until": until}})
+
+
+async def raw_wait(
+    steps: RawSteps, name: str, event: str, match: dict[str, Any], timeout: str
+) -> Any:
+    return await _parked_step(
+        steps, name, {"wait": {"event": event, "match": match, "timeout": timeout}}
+    )
