@@ -359,8 +359,12 @@ class Engine:
 
     async def _invoke(self, run: Run, route: Route, *, started: float) -> None:
         """One invocation of the upstream and everything that follows from its result."""
+        # Each invocation is its own task, so these bindings end with it.
+        structlog.contextvars.bind_contextvars(
+            run_id=run.id, route=route.name, attempt=run.attempt, trace_id=run.trace_id
+        )
         steps = 0 if run.attempt == 1 else await self.store.count_steps(run.id)
-        log.info("run.attempt", run_id=run.id, route=route.name, attempt=run.attempt)
+        log.info("run.attempt")
         response, failure = await self._forward(run, route, steps)
         self.metrics.upstream_attempt(route.name, failure or "response")
         now = time.time()
@@ -407,8 +411,7 @@ class Engine:
             run.error = f"{reason}: {failure or status}"
             await self.store.save_run(run, attempt=attempt)
             self.metrics.retry(route.name, reason)
-            log.info("run.retry_scheduled", run_id=run.id, route=route.name,
-                     attempt=run.attempt, reason=reason, delay_ms=round(delay * 1000))
+            log.info("run.retry_scheduled", reason=reason, delay_ms=round(delay * 1000))
             self.scheduler.add(run.id, run.due_at)
             return
         error = None if status is not None else f"no response from the upstream ({failure})"
@@ -427,8 +430,7 @@ class Engine:
             run.status = runs.SLEEPING if sleeping else runs.WAITING
             deadlines = [step.wake_at for step in parked if step.wake_at is not None]
             run.due_at = now if woken or not deadlines else min(deadlines)
-            log.info("run.parked", run_id=run.id, route=route.name, attempt=run.attempt,
-                     status=run.status)
+            log.info("run.parked", status=run.status)
         else:
             # The handler suspended with nothing to wait for: a handler bug. Treat it as a
             # failed attempt rather than re-invoking it in a tight loop.
@@ -449,8 +451,10 @@ class Engine:
 
     def _notify_end(self, run: Run) -> None:
         """Tell everyone waiting on the run that it ended; call after the end is committed."""
-        log.info(f"run.{run.status}", run_id=run.id, route=run.route, attempt=run.attempt,
-                 status=run.resp_status, duration_ms=round((run.updated_at - run.created_at) * 1000))
+        log.info(
+            f"run.{run.status}", run_id=run.id, route=run.route, attempt=run.attempt,
+            status=run.resp_status, duration_ms=round((run.updated_at - run.created_at) * 1000),
+        )
         for waiter in self._end_waiters.pop(run.id, ()):
             if not waiter.done():
                 waiter.set_result(None)

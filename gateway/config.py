@@ -1,0 +1,662 @@
+"""Stepgate settings: a YAML file turned into validated, frozen :class:`Settings`.
+
+Every key and value is checked here, once, so the rest of the gateway can trust what it gets.
+A problem is reported as one line that names the file and the key path, e.g.
+``stepgate.yaml: routes[0].timeout: "30" needs a unit: ms, s, m, h or d (e.g. "30s")``.
+
+Errors::
+
+    ConfigError        a problem with a config file (fields: file, key, message)
+    ValueError         from parse_duration / parse_size / parse_address, which are also used
+                       for values that do not come from a file (e.g. a wait's timeout)
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Final, Literal, TypeVar
+
+import yaml
+
+__all__ = [
+    "Address",
+    "ConfigError",
+    "RetryPolicy",
+    "Route",
+    "Settings",
+    "load_settings",
+    "parse_address",
+    "parse_duration",
+    "parse_settings",
+    "parse_size",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listen address; ``host`` is bare (no brackets around IPv6)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int  # total invocations that may fail, the first included
+    initial: float  # seconds
+    max: float  # seconds
+    multiplier: float
+    on: frozenset[str]  # "5xx", "4xx", "connect", "timeout" or a 3-digit status such as "429"
+    non_idempotent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    name: str
+    path: str  # as written, e.g. "/process" or "/api/*"
+    prefix: bool  # path ended with "/*"
+    base: str  # path without the "/*"
+    methods: frozenset[str] | None  # upper-case; None = all
+    upstream: str  # "http://host:port", no path or query
+    durable: bool
+    timeout: float  # seconds, per attempt
+    hold: float  # seconds
+    max_body: int  # bytes
+    retry: RetryPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: Address
+    internal_listen: Address
+    internal_url: str  # no trailing "/"
+    store: str  # URL as written
+    store_path: str  # filesystem path taken from the store URL
+    durability: Literal["full", "relaxed"]
+    retention: float  # seconds
+    admin_token: str | None
+    events_lookback: float  # seconds
+    log_level: str
+    log_format: Literal["json", "console"]
+    metrics_listen: Address | None
+    shutdown_grace: float  # seconds
+    routes: tuple[Route, ...]
+
+
+class ConfigError(Exception):
+    """One problem in a config file. ``key`` is a path like ``routes[0].retry.on[2]``, or None
+    when the problem concerns the whole file (unreadable, not YAML, not a mapping)."""
+
+    def __init__(self, file: str, key: str | None, message: str) -> None:
+        super().__init__(file, key, message)
+        self.file = file
+        self.key = key
+        self.message = message
+
+    def __str__(self) -> str:
+        parts = [self.file, self.key, self.message] if self.key else [self.file, self.message]
+        # Always one line: the CLI prints it as-is and tooling greps for it.
+        return ": ".join(" ".join(part.splitlines()) for part in parts)
+
+
+# --- defaults -------------------------------------------------------------------------------
+
+DEFAULT_LISTEN: Final = "0.0.0.0:8080"
+DEFAULT_INTERNAL_LISTEN: Final = "127.0.0.1:8081"
+DEFAULT_STORE: Final = "sqlite:///stepgate.db"
+DEFAULT_RETRY_ON: Final = frozenset({"5xx", "connect", "timeout", "429"})
+DEFAULT_MAX_BODY: Final = 1024 * 1024
+DURABLE_ATTEMPTS: Final = 4
+PLAIN_ATTEMPTS: Final = 1
+
+_TOP_KEYS: Final = (
+    "listen", "internal_listen", "internal_url", "store", "durability", "retention",
+    "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
+    "routes",
+)  # fmt: skip
+_ROUTE_KEYS: Final = (
+    "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body", "retry",
+)  # fmt: skip
+_RETRY_KEYS: Final = ("attempts", "initial", "max", "multiplier", "on", "non_idempotent")
+_EVENTS_KEYS: Final = ("lookback",)
+
+# --- scalar parsers (public: also used outside config files) --------------------------------
+
+_NUMBER_UNIT = re.compile(r"(?P<number>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[A-Za-z]*)")
+_DURATION_UNITS: Final = {
+    "ms": Decimal("0.001"),
+    "s": Decimal(1),
+    "m": Decimal(60),
+    "h": Decimal(3600),
+    "d": Decimal(86400),
+}
+_SIZE_UNITS: Final = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def _show(value: object) -> str:
+    """A value quoted for an error message, kept short and on one line."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_duration(text: str) -> float:
+    """``"500ms"``, ``"1.5s"``, ``"10m"``, ``"2h"``, ``"7d"`` -> seconds. Raises ValueError."""
+    match = _NUMBER_UNIT.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f'expected a duration such as "500ms", "30s" or "7d", got {_show(text)}')
+    number, unit = match["number"], match["unit"]
+    if not unit:
+        raise ValueError(f'{_show(text)} needs a unit: ms, s, m, h or d (e.g. "{number}s")')
+    factor = _DURATION_UNITS.get(unit)
+    if factor is None:
+        raise ValueError(f'unknown duration unit "{unit}" in {_show(text)}: use ms, s, m, h or d')
+    seconds = float(Decimal(number) * factor)
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration {_show(text)} is too large")
+    return seconds
+
+
+def parse_size(text: str) -> int:
+    """``"1048576"``, ``"512B"``, ``"64KiB"``, ``"1.5MiB"``, ``"1GiB"`` -> bytes.
+
+    Raises ValueError.
+    """
+    match = _NUMBER_UNIT.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(f'expected a size such as "1048576", "64KiB" or "1MiB", got {_show(text)}')
+    number, unit = match["number"], match["unit"] or "B"
+    factor = _SIZE_UNITS.get(unit)
+    if factor is None:
+        hint = (
+            f' (did you mean "{unit[0].upper()}iB"?)' if unit.upper() in {"KB", "MB", "GB"} else ""
+        )
+        raise ValueError(
+            f'unknown size unit "{unit}" in {_show(text)}: use B, KiB, MiB or GiB{hint}'
+        )
+    value = Decimal(number) * factor
+    if value != value.to_integral_value():
+        raise ValueError(f"size {_show(text)} is not a whole number of bytes")
+    return int(value)
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
+
+def parse_address(text: str) -> Address:
+    """``"0.0.0.0:8080"``, ``"[::1]:8081"``, ``"localhost:0"`` -> Address. Raises ValueError."""
+    text = text.strip()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError(f'{_show(text)} is missing the "]" after the IPv6 address')
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_show(host)} is not an IPv6 address") from None
+        if not rest.startswith(":"):
+            raise ValueError(f'{_show(text)} needs a port, e.g. "[{host}]:8080"')
+        port_text = rest[1:]
+    else:
+        host, colon, port_text = text.rpartition(":")
+        if not colon:
+            raise ValueError(f'{_show(text)} needs host:port, e.g. "127.0.0.1:8080"')
+        if ":" in host:
+            raise ValueError(f'IPv6 addresses need brackets, e.g. "[::1]:8080", got {_show(text)}')
+        if not host:
+            raise ValueError(f'{_show(text)} needs a host, e.g. "0.0.0.0{text}"')
+        if not _HOSTNAME.fullmatch(host):
+            raise ValueError(f"{_show(host)} is not a valid host name or IP address")
+    if not re.fullmatch(r"[0-9]{1,5}", port_text) or int(port_text) > 65535:
+        raise ValueError(f"port {_show(port_text)} is not a number from 0 to 65535")
+    return Address(host, int(port_text))
+
+
+# --- reading nested mappings ----------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """Raised inside parse_settings; becomes a ConfigError once the file name is attached."""
+
+    def __init__(self, key: str | None, message: str) -> None:
+        super().__init__(key, message)
+        self.key = key
+        self.message = message
+
+
+def _kind(value: object) -> str:
+    """How YAML spelled a value, in user terms."""
+    if value is None:
+        return "nothing (null)"
+    for python_type, name in (
+        (bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+        (list, "a list"), (dict, "a mapping"),
+    ):  # fmt: skip
+        if isinstance(value, python_type):
+            return f"{name} ({_show(value)})" if name not in {"a list", "a mapping"} else name
+    return type(value).__name__
+
+
+def _join(path: str | None, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+class _Section:
+    """One YAML mapping; unknown keys are rejected up front, with a suggestion."""
+
+    _MISSING: Final = object()
+
+    def __init__(
+        self, data: object, path: str | None, known: tuple[str, ...], what: str,
+        aliases: dict[object, str] | None = None,
+    ) -> None:  # fmt: skip
+        if not isinstance(data, dict):
+            raise _Invalid(path, f"expected {what}, got {_kind(data)}")
+        self.path = path
+        self._values: dict[str, object] = {}
+        for raw_key, value in data.items():
+            # YAML 1.1 reads an unquoted `on:` as the boolean true; aliases map it back.
+            key = (aliases or {}).get(raw_key) if not isinstance(raw_key, str) else raw_key
+            if key is None:
+                key = str(raw_key).lower() if isinstance(raw_key, bool) else str(raw_key)
+            if key in self._values:
+                raise _Invalid(self.key(key), "given twice")
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f'did you mean "{close[0]}"?' if close else "known keys: " + ", ".join(known)
+                raise _Invalid(self.key(key), f"unknown key ({hint})")
+            self._values[key] = value
+
+    def key(self, name: str) -> str:
+        return _join(self.path, name)
+
+    def optional(self, name: str, convert: Callable[[object, str], T], default: T) -> T:
+        if name not in self._values:
+            return default
+        return convert(self._values[name], self.key(name))
+
+    def required(self, name: str, convert: Callable[[object, str], T], why: str) -> T:
+        if name not in self._values:
+            raise _Invalid(self.key(name), f"missing ({why})")
+        return convert(self._values[name], self.key(name))
+
+    def raw(self, name: str) -> object:
+        return self._values.get(name, self._MISSING)
+
+
+# --- value converters: (value from YAML, key path) -> typed value ---------------------------
+
+
+def _string(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        hint = " (quote it)" if isinstance(value, int | float | bool) else ""
+        raise _Invalid(key, f"expected a string, got {_kind(value)}{hint}")
+    if not value.strip():
+        raise _Invalid(key, "must not be empty")
+    return value.strip()
+
+
+def _boolean(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(key, f"expected true or false, got {_kind(value)}")
+    return value
+
+
+def _duration(*, allow_zero: bool) -> Callable[[object, str], float]:
+    def convert(value: object, key: str) -> float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise _Invalid(key, f'{_show(value)} needs a unit: ms, s, m, h or d (e.g. "{value}s")')
+        if not isinstance(value, str):
+            raise _Invalid(key, f'expected a duration such as "30s", got {_kind(value)}')
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise _Invalid(key, str(exc)) from None
+        if seconds == 0 and not allow_zero:
+            raise _Invalid(key, "must be longer than 0s")
+        return seconds
+
+    return convert
+
+
+def _size(value: object, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _Invalid(key, "must not be negative")
+        return value
+    if not isinstance(value, str):
+        raise _Invalid(
+            key, f'expected a size such as "1MiB" or a number of bytes, got {_kind(value)}'
+        )
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise _Invalid(key, str(exc)) from None
+
+
+def _address_text(value: object, key: str) -> str:
+    """The address as written (internal_url's default reuses it), once it is known to parse."""
+    if not isinstance(value, str):
+        raise _Invalid(key, f'expected host:port such as "127.0.0.1:8081", got {_kind(value)}')
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        raise _Invalid(key, str(exc)) from None
+    return value.strip()
+
+
+def _address(value: object, key: str) -> Address:
+    return parse_address(_address_text(value, key))
+
+
+def _optional_address(value: object, key: str) -> Address | None:
+    return None if value is None else _address(value, key)
+
+
+def _choice(*choices: str) -> Callable[[object, str], str]:
+    def convert(value: object, key: str) -> str:
+        text = _string(value, key).lower()
+        if text not in choices:
+            raise _Invalid(key, f"expected one of {', '.join(choices)}, got {_show(value)}")
+        return text
+
+    return convert
+
+
+def _http_url(value: object, key: str, *, allow_path: bool) -> str:
+    text = _string(value, key)
+    if any(ch.isspace() for ch in text):
+        raise _Invalid(key, f"{_show(text)} contains whitespace")
+    parts = urllib.parse.urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme not in {"http", "https"}:
+        raise _Invalid(key, f"expected an http:// or https:// URL, got {_show(text)}")
+    if not parts.hostname:
+        raise _Invalid(key, f"{_show(text)} has no host")
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port only when it is read
+    except ValueError:
+        raise _Invalid(key, f"{_show(text)} has an invalid port") from None
+    if "@" in parts.netloc:
+        raise _Invalid(key, "credentials in the URL are not supported")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise _Invalid(key, f"{_show(text)} must not have a query or fragment")
+    path = parts.path.rstrip("/")
+    if path and not allow_path:
+        raise _Invalid(
+            key, f"{_show(text)} must not have a path: the client's path is forwarded as it is"
+        )
+    return f"{scheme}://{parts.netloc}{path}"
+
+
+def _store(value: object, key: str) -> tuple[str, str]:
+    text = _string(value, key)
+    scheme = text.partition(":")[0].lower()
+    if scheme.startswith("postgres"):
+        raise _Invalid(key, "postgresql stores are not supported yet; use sqlite:///PATH")
+    usage = "use sqlite:///relative/path or sqlite:////absolute/path"
+    if not text.startswith("sqlite://"):
+        raise _Invalid(key, f"{_show(text)} is not a store URL: {usage}")
+    rest = text.removeprefix("sqlite://")
+    if not rest.startswith("/"):
+        raise _Invalid(key, f"an sqlite URL has no host part: {usage}")
+    path = rest[1:]
+    if not path or path.endswith("/"):
+        raise _Invalid(key, f"{_show(text)} does not name a database file: {usage}")
+    if "?" in path or "#" in path:
+        raise _Invalid(key, "store URL options are not supported")
+    return text, path
+
+
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 tchar: a valid method name
+_RESERVED_PREFIX: Final = "/_stepgate"
+
+
+def _route_name(value: object, key: str) -> str:
+    name = _string(value, key)
+    if not _ROUTE_NAME.fullmatch(name):
+        raise _Invalid(
+            key,
+            f"{_show(name)} is not a valid route name: use letters, digits, '_', '.' and '-' "
+            "(at most 100, starting with a letter or digit)",
+        )
+    return name
+
+
+def _route_path(value: object, key: str) -> tuple[str, bool, str]:
+    path = _string(value, key)
+    if not path.startswith("/"):
+        raise _Invalid(key, f'{_show(path)} must start with "/"')
+    if any(ch.isspace() or ch in "?#" for ch in path):
+        raise _Invalid(key, f"{_show(path)} must be a plain path (no spaces, query or fragment)")
+    prefix = path.endswith("/*")
+    base = path[:-2] if prefix else path
+    if "*" in base:
+        raise _Invalid(key, f'"*" is only allowed as a final "/*" (a prefix), got {_show(path)}')
+    if base == _RESERVED_PREFIX or (base + "/").startswith(_RESERVED_PREFIX + "/"):
+        raise _Invalid(key, f"paths under {_RESERVED_PREFIX}/ are reserved for the gateway")
+    return path, prefix, base
+
+
+def _methods(value: object, key: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _Invalid(key, f"expected a list of methods such as [GET, POST], got {_kind(value)}")
+    if not value:
+        raise _Invalid(key, "must not be empty (leave it out to allow every method)")
+    methods = set()
+    for index, item in enumerate(value):
+        method = _string(item, f"{key}[{index}]").upper()
+        if not _TOKEN.fullmatch(method):
+            raise _Invalid(f"{key}[{index}]", f"{_show(item)} is not a valid HTTP method")
+        methods.add(method)
+    return frozenset(methods)
+
+
+def _attempts(value: object, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(key, f"expected a whole number, got {_kind(value)}")
+    if value < 1:
+        raise _Invalid(key, "must be at least 1 (the first invocation counts)")
+    return value
+
+
+def _multiplier(value: object, key: str) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise _Invalid(key, f"expected a number, got {_kind(value)}")
+    if not math.isfinite(value) or value < 1:
+        raise _Invalid(key, f"must be a number of at least 1, got {_show(value)}")
+    return float(value)
+
+
+_RETRY_CLASSES: Final = frozenset({"5xx", "4xx", "connect", "timeout"})
+
+
+def _retry_on(value: object, key: str) -> frozenset[str]:
+    if not isinstance(value, list):
+        raise _Invalid(
+            key, f"expected a list such as [5xx, connect, timeout, 429], got {_kind(value)}"
+        )
+    result = set()
+    for index, item in enumerate(value):
+        # A bare 429 in YAML is an integer; "429" and 429 mean the same.
+        text = str(item).strip().lower() if isinstance(item, int | str) else ""
+        if isinstance(item, bool) or not (
+            text in _RETRY_CLASSES or re.fullmatch(r"[1-5][0-9]{2}", text)
+        ):
+            raise _Invalid(
+                f"{key}[{index}]",
+                "expected 5xx, 4xx, connect, timeout or a status code (100-599), "
+                f"got {_kind(item)}",
+            )
+        result.add(text)
+    return frozenset(result)
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+def _retry(data: object, key: str, *, durable: bool) -> RetryPolicy:
+    attempts_default = DURABLE_ATTEMPTS if durable else PLAIN_ATTEMPTS
+    if data is _Section._MISSING:
+        return RetryPolicy(attempts_default, 0.5, 30.0, 2.0, DEFAULT_RETRY_ON, False)
+    section = _Section(data, key, _RETRY_KEYS, "a mapping of retry settings", aliases={True: "on"})
+    attempts = section.optional("attempts", _attempts, attempts_default)
+    initial = section.optional("initial", _duration(allow_zero=True), 0.5)
+    maximum = section.optional("max", _duration(allow_zero=False), 30.0)
+    if initial > maximum:
+        raise _Invalid(
+            section.key("initial"),
+            f"{_format_seconds(initial)} is longer than max ({_format_seconds(maximum)})",
+        )
+    multiplier = section.optional("multiplier", _multiplier, 2.0)
+    on = section.optional("on", _retry_on, DEFAULT_RETRY_ON)
+    non_idempotent = section.optional("non_idempotent", _boolean, False)
+    if non_idempotent and durable:
+        raise _Invalid(
+            section.key("non_idempotent"),
+            "only applies to plain routes (durable routes retry any method)",
+        )
+    return RetryPolicy(attempts, initial, maximum, multiplier, on, non_idempotent)
+
+
+def _route(data: object, key: str) -> Route:
+    section = _Section(data, key, _ROUTE_KEYS, "a route mapping with name, path and upstream")
+    needed = "every route needs name, path and upstream"
+    name = section.required("name", _route_name, needed)
+    path, prefix, base = section.required("path", _route_path, needed)
+    upstream = section.required("upstream", lambda v, k: _http_url(v, k, allow_path=False), needed)
+    durable = section.optional("durable", _boolean, False)
+    return Route(
+        name=name,
+        path=path,
+        prefix=prefix,
+        base=base,
+        methods=section.optional("methods", _methods, None),
+        upstream=upstream,
+        durable=durable,
+        timeout=section.optional("timeout", _duration(allow_zero=False), 30.0),
+        hold=section.optional("hold", _duration(allow_zero=True), 5.0),
+        max_body=section.optional("max_body", _size, DEFAULT_MAX_BODY),
+        retry=_retry(section.raw("retry"), section.key("retry"), durable=durable),
+    )
+
+
+def _routes(value: object, key: str) -> tuple[Route, ...]:
+    if value is None:  # `routes:` with every entry commented out
+        return ()
+    if not isinstance(value, list):
+        raise _Invalid(key, f"expected a list of routes, got {_kind(value)}")
+    routes: list[Route] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(value):
+        route = _route(item, f"{key}[{index}]")
+        if route.name in seen:
+            raise _Invalid(
+                f"{key}[{index}].name",
+                f"duplicate route name {_show(route.name)} (also {key}[{seen[route.name]}])",
+            )
+        seen[route.name] = index
+        routes.append(route)
+    return tuple(routes)
+
+
+def _events_lookback(value: object, key: str) -> float:
+    section = _Section(value, key, _EVENTS_KEYS, "a mapping such as {lookback: 60s}")
+    return section.optional("lookback", _duration(allow_zero=True), 60.0)
+
+
+def _admin_token(value: object, key: str) -> str | None:
+    return None if value is None else _string(value, key)
+
+
+def _durability(value: object, key: str) -> Literal["full", "relaxed"]:
+    return "relaxed" if _choice("full", "relaxed")(value, key) == "relaxed" else "full"
+
+
+def _log_format(value: object, key: str) -> Literal["json", "console"]:
+    return "console" if _choice("json", "console")(value, key) == "console" else "json"
+
+
+def _settings(data: object) -> Settings:
+    if data is None:
+        raise _Invalid(None, "the file is empty; expected a mapping of settings")
+    section = _Section(data, None, _TOP_KEYS, "a mapping of settings at the top level")
+    internal_text = section.optional("internal_listen", _address_text, DEFAULT_INTERNAL_LISTEN)
+    store, store_path = section.optional("store", _store, _store(DEFAULT_STORE, "store"))
+    return Settings(
+        listen=section.optional("listen", _address, parse_address(DEFAULT_LISTEN)),
+        internal_listen=parse_address(internal_text),
+        internal_url=section.optional(
+            "internal_url", lambda v, k: _http_url(v, k, allow_path=True), "http://" + internal_text
+        ),
+        store=store,
+        store_path=store_path,
+        durability=section.optional("durability", _durability, "full"),
+        retention=section.optional("retention", _duration(allow_zero=False), 7 * 86400.0),
+        admin_token=section.optional("admin_token", _admin_token, None),
+        events_lookback=section.optional("events", _events_lookback, 60.0),
+        log_level=section.optional(
+            "log_level", _choice("debug", "info", "warning", "error"), "info"
+        ),
+        log_format=section.optional("log_format", _log_format, "json"),
+        metrics_listen=section.optional("metrics_listen", _optional_address, None),
+        shutdown_grace=section.optional("shutdown_grace", _duration(allow_zero=True), 10.0),
+        routes=section.optional("routes", _routes, ()),
+    )
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+
+def parse_settings(data: object, *, source: str) -> Settings:
+    """Validate already-loaded YAML data. ``source`` names the file in error messages."""
+    try:
+        return _settings(data)
+    except _Invalid as exc:
+        raise ConfigError(source, exc.key, exc.message) from None
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read and validate a YAML config file; every problem is a :class:`ConfigError`."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as file:
+            text = file.read()
+    except FileNotFoundError:
+        raise ConfigError(source, None, "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(source, None, "is a directory, not a config file") from None
+    except PermissionError:
+        raise ConfigError(source, None, "permission denied") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, None, f"not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(source, None, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            source, None, f"invalid YAML{where}: {exc.problem or exc.context or 'syntax error'}"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, None, f"invalid YAML: {exc}") from None
+    return parse_settings(data, source=source)

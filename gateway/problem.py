@@ -1,0 +1,51 @@
+"""HTTP errors the gateway itself produces, as application/problem+json (RFC 9457)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Final
+
+from aiohttp import web
+
+CONTENT_TYPE: Final = "application/problem+json"
+
+# Compact separators: these bodies are machine-read, and smaller is cheaper on the error path too.
+_dumps: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def reason_phrase(status: int) -> str:
+    """The registered reason phrase for `status`, or "Unknown" for an unregistered code."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def problem(
+    status: int,
+    title: str | None = None,
+    detail: str | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    **extra: object,
+) -> web.Response:
+    """A problem details response.
+
+    `type` is "about:blank" unless given in `extra`; with about:blank the title is, as RFC 9457
+    §4.2.1 asks, the status code's reason phrase unless a more specific one is given. Further
+    keyword arguments become extension members and must be JSON-serialisable.
+    """
+    body: dict[str, object] = {"type": "about:blank"}
+    body["title"] = reason_phrase(status) if title is None else title
+    body["status"] = status
+    if detail is not None:
+        body["detail"] = detail
+    body.update(extra)
+    return web.Response(
+        status=status,
+        body=_dumps(body).encode(),
+        content_type=CONTENT_TYPE,
+        headers=headers,
+    )

@@ -1,0 +1,325 @@
+"""Forwarding to upstreams: header hygiene (pure) and the streaming proxy for plain routes.
+
+What crosses the gateway, in both directions (RFC 9110 §7.6.1):
+
+- hop-by-hop fields never do: Connection and every field it names, Proxy-Connection,
+  Keep-Alive, TE, Transfer-Encoding, Upgrade, and Trailer (trailers are not relayed, so
+  announcing them would be a lie); every `Stepgate-*` field from the other side is dropped,
+  because only the gateway may speak that protocol;
+- requests also lose `Expect`: the gateway's server already answered `100-continue` before
+  the handler ran, and repeating the expectation upstream would only stall the body;
+- requests gain `X-Forwarded-For` (peer appended), `X-Forwarded-Proto`, `X-Forwarded-Host`
+  (the client's Host, replacing any client-sent value), `Via: 1.1 stepgate`, and a W3C
+  `traceparent` (kept when valid, otherwise started afresh). `Host` and `Content-Length` pass
+  through untouched.
+
+Timeouts of a plain attempt: `route.timeout` bounds connecting, sending the request (body
+included) and receiving the response head. Once the head has arrived the body may stream for
+as long as it keeps moving; it is cut only after `route.timeout` without a byte (aiohttp's
+`sock_read`), so downloads and event streams are not killed by a wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Final, TypeAlias
+
+import aiohttp
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from gateway.problem import problem
+from gateway.retry import FailureKind, Outcome, is_retriable, method_may_retry, next_delay
+
+if TYPE_CHECKING:
+    from gateway.config import Route
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "trailer",
+    }
+)
+_REQUEST_DROP: Final = HOP_BY_HOP | {"expect"}
+_STEPGATE_PREFIX: Final = "stepgate-"
+# Fields the gateway rewrites: collected from the client, then emitted once, at the end.
+_REWRITTEN: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "traceparent", "tracestate"}
+)
+_VIA: Final = "1.1 stepgate"
+_NO_TOKENS: Final[frozenset[str]] = frozenset()
+
+# W3C Trace Context, version 00: lower-case hex only; all-zero ids are invalid.
+_TRACEPARENT: Final = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_ZERO_TRACE_ID: Final = "0" * 32
+_ZERO_PARENT_ID: Final = "0" * 16
+
+# aiohttp would otherwise invent these for the upstream; the client did not send them.
+_SKIP_AUTO_HEADERS: Final = frozenset(
+    {hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE}
+)
+# Statuses whose responses never carry content (RFC 9110 §6.4.1).
+_NO_CONTENT: Final = frozenset({204, 304})
+
+# Trace ids and jitter need no cryptographic strength, only independence between requests.
+_rng: Final = random.Random()
+
+AttemptHook: TypeAlias = Callable[[Outcome, str | None], None]
+"""Called after every upstream attempt with its outcome and the retry reason (None = final)."""
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    if isinstance(headers, (CIMultiDictProxy, CIMultiDict)):
+        values: list[str] = headers.getall(hdrs.CONNECTION, [])
+    else:
+        values = [v for k, v in headers.items() if k.lower() == "connection"]
+    if not values:
+        return _NO_TOKENS
+    return frozenset(
+        token for value in values for raw in value.split(",") if (token := raw.strip().lower())
+    )
+
+
+def _new_traceparent() -> tuple[str, str]:
+    # getrandbits may return 0; all-zero ids are invalid, so nudge the (2**-128) case.
+    trace_id = f"{_rng.getrandbits(128) or 1:032x}"
+    return f"00-{trace_id}-{_rng.getrandbits(64) or 1:016x}-01", trace_id
+
+
+def forward_request_headers(
+    headers: Mapping[str, str],
+    *,
+    peer: str | None,
+    scheme: str,
+    host: str | None,
+) -> tuple[CIMultiDict[str], str]:
+    """The headers to send upstream for a client request, and the request's trace id.
+
+    `headers` may be a multidict (repeated fields are kept) or a plain mapping; `peer` is the
+    client's address, `scheme` how it reached the gateway, `host` its Host header.
+    """
+    named = _connection_tokens(headers)
+    drop = _REQUEST_DROP | named if named else _REQUEST_DROP
+    out: CIMultiDict[str] = CIMultiDict()
+    forwarded_for: list[str] = []
+    via: list[str] = []
+    traceparents: list[str] = []
+    tracestates: list[str] = []
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith(_STEPGATE_PREFIX):
+            continue
+        if lower in _REWRITTEN:
+            if lower == "x-forwarded-for":
+                forwarded_for.append(value)
+            elif lower == "via":
+                via.append(value)
+            elif lower == "traceparent":
+                traceparents.append(value)
+            elif lower == "tracestate":
+                tracestates.append(value)
+            # X-Forwarded-Proto and -Host from the client are replaced by what the gateway saw.
+            continue
+        out.add(name, value)
+
+    if peer is not None:
+        forwarded_for.append(peer)
+    if forwarded_for:
+        out["X-Forwarded-For"] = ", ".join(forwarded_for)
+    out["X-Forwarded-Proto"] = scheme
+    if host is not None:
+        out["X-Forwarded-Host"] = host
+    via.append(_VIA)
+    out["Via"] = ", ".join(via)
+
+    # More than one traceparent field is ambiguous, hence invalid (W3C Trace Context §3.2).
+    match = _TRACEPARENT.fullmatch(traceparents[0].strip()) if len(traceparents) == 1 else None
+    if match is not None and match.group(1) != _ZERO_TRACE_ID and match.group(2) != _ZERO_PARENT_ID:
+        out["traceparent"] = match.group(0)
+        trace_id = match.group(1)
+        if tracestates:
+            out["tracestate"] = ",".join(tracestates)
+    else:
+        # A tracestate without a valid parent belongs to nobody: start a clean trace.
+        out["traceparent"], trace_id = _new_traceparent()
+    return out, trace_id
+
+
+def forward_response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream response headers that may reach the client."""
+    named = _connection_tokens(headers)
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith(_STEPGATE_PREFIX):
+            continue
+        out.add(name, value)
+    return out
+
+
+def create_upstream_session(*, connection_limit: int = 0) -> aiohttp.ClientSession:
+    """A client session configured as `proxy_plain` needs it; create it inside the event loop.
+
+    - `auto_decompress=False`: bodies are relayed byte for byte with their Content-Encoding;
+    - `DummyCookieJar`: a shared jar would replay one client's cookies to the next;
+    - no session timeout: each request sets its own from its route;
+    - `connection_limit` 0 = unbounded, since aiohttp's default of 100 would queue a busy proxy.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connection_limit),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(total=None),
+        skip_auto_headers=_SKIP_AUTO_HEADERS,
+    )
+
+
+@functools.lru_cache(maxsize=128)
+def _body_timeout(seconds: float) -> aiohttp.ClientTimeout:
+    # One object per distinct route timeout instead of one per request.
+    return aiohttp.ClientTimeout(total=None, sock_read=seconds)
+
+
+def _upstream_url(route: Route, request: web.BaseRequest) -> URL:
+    raw = request.raw_path
+    if not raw.startswith("/"):
+        # Absolute-form or asterisk request targets: aiohttp has already reduced them.
+        raw = request.rel_url.raw_path_qs
+    # encoded=True: the upstream receives the target exactly as the client wrote it.
+    return URL(route.upstream + raw, encoded=True)
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def proxy_plain(
+    request: web.Request,
+    route: Route,
+    session: aiohttp.ClientSession,
+    *,
+    on_attempt: AttemptHook | None = None,
+) -> web.StreamResponse:
+    """Forward `request` to `route.upstream` and stream the answer back.
+
+    Retries happen only for methods `method_may_retry` allows and when `route.retry.attempts`
+    exceeds 1, and only if the body is absent or declares a length of at most `route.max_body`
+    (it is then buffered so it can be sent again); any other request gets one attempt with its
+    body streamed. A retriable response whose `Retry-After` asks for more than `retry.max` is
+    passed to the client as it is, rather than holding the client that long. So is a retriable
+    response once the attempts are spent. No response at all ends in 502 (connect) or 504
+    (timeout) problem+json.
+    """
+    headers, _trace_id = forward_request_headers(
+        request.headers,
+        peer=request.remote,
+        scheme=request.scheme,
+        host=request.headers.get(hdrs.HOST),
+    )
+    url = _upstream_url(route, request)
+    policy = route.retry
+    method = request.method
+
+    attempts = 1
+    body: bytes | aiohttp.StreamReader | None = None
+    retry_allowed = policy.attempts > 1 and method_may_retry(method, policy)
+    if request.body_exists:
+        length = request.content_length
+        if retry_allowed and length is not None and length <= route.max_body:
+            # Not request.read(): that enforces the app's client_max_size, not the route's.
+            body = await request.content.read()
+            attempts = policy.attempts
+        else:
+            body = request.content
+    elif retry_allowed:
+        attempts = policy.attempts
+
+    attempt = 0
+    while True:
+        attempt += 1
+        upstream: aiohttp.ClientResponse | None = None
+        status: int | None = None
+        failure: FailureKind | None = None
+        try:
+            async with asyncio.timeout(route.timeout):
+                upstream = await session.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    skip_auto_headers=_SKIP_AUTO_HEADERS,
+                    auto_decompress=False,
+                    timeout=_body_timeout(route.timeout),
+                )
+            status = upstream.status
+        except TimeoutError:
+            # Before aiohttp.ClientError: aiohttp's own timeouts are both.
+            failure = "timeout"
+        except aiohttp.ClientError:
+            failure = "connect"
+
+        reason: str | None = None
+        delay = 0.0
+        if attempt < attempts:
+            reason = is_retriable(policy, status, failure)
+            if reason is not None:
+                retry_after = upstream.headers.get(hdrs.RETRY_AFTER) if upstream else None
+                delay = next_delay(policy, attempt, status, retry_after, time.time(), _rng)
+                if delay > policy.max or _client_gone(request):
+                    reason = None
+        if on_attempt is not None:
+            on_attempt(Outcome(status, failure), reason)
+
+        if reason is not None:
+            if upstream is not None:
+                upstream.release()
+            await asyncio.sleep(delay)
+            continue
+        if upstream is not None:
+            return await _relay(request, upstream)
+        if failure == "timeout":
+            return problem(504, detail=f"upstream of route {route.name!r} did not answer in time")
+        return problem(502, detail=f"upstream of route {route.name!r} could not be reached")
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Stream `upstream` to the client; the caller must not touch `upstream` afterwards."""
+    response = web.StreamResponse(
+        status=upstream.status,
+        reason=upstream.reason,
+        headers=forward_response_headers(upstream.headers),
+    )
+    completed = False
+    try:
+        await response.prepare(request)
+        if request.method != hdrs.METH_HEAD and upstream.status not in _NO_CONTENT:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        completed = True
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        # The upstream broke off mid-body, or the client went away. The status line is out, so
+        # the only honest signal left is to cut the client's connection: a clean end of a
+        # chunked body (or a short one with a Content-Length) would pass for a complete answer.
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+    finally:
+        if completed:
+            upstream.release()  # fully read: the connection goes back to the pool
+        else:
+            upstream.close()
+    return response
