@@ -190,7 +190,8 @@ async def retry_run(request: web.Request) -> web.StreamResponse:
         return run
     if not run.ended:
         return problem(409, detail=f"the run has not ended ({run.status})", run_id=run.id)
-    await engine.retry_ended(run)
+    if not await engine.retry_ended(run):
+        return problem(409, detail="the run changed meanwhile; look again", run_id=run.id)
     log.info("run.retry_requested", run_id=run.id, route=run.route)
     return web.json_response(run_summary(run), status=202)
 
@@ -202,7 +203,8 @@ async def cancel_run(request: web.Request) -> web.StreamResponse:
         return run
     if run.ended:
         return problem(409, detail=f"the run has ended ({run.status})", run_id=run.id)
-    await engine.cancel(run)
+    if not await engine.cancel(run):
+        return problem(409, detail="the run changed meanwhile; look again", run_id=run.id)
     return web.json_response(run_summary(run))
 
 

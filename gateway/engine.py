@@ -349,12 +349,14 @@ class Engine:
                 return
             if run.status in (runs.SLEEPING, runs.WAITING):
                 await self.store.complete_due_steps(run.id, now)
-            runs.check_move(run.status, runs.RUNNING)
+            parked_as = runs.check_move(run.status, runs.RUNNING) and run.status
             run.status = runs.RUNNING
             run.attempt += 1
             run.due_at = None
             run.updated_at = now
-            await self.store.save_run(run)
+            if not await self.store.save_run(run, expect=parked_as):
+                self._live.pop(run.id, None)  # cancelled meanwhile: our copy is stale
+                return
             await self._invoke(run, route, started=now)
 
     async def _invoke(self, run: Run, route: Route, *, started: float) -> None:
@@ -483,24 +485,30 @@ class Engine:
 
     # -- control -------------------------------------------------------------------------------
 
-    async def cancel(self, run: Run) -> None:
+    async def cancel(self, run: Run) -> bool:
+        """Cancel a run that has not ended; False if it ended (or moved on) meanwhile."""
         now = time.time()
+        was = run.status
         self._end(run, runs.CANCELLED, now, "cancelled")
-        await self.store.save_run(run)
+        if not await self.store.save_run(run, expect=was):
+            return False
         self._notify_end(run)
+        return True
 
-    async def retry_ended(self, run: Run) -> None:
-        """Re-run an ended run; recorded steps stay recorded."""
+    async def retry_ended(self, run: Run) -> bool:
+        """Re-run an ended run; recorded steps stay recorded. False if it changed meanwhile."""
         now = time.time()
-        runs.check_move(run.status, runs.RUNNING)
+        was = runs.check_move(run.status, runs.RUNNING) and run.status
         run.status = runs.RETRYING
         run.ended_at = None
         run.failures = 0
         run.no_retry = False
         run.due_at = now
         run.updated_at = now
-        await self.store.save_run(run)
+        if not await self.store.save_run(run, expect=was):
+            return False
         self.scheduler.add(run.id, now)
+        return True
 
 
 def _truthy(value: str | None) -> bool:

@@ -447,21 +447,29 @@ class Store:
             page.next_cursor = f"{last.created_at!r}~{last.id}"
         return page
 
-    async def save_run(self, run: Run, *, attempt: Attempt | None = None) -> None:
-        """Write the mutable part of a run (and, optionally, the attempt that just ended)."""
+    async def save_run(
+        self, run: Run, *, attempt: Attempt | None = None, expect: str | None = None
+    ) -> bool:
+        """Write the mutable part of a run (and, optionally, the attempt that just ended).
+
+        With `expect`, write only if the stored status is still that one (compare-and-set), so
+        two copies of a run can't overwrite each other's transitions; returns whether it wrote.
+        """
         run_params = (
             run.status, run.attempt, run.failures, int(run.no_retry), run.due_at,
             run.resp_status, _dump_headers(run.resp_headers), run.resp_body, run.error,
-            run.updated_at, run.ended_at, run.id,
+            run.updated_at, run.ended_at, run.id, expect, expect,
         )
 
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
+        def op(conn: sqlite3.Connection) -> bool:
+            written = conn.execute(
                 "UPDATE runs SET status = ?, attempt = ?, failures = ?, no_retry = ?, due_at = ?, "
                 "resp_status = ?, resp_headers = ?, resp_body = ?, error = ?, updated_at = ?, "
-                "ended_at = ? WHERE id = ?",
+                "ended_at = ? WHERE id = ? AND (? IS NULL OR status = ?)",
                 run_params,
-            )
+            ).rowcount
+            if not written:
+                return False
             if attempt is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO attempts (run_id, n, started_at, ended_at, outcome, "
@@ -469,8 +477,9 @@ class Store:
                     (run.id, attempt.n, attempt.started_at, attempt.ended_at, attempt.outcome,
                      attempt.status, attempt.error),
                 )
+            return True
 
-        await self.write(op)
+        return await self.write(op)
 
     async def purge_ended(self, before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
