@@ -23,7 +23,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from gateway import admin, callbacks
+from gateway import admin, callbacks, ui
 from gateway.config import Address, Settings
 from gateway.engine import ENGINE, Engine
 from gateway.errors import GatewayError
@@ -33,7 +33,7 @@ from gateway.metrics import Metrics
 from gateway.poll import poll
 from gateway.problem import problem
 from gateway.proxy import create_upstream_session, proxy_plain
-from gateway.routing import MethodNotAllowed, Router
+from gateway.routing import MethodNotAllowed, Router, normalize_path
 from gateway.store import Store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
 
@@ -51,8 +51,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     """Every public request that is not a poll: route it, then proxy or run it durably."""
     started = time.perf_counter()
     app = request.app
-    match = app[ROUTER].match(request.method, request.path)
-    if request.path.startswith(RESERVED_PREFIX):
+    path = normalize_path(request.path)
+    match = app[ROUTER].match(request.method, path)
+    if path.startswith(RESERVED_PREFIX):
         match = None
     if match is None:
         response: web.StreamResponse = problem(404, detail="no route matches this path")
@@ -66,7 +67,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         if match.durable:
             response = await app[ENGINE].handle(request, match)
         else:
-            response = await proxy_plain(request, match, app[SESSION])
+            response = await proxy_plain(request, match, app[SESSION],
+                                         on_attempt=app[METRICS].plain_attempt(match.name))
     app[METRICS].request(label, request.method, response.status, time.perf_counter() - started)
     return response
 
@@ -139,6 +141,7 @@ class Gateway:
         internal[METRICS] = self.metrics
         callbacks.add_routes(internal)
         admin.add_routes(internal)
+        ui.add_routes(internal)
         internal.router.add_get("/metrics", metrics)
         internal.router.add_get("/healthz", healthz)
         internal.router.add_get("/readyz", readyz)

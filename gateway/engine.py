@@ -193,7 +193,8 @@ class Engine:
             return problem(413, detail=f"the request body is larger than {route.max_body} bytes, "
                            f"the limit of route {route.name!r}")
         headers, trace_id = forward_request_headers(
-            request.headers, peer=request.remote, scheme=request.scheme, host=request.host
+            request.headers, peer=request.remote, scheme=request.scheme,
+            host=request.headers.get("Host"),
         )
         prefer = parse_prefer(request.headers.getall("Prefer", ()))
         now = time.time()
@@ -368,14 +369,14 @@ class Engine:
         steps = 0 if run.attempt == 1 else await self.store.count_steps(run.id)
         log.info("run.attempt")
         response, failure = await self._forward(run, route, steps)
-        self.metrics.upstream_attempt(route.name, failure or "response")
+        status = response.status if response else None
+        self.metrics.upstream_attempt(route.name, retry.Outcome(status, failure).label)  # type: ignore[arg-type]
         now = time.time()
         if run.status == runs.CANCELLED:  # cancelled while the upstream worked
             await self.store.save_run(run, attempt=Attempt(
                 run.attempt, started, now, failure or "response",
                 response.status if response else None, "run cancelled"))
             return
-        status = response.status if response else None
         result = runs.Result(
             status=status,
             failure=failure,

@@ -6,6 +6,8 @@ or a raw path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -18,6 +20,7 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from gateway import runs
+from gateway.retry import Outcome
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -77,6 +80,16 @@ class Metrics:
 
     def upstream_attempt(self, route: str, outcome: str) -> None:
         self.upstream_attempts.labels(route, outcome).inc()
+
+    def plain_attempt(self, route: str) -> Callable[[Outcome, str | None], None]:
+        """A plain route's per-attempt hook for gateway.proxy.proxy_plain."""
+
+        def hook(outcome: Outcome, retry_reason: str | None) -> None:
+            self.upstream_attempts.labels(route, outcome.label).inc()
+            if retry_reason is not None:
+                self.retries.labels(route, retry_reason).inc()
+
+        return hook
 
     def retry(self, route: str, reason: str) -> None:
         self.retries.labels(route, reason).inc()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import random
 import re
 import time
@@ -58,6 +59,7 @@ _REWRITTEN: Final = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via", "traceparent", "tracestate"}
 )
 _VIA: Final = "1.1 stepgate"
+_NO_RETRY: Final = "Stepgate-No-Retry"
 _NO_TOKENS: Final[frozenset[str]] = frozenset()
 
 # W3C Trace Context, version 00: lower-case hex only; all-zero ids are invalid.
@@ -69,6 +71,8 @@ _ZERO_PARENT_ID: Final = "0" * 16
 _SKIP_AUTO_HEADERS: Final = frozenset(
     {hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE}
 )
+# aiohttp warns (ResourceWarning) when a bytes body exceeds 1 MiB; BytesIO is sent in slices.
+_BYTES_BODY_LIMIT: Final = 1 << 20
 # Statuses whose responses never carry content (RFC 9110 §6.4.1).
 _NO_CONTENT: Final = frozenset({204, 304})
 
@@ -80,15 +84,20 @@ AttemptHook: TypeAlias = Callable[[Outcome, str | None], None]
 
 
 def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Field names listed in Connection, minus those dropped anyway (the usual keep-alive)."""
     if isinstance(headers, (CIMultiDictProxy, CIMultiDict)):
         values: list[str] = headers.getall(hdrs.CONNECTION, [])
     else:
         values = [v for k, v in headers.items() if k.lower() == "connection"]
-    if not values:
-        return _NO_TOKENS
-    return frozenset(
-        token for value in values for raw in value.split(",") if (token := raw.strip().lower())
-    )
+    named: set[str] | None = None
+    for value in values:
+        for raw in value.split(","):
+            token = raw.strip().lower()
+            if token and token not in HOP_BY_HOP:
+                if named is None:
+                    named = set()
+                named.add(token)
+    return _NO_TOKENS if named is None else frozenset(named)
 
 
 def _new_traceparent() -> tuple[str, str]:
@@ -158,15 +167,19 @@ def forward_request_headers(
 
 def forward_response_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     """The upstream response headers that may reach the client."""
+    out: CIMultiDict[str] = CIMultiDict()
+    _copy_response_headers(headers, out)
+    return out
+
+
+def _copy_response_headers(headers: Mapping[str, str], out: CIMultiDict[str]) -> None:
     named = _connection_tokens(headers)
     drop = HOP_BY_HOP | named if named else HOP_BY_HOP
-    out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
         if lower in drop or lower.startswith(_STEPGATE_PREFIX):
             continue
         out.add(name, value)
-    return out
 
 
 def create_upstream_session(*, connection_limit: int = 0) -> aiohttp.ClientSession:
@@ -250,6 +263,9 @@ async def proxy_plain(
     attempt = 0
     while True:
         attempt += 1
+        data: bytes | io.BytesIO | aiohttp.StreamReader | None = body
+        if isinstance(body, bytes) and len(body) > _BYTES_BODY_LIMIT:
+            data = io.BytesIO(body)  # a fresh reader per attempt; the buffer is shared
         upstream: aiohttp.ClientResponse | None = None
         status: int | None = None
         failure: FailureKind | None = None
@@ -259,7 +275,7 @@ async def proxy_plain(
                     method,
                     url,
                     headers=headers,
-                    data=body,
+                    data=data,
                     allow_redirects=False,
                     skip_auto_headers=_SKIP_AUTO_HEADERS,
                     auto_decompress=False,
@@ -277,7 +293,13 @@ async def proxy_plain(
         if attempt < attempts:
             reason = is_retriable(policy, status, failure)
             if reason is not None:
-                retry_after = upstream.headers.get(hdrs.RETRY_AFTER) if upstream else None
+                retry_after = None
+                if upstream is not None:
+                    retry_after = upstream.headers.get(hdrs.RETRY_AFTER)
+                    # The upstream's explicit "do not retry" (the durable protocol's signal)
+                    # is just as true for a plain route.
+                    if upstream.headers.get(_NO_RETRY, "").strip().lower() == "true":
+                        reason = None
                 delay = next_delay(policy, attempt, status, retry_after, time.time(), _rng)
                 if delay > policy.max or _client_gone(request):
                     reason = None
@@ -298,11 +320,9 @@ async def proxy_plain(
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     """Stream `upstream` to the client; the caller must not touch `upstream` afterwards."""
-    response = web.StreamResponse(
-        status=upstream.status,
-        reason=upstream.reason,
-        headers=forward_response_headers(upstream.headers),
-    )
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    # Straight into the response's own multidict: no intermediate copy per request.
+    _copy_response_headers(upstream.headers, response.headers)
     completed = False
     try:
         await response.prepare(request)

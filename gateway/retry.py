@@ -101,8 +101,9 @@ def backoff(policy: RetryPolicy, failures: int, rng: random.Random) -> float:
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a `Retry-After` value, `now` being the current Unix time.
 
-    Accepts delta-seconds and HTTP-dates (IMF-fixdate and the two obsolete forms). A date in
-    the past and a negative number mean "now" (0); anything unparseable is None.
+    Accepts delta-seconds and HTTP-dates (IMF-fixdate and the two obsolete forms, parsed as
+    leniently as RFC 9110 §5.6.7 encourages). A date in the past and a negative number (not
+    valid, but unambiguous) mean "now" (0); anything unparseable is None.
     """
     if value is None:
         return None

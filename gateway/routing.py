@@ -94,3 +94,25 @@ class Router:
 def match_route(routes: Sequence[Route], method: str, path: str) -> Route | MethodNotAllowed | None:
     """One-off `Router(routes).match(method, path)`; build a `Router` once for repeated use."""
     return Router(routes).match(method, path)
+
+
+def normalize_path(path: str) -> str:
+    """Remove dot segments (RFC 3986 §5.2.4) so `/public/../admin` is routed as `/admin`,
+    the way the upstream will resolve it. Only matching uses this; the target is sent as is."""
+    if "." not in path:
+        return path  # the common case costs one scan
+    output: list[str] = []
+    segments = path.split("/")
+    for index, segment in enumerate(segments[1:], start=1):
+        last = index == len(segments) - 1
+        if segment == "..":
+            if output:
+                output.pop()
+            if last:
+                output.append("")
+        elif segment == ".":
+            if last:
+                output.append("")
+        else:
+            output.append(segment)
+    return "/" + "/".join(output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -118,3 +119,17 @@ async def test_unknown_paths_and_methods_are_problems(
         assert resp.content_type == "application/problem+json"
     async with session.get(gw.url + "/_stepgate/whatever") as resp:
         assert resp.status == 404
+
+
+async def test_dot_segments_cannot_escape_a_route(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    base = await upstream(upstream_app())
+    gw = await gateway([{"name": "pub", "path": "/public/*", "upstream": base}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
+    writer.write(b"GET /public/../binary HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    head = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 404")
