@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import ipaddress
 import json
 import os
 import sys
@@ -101,8 +102,18 @@ class _Admin:
     def from_args(cls, args: argparse.Namespace) -> _Admin:
         settings = _load(args.config) if args.config else None
         base = args.url or (settings.internal_url if settings else DEFAULT_INTERNAL_URL)
+        parts = urllib.parse.urlsplit(base)
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            raise _Failure(f"--url must be an http:// or https:// URL, got {base!r}", 2)
         token = args.token or os.environ.get(TOKEN_ENV) or (settings and settings.admin_token)
         return cls(base.rstrip("/"), token or None)
+
+    def _opener(self) -> urllib.request.OpenerDirector:
+        host = urllib.parse.urlsplit(self.base).hostname or ""
+        if host == "localhost" or (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
+            # An http_proxy from the environment must not carry loopback admin calls away.
+            return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        return urllib.request.build_opener()
 
     def call(
         self,
@@ -125,7 +136,7 @@ class _Admin:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with self._opener().open(request, timeout=self.timeout) as response:
                 text = response.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as exc:
             raise _Failure(f"{method} {url}: {_describe_http_error(exc)}") from None
@@ -142,6 +153,14 @@ class _Admin:
             ) from None
 
 
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _describe_http_error(exc: urllib.error.HTTPError) -> str:
     """``409 Conflict: run has already ended`` from a problem+json (or any) error answer."""
     status = f"{exc.code} {exc.reason}"
@@ -149,7 +168,7 @@ def _describe_http_error(exc: urllib.error.HTTPError) -> str:
         text = exc.read().decode("utf-8", errors="replace")
     except OSError:
         text = ""
-    detail = _one_line(text, 200)
+    detail = _one_line(text, 200) if _one_line(text) != str(exc.reason) else ""
     try:
         problem = json.loads(text)
     except json.JSONDecodeError:

@@ -29,7 +29,7 @@ from gateway.config import Route, Settings
 from gateway.metrics import Metrics
 from gateway.prefer import Preferences, parse_prefer
 from gateway.problem import problem
-from gateway.proxy import forward_request_headers, forward_response_headers
+from gateway.proxy import RelayedResponse, forward_request_headers, forward_response_headers
 from gateway.scheduler import Scheduler
 from gateway.store import Attempt, DuplicateIdempotencyKey, Run, Store
 
@@ -546,11 +546,11 @@ def final_response(run: Run) -> web.StreamResponse:
     return RecordedResponse(run)
 
 
-class RecordedResponse(web.StreamResponse):
-    """A recorded upstream response, replayed byte for byte.
+class RecordedResponse(RelayedResponse):
+    """A recorded upstream response, replayed byte for byte, head and body in one write.
 
-    A StreamResponse, not web.Response: the latter would invent a Content-Type the upstream
-    never sent."""
+    Not a web.Response: that would invent a Content-Type for a body the upstream sent
+    without one."""
 
     def __init__(self, run: Run) -> None:
         assert run.resp_status is not None
@@ -563,8 +563,7 @@ class RecordedResponse(web.StreamResponse):
 
     async def prepare(self, request: web.BaseRequest) -> object:
         writer = await super().prepare(request)
-        if request.method != "HEAD" and self._recorded_body:
-            await self.write(self._recorded_body)
+        await self.write_eof(b"" if request.method == "HEAD" else self._recorded_body)
         return writer
 
 

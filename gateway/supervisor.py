@@ -1,9 +1,9 @@
 """Run the upstream service as a child of the gateway: ``stepgate serve --config F -- CMD ARGS``.
 
 The child inherits stdout/stderr (its logs interleave with the gateway's) and runs in its own
-process group, so a Ctrl-C in a terminal reaches only the gateway, which then shuts the child
-down in order: stop taking requests, drain, SIGTERM the child, SIGKILL it after the grace
-period. Signals go to the whole group so a shell wrapper (``sh -c "npm start"``) cannot leave
+session and process group, so a Ctrl-C in a terminal reaches only the gateway, which then shuts
+the child down in order: stop taking requests, drain, SIGTERM the child, SIGKILL it after the
+grace period. Signals go to the whole group so a shell wrapper (``sh -c "npm start"``) cannot leave
 a grandchild holding the port.
 
 Use in ``gateway.app.serve``::
@@ -113,9 +113,10 @@ class ChildProcess:
             process = await asyncio.create_subprocess_exec(
                 *argv,
                 env=dict(env) if env is not None else None,
-                # Own process group: terminal signals reach the gateway only, which then
-                # stops the child in the right order (see the module docstring).
-                process_group=0,
+                # Own session, hence own process group: terminal signals reach the gateway
+                # only, which stops the child in the right order (see the module docstring).
+                # (Not process_group=0: uvloop's subprocess_exec does not accept it.)
+                start_new_session=True,
             )
         except OSError as exc:
             raise ChildStartError(argv, exc.strerror or str(exc)) from exc

@@ -127,7 +127,8 @@ def upstream_app() -> web.Application:
         return web.Response(text="late")
 
     async def truncated(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Length": "1000"})
+        size = int(request.query.get("size", "1000"))
+        response = web.StreamResponse(headers={"Content-Length": str(size)})
         await response.prepare(request)
         await response.write(b"x" * 100)
         assert request.transport is not None
@@ -496,10 +497,21 @@ async def test_upstream_failing_mid_body_cuts_the_client_off(
     start_gateway: Start, base: str, client: aiohttp.ClientSession
 ) -> None:
     gateway = await start_gateway(make_route(base))
-    async with client.get(gateway + "/truncated") as response:
+    # A large answer is streamed: the head is out when the upstream breaks off.
+    async with client.get(gateway + "/truncated?size=1000000") as response:
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
+
+
+async def test_upstream_failing_in_a_small_body_is_a_502(
+    start_gateway: Start, base: str, client: aiohttp.ClientSession
+) -> None:
+    gateway = await start_gateway(make_route(base))
+    # A small answer is read whole before anything is sent, so there is still time to say so.
+    async with client.get(gateway + "/truncated?size=1000") as response:
+        assert response.status == 502
+        assert response.content_type == "application/problem+json"
 
 
 async def test_stepgate_no_retry_is_honoured_and_not_relayed(
