@@ -14,6 +14,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     PlatformCollector,
+    disable_created_metrics,
     ProcessCollector,
     generate_latest,
 )
@@ -33,6 +34,10 @@ _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
 _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
+
+
+# The *_created series double what a scrape returns and say nothing an operator needs.
+disable_created_metrics()
 
 
 class Metrics:
