@@ -124,6 +124,7 @@ class Gateway:
         self._internal: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
+        self._stopped = False
 
     def _apps(self, engine: Engine, session: aiohttp.ClientSession) -> tuple[
         web.Application, web.Application
@@ -182,6 +183,9 @@ class Gateway:
                  routes=len(self.settings.routes))
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         if self._public is not None:
             await self._public.cleanup()  # stop taking client requests first
             self._runners.remove(self._public)

@@ -76,7 +76,7 @@
   function ms(value) {
     if (value === null || value === undefined || Number.isNaN(value)) return "–";
     const v = Math.max(0, value);
-    if (v < 10) return v.toFixed(1) + " ms";
+    if (v < 10) return Number(v.toFixed(1)) + " ms";
     if (v < 1000) return Math.round(v) + " ms";
     if (v < 60_000) return (v / 1000).toFixed(v < 10_000 ? 2 : 1) + " s";
     if (v < 3_600_000) return Math.floor(v / 60_000) + " m " + pad(Math.floor(v / 1000) % 60) + " s";
@@ -283,7 +283,9 @@
 
   async function showList(query, gen) {
     document.title = "Runs · Stepgate";
-    const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+    // `limit` is not in the form, but a hand-written #/runs?limit=N is honoured.
+    const limit = /^\d+$/.test(query.get("limit") || "") ? query.get("limit") : String(PAGE_SIZE);
+    const params = new URLSearchParams({ limit });
     for (const key of ["status", "route"]) if (query.get(key)) params.set(key, query.get(key));
     for (const key of ["since", "until"]) if (query.get(key)) params.set(key, instant(query.get(key)));
 

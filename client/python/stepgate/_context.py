@@ -1,0 +1,130 @@
+"""The invocation being handled, in a ContextVar that adapters set per request.
+
+An invocation is one forwarding of a run to the handler. It knows where to call back, how many
+steps the run had recorded before it (`Stepgate-Steps`), the recorded steps once fetched, and
+hands out step ids and positions in call order. Tasks started by the handler (asyncio.gather)
+copy the context, so they share the same Invocation object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+from stepgate import _transport
+from stepgate._protocol import Call, Kind, Recorded, nested_step, quote_step_id, step_id_for
+from stepgate.errors import ReplayMismatchError, Suspend
+
+__all__ = ["Invocation", "current", "from_headers", "in_step", "refuse_nesting"]
+
+current: ContextVar[Invocation | None] = ContextVar("stepgate_invocation", default=None)
+# The id of the step whose function is running, to refuse nested steps.
+in_step: ContextVar[str | None] = ContextVar("stepgate_in_step", default=None)
+
+
+def refuse_nesting(name: str) -> None:
+    outer = in_step.get()
+    if outer is not None:
+        raise nested_step(name, outer)
+
+
+def _default_async() -> _transport.AsyncTransportLike:
+    return _transport.default_async
+
+
+def _default_sync() -> _transport.SyncTransportLike:
+    return _transport.default_sync
+
+
+@dataclass(eq=False, slots=True)
+class Invocation:
+    callback: str                 # {internal_url}/v1/runs/{id}
+    token: str
+    run_id: str
+    attempt: int = 1
+    recorded_count: int | None = None   # Stepgate-Steps; None: unknown, so ask
+    transport: _transport.AsyncTransportLike = field(default_factory=_default_async)
+    sync_transport: _transport.SyncTransportLike = field(default_factory=_default_sync)
+    recorded: dict[int, Recorded] | None = None   # by seq, fetched at the first step call
+    suspended: bool = False       # a sleep or wait stopped this invocation
+    fatal: ReplayMismatchError | None = None   # seen even if the handler swallows it
+    fetch_lock: asyncio.Lock | None = None
+    fetch_mutex: threading.Lock = field(default_factory=threading.Lock)
+    _repeats: dict[str, int] = field(default_factory=dict)
+    _next_seq: int = 0
+    _mutex: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.callback = self.callback.rstrip("/")
+
+    @property
+    def steps_url(self) -> str:
+        return self.callback + "/steps"
+
+    def step_url(self, step_id: str) -> str:
+        return f"{self.callback}/steps/{quote_step_id(step_id)}"
+
+    def begin(self, name: str, kind: Kind) -> Call:
+        """Fix the call's id and seq now, in call order (threads may share an invocation)."""
+        with self._mutex:
+            repeat = self._repeats.get(name, 0) + 1
+            self._repeats[name] = repeat
+            seq = self._next_seq
+            self._next_seq = seq + 1
+        return Call(name, step_id_for(name, repeat), seq, kind)
+
+    def replayed(self, call: Call) -> Recorded | None:
+        """The record for `call`'s position, if any; a different step there is a mismatch."""
+        if self.recorded is None:
+            return None
+        record = self.recorded.get(call.seq)
+        if record is None:
+            return None
+        if record.step_id != call.step_id or record.kind not in (None, call.kind):
+            error = ReplayMismatchError(
+                f"step {call.step_id!r} ({call.kind}) is called at position {call.seq}, where"
+                f" run {self.run_id} recorded step {record.step_id!r} ({record.kind or '?'}):"
+                " the handler's code changed under a running run, or it picks its steps"
+                " non-deterministically",
+                run_id=self.run_id, step_id=call.step_id, recorded_step_id=record.step_id,
+                seq=call.seq,
+            )
+            self.fatal = error
+            raise error
+        return record
+
+    def suspend(self, call: Call) -> Suspend:
+        self.suspended = True
+        return Suspend(run_id=self.run_id, step_id=call.step_id)
+
+
+def _count(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value >= 0 else None
+
+
+def from_headers(get: Callable[[str], str | None]) -> Invocation | None:
+    """The invocation described by a request's `Stepgate-*` headers, or None outside the gateway.
+
+    `get` looks a header up case-insensitively. Gateway mode needs both the callback URL and
+    the token; anything less is treated as a plain request, where steps simply run.
+    """
+    callback = get("Stepgate-Callback")
+    token = get("Stepgate-Token")
+    if not callback or not token:
+        return None
+    return Invocation(
+        callback=callback,
+        token=token,
+        run_id=get("Stepgate-Run-Id") or "",
+        attempt=_count(get("Stepgate-Attempt")) or 1,
+        recorded_count=_count(get("Stepgate-Steps")),
+    )

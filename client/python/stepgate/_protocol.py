@@ -1,0 +1,252 @@
+"""The step protocol as pure functions: ids, request bodies, answers. No I/O.
+
+`_step` (async) and `sync` (blocking) drive these with their transports, so both speak exactly
+the same wire format. JSON shapes (see the gateway's callback API):
+
+    GET {cb}/steps              -> {"steps": [{"id", "seq", "kind", "status", "output"?, ...}]}
+    PUT {cb}/steps/{id}  {"output": v, "seq": k}                       -> 201 | 200 first output
+                         {"error": {"message", "type", "retriable"}, "seq": k}
+                         {"sleep": {"until": RFC 3339}, "seq": k}
+                         {"wait": {"event", "match", "timeout"}, "seq": k}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from urllib.parse import quote
+
+from stepgate._transport import Reply
+from stepgate.errors import CallbackError, NonRetriableError, StepgateError, StepOutputError
+
+Kind = Literal["run", "sleep", "wait"]
+
+MAX_STEP_ID = 256
+# Room for the "#NNNN" repeat suffix inside the gateway's 256-character limit.
+MAX_NAME = MAX_STEP_ID - 8
+MAX_ERROR_MESSAGE = 4000
+DEFAULT_WAIT_TIMEOUT = 24 * 3600.0
+
+# One encoder, built once: json.dumps with options builds a new encoder per call.
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One step call: its id and position (`seq`) are fixed when the call is made."""
+
+    name: str
+    step_id: str
+    seq: int
+    kind: Kind
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What the run recorded for a step before this invocation."""
+
+    step_id: str
+    seq: int
+    kind: str | None
+    status: str
+    output: Any
+
+
+def check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"a step name is a str, got {type(name).__name__}")
+    if not name or len(name) > MAX_NAME:
+        raise ValueError(f"a step name has 1 to {MAX_NAME} characters, got {len(name)}")
+    if "#" in name:
+        # "#" separates the repeat counter (name#2); allowing it could make two steps share an id.
+        raise ValueError(f"a step name cannot contain '#': {name!r}")
+    return name
+
+
+def step_id_for(name: str, repeat: int) -> str:
+    return name if repeat == 1 else f"{name}#{repeat}"
+
+
+@functools.lru_cache(maxsize=1024)   # handlers reuse the same few step ids on every run
+def quote_step_id(step_id: str) -> str:
+    """Percent-encode like JavaScript's encodeURIComponent, so every SDK builds the same URL."""
+    return quote(step_id, safe="!'()*")
+
+
+def output_body(call: Call, value: object, run_id: str | None) -> bytes:
+    try:
+        encoded = _encode(value)
+    except (TypeError, ValueError) as exc:
+        raise StepOutputError(
+            f"step {call.step_id!r} returned {type(value).__name__}, which is not JSON"
+            f" ({exc}); return dicts, lists, str, int, float, bool or None",
+            run_id=run_id, step_id=call.step_id,
+        ) from exc
+    return f'{{"output":{encoded},"seq":{call.seq}}}'.encode()
+
+
+def check_output(call: Call, value: object) -> None:
+    """Outside the gateway: fail on a non-JSON output now, not first in production."""
+    output_body(call, value, None)
+
+
+def error_body(call: Call, exc: BaseException) -> bytes:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else (
+        f"{kind.__module__}.{kind.__qualname__}")
+    message = str(exc) or name
+    if len(message) > MAX_ERROR_MESSAGE:
+        message = message[:MAX_ERROR_MESSAGE - 1] + "…"
+    # A step that stored a non-JSON output would fail the same way on every retry.
+    retriable = not isinstance(exc, NonRetriableError | StepOutputError)
+    error = {"message": message, "type": name, "retriable": retriable}
+    return _encode({"error": error, "seq": call.seq}).encode()
+
+
+def sleep_body(call: Call, until: datetime) -> bytes:
+    stamp = until.astimezone(UTC).isoformat(timespec="microseconds")
+    return _encode({"sleep": {"until": stamp}, "seq": call.seq}).encode()
+
+
+def wait_body(call: Call, event: str, match: Mapping[str, Any], timeout: float) -> bytes:
+    wait = {"event": event, "match": dict(match), "timeout": format_duration(timeout)}
+    try:
+        return _encode({"wait": wait, "seq": call.seq}).encode()
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"wait_for_event {call.name!r}: match values must be JSON ({exc})") from exc
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> "30s" or "1500ms", a form every gateway duration parser accepts."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{math.ceil(seconds * 1000)}ms"
+
+
+def to_seconds(value: timedelta | float, what: str) -> float:
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise TypeError(f"{what} is a timedelta or seconds, got {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{what} must be a finite, non-negative duration, got {value!r}")
+    return seconds
+
+
+def check_moment(moment: object) -> datetime:
+    if not isinstance(moment, datetime):
+        raise TypeError(f"sleep_until takes a datetime, got {type(moment).__name__}")
+    if moment.utcoffset() is None:
+        # A naive time would mean a different instant on the gateway's host.
+        raise ValueError("sleep_until needs a timezone-aware datetime (e.g. tzinfo=timezone.utc)")
+    return moment
+
+
+def check_wait(event: object, match: Mapping[str, Any] | None,
+               timeout: timedelta | float) -> tuple[str, Mapping[str, Any], float]:
+    if not isinstance(event, str) or not event:
+        raise ValueError("wait_for_event needs a non-empty event name (event=...)")
+    if match is None:
+        match = {}
+    elif not isinstance(match, Mapping) or not all(isinstance(k, str) for k in match):
+        raise TypeError("match maps dotted paths (str) such as 'data.order_id' to values")
+    seconds = to_seconds(timeout, "timeout")
+    if seconds <= 0:
+        raise ValueError("a wait needs a positive timeout")
+    return event, match, seconds
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def answer(reply: Reply, *, what: str, run_id: str, step_id: str | None = None) -> dict[str, Any]:
+    """The JSON object of a 2xx answer; anything else becomes a CallbackError."""
+    if not 200 <= reply.status < 300:
+        detail = _problem_detail(reply.body)
+        raise CallbackError(
+            f"the gateway answered {reply.status} to {what}" + (f": {detail}" if detail else ""),
+            status=reply.status, run_id=run_id, step_id=step_id,
+        )
+    try:
+        data = json.loads(reply.body)
+    except ValueError as exc:
+        raise CallbackError(f"the gateway answered {what} with invalid JSON",
+                            status=reply.status, run_id=run_id, step_id=step_id) from exc
+    if not isinstance(data, dict):
+        raise CallbackError(f"the gateway answered {what} with {type(data).__name__}, not an"
+                            " object", status=reply.status, run_id=run_id, step_id=step_id)
+    return data
+
+
+def parked(data: dict[str, Any], parked_status: str, run_id: str, call: Call) -> bool:
+    """True if a sleep/wait answer says "not yet", False if "completed"."""
+    status = data.get("status")
+    if status == "completed":
+        return False
+    if status == parked_status:
+        return True
+    raise CallbackError(f"the gateway answered {call.kind} {call.step_id!r} with status"
+                        f" {status!r}", run_id=run_id, step_id=call.step_id)
+
+
+def _problem_detail(body: bytes) -> str:
+    try:
+        problem = json.loads(body)
+    except ValueError:
+        return body[:200].decode("utf-8", "replace").strip()
+    if isinstance(problem, dict):
+        return str(problem.get("detail") or problem.get("title") or "")
+    return ""
+
+
+def parse_steps(reply: Reply, run_id: str) -> dict[int, Recorded]:
+    """GET {cb}/steps -> the recorded steps by seq."""
+    data = answer(reply, what="GET steps", run_id=run_id)
+    steps = data.get("steps")
+    if not isinstance(steps, list):
+        raise CallbackError("the gateway's step list has no 'steps' array", run_id=run_id)
+    recorded: dict[int, Recorded] = {}
+    for position, item in enumerate(steps):
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            raise CallbackError(f"the gateway's step list has a malformed entry: {item!r}",
+                                run_id=run_id)
+        seq = item.get("seq")
+        if not isinstance(seq, int):
+            seq = position   # the list is in call order
+        recorded[seq] = Recorded(item["id"], seq, item.get("kind"), str(item.get("status")),
+                                 item.get("output"))
+    return recorded
+
+
+def nested_step(name: str, outer: str) -> StepgateError:
+    # A nested step would shift every later seq on replay once its outer step is replayed.
+    return StepgateError(
+        f"step {name!r} is called inside step {outer!r}; steps cannot nest (call it from the"
+        " handler instead)", step_id=outer,
+    )
+
+
+def needs_gateway(name: str) -> StepgateError:
+    return StepgateError(
+        f"wait_for_event {name!r} needs the Stepgate gateway: this request did not come through"
+        " a durable route (no Stepgate-Callback/Stepgate-Token headers)"
+    )
+
+
+def event_output(output: Any) -> dict[str, Any] | None:
+    """A wait's output: the event object, or None when the wait timed out."""
+    return output if isinstance(output, dict) else None
+
+
+def tag(exc: BaseException, run_id: str, call: Call) -> None:
+    """Say which step raised, for errors of ours that do not know yet."""
+    if isinstance(exc, StepgateError) and exc.step_id is None:
+        exc.run_id, exc.step_id = run_id, call.step_id

@@ -1,0 +1,211 @@
+"""`step`: durable steps for async handlers.
+
+    user = await step.run("load-user", load_user, user_id)
+    await step.sleep("cool-off", timedelta(minutes=5))
+    paid = await step.wait_for_event("paid", event="order.paid", match={"data.id": order_id})
+
+Each call gets its id (the name, then name#2, name#3, ... for repeats) and its position `seq`
+when it is *made*, not when it is awaited, so `asyncio.gather(step.run(...), step.run(...))`
+numbers steps in argument order. The returned coroutine then:
+
+- replays: a step the run recorded as completed returns its recorded output without running;
+  a recorded sleep or wait that is not over suspends the invocation again;
+- or runs: the function runs, its output is stored (201), and a failure is recorded and
+  re-raised. A failed step runs again on the next invocation.
+
+Outside the gateway (no `Stepgate-Callback`/`Stepgate-Token` headers) steps simply run, sleeps
+sleep in-process, and wait_for_event raises StepgateError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar, overload
+
+from stepgate import _protocol as proto
+from stepgate._context import Invocation, current, in_step, refuse_nesting
+from stepgate._protocol import Call, Recorded
+from stepgate.errors import CallbackError
+
+__all__ = ["Step", "step"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Step:
+    """The step API for `async def` handlers; use the shared instance `stepgate.step`."""
+
+    __slots__ = ()
+
+    @overload
+    def run(self, name: str, fn: Callable[P, Awaitable[T]], /,
+            *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]: ...
+
+    @overload
+    def run(self, name: str, fn: Callable[P, T], /,
+            *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]: ...
+
+    def run(self, name: str, fn: Callable[P, Any], /,
+            *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Any]:
+        """Run `fn(*args, **kwargs)` once per run and return its output; await the result.
+
+        `fn` may be async or plain. A plain function runs directly on the event loop, so
+        long blocking work belongs in `asyncio.to_thread` inside an async fn. The output must
+        be JSON: the first execution returns the value `fn` returned, a replay returns its
+        JSON round trip (tuples come back as lists). A step that raises records the error
+        (retriable unless it is a NonRetriableError) and re-raises it.
+        """
+        proto.check_name(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            return _run_plain(name, fn, args, kwargs)
+        return _run(inv, inv.begin(name, "run"), fn, args, kwargs)
+
+    def sleep(self, name: str, duration: timedelta | float) -> Coroutine[Any, Any, None]:
+        """Pause the run for `duration` (a timedelta or seconds); await the result.
+
+        Under the gateway the invocation suspends (the handler answers 202) and the run is
+        re-invoked once the deadline, fixed at this call, has passed; no process sleeps.
+        """
+        seconds = proto.to_seconds(duration, "duration")
+        proto.check_name(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            return asyncio.sleep(seconds)
+        until = proto.now() + timedelta(seconds=seconds)
+        return _sleep(inv, inv.begin(name, "sleep"), until)
+
+    def sleep_until(self, name: str, moment: datetime) -> Coroutine[Any, Any, None]:
+        """Pause the run until `moment` (timezone-aware); a past moment does not pause."""
+        moment = proto.check_moment(moment)
+        proto.check_name(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            return asyncio.sleep(max(0.0, (moment - proto.now()).total_seconds()))
+        return _sleep(inv, inv.begin(name, "sleep"), moment)
+
+    def wait_for_event(self, name: str, *, event: str, match: Mapping[str, Any] | None = None,
+                       timeout: timedelta | float = proto.DEFAULT_WAIT_TIMEOUT,
+                       ) -> Coroutine[Any, Any, dict[str, Any] | None]:
+        """Wait for an event posted to the gateway; await the result.
+
+        Returns the event `{"name", "data", "id", "ts"}` whose fields match every dotted path
+        in `match` (e.g. `{"data.order_id": 42}`), or None once `timeout` (default 24 h)
+        passes. Needs the gateway: outside it this raises StepgateError.
+        """
+        event, match, seconds = proto.check_wait(event, match, timeout)
+        proto.check_name(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            raise proto.needs_gateway(name)
+        return _wait(inv, inv.begin(name, "wait"), event, match, seconds)
+
+
+step = Step()
+
+
+async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    result = fn(*args, **kwargs)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+async def _run_plain(name: str, fn: Callable[..., Any], args: tuple[Any, ...],
+                     kwargs: dict[str, Any]) -> Any:
+    token = in_step.set(name)
+    try:
+        result = await _call(fn, args, kwargs)
+    finally:
+        in_step.reset(token)
+    proto.check_output(Call(name, name, 0, "run"), result)
+    return result
+
+
+async def _recorded(inv: Invocation, call: Call) -> Recorded | None:
+    """The run's record for this call, fetched once per invocation and only if there is one."""
+    if inv.recorded is None:
+        if inv.recorded_count == 0:
+            return None   # the first invocation: nothing to ask for
+        if inv.fetch_lock is None:
+            inv.fetch_lock = asyncio.Lock()
+        async with inv.fetch_lock:   # parallel first steps share one GET
+            if inv.recorded is None:
+                reply = await inv.transport.request("GET", inv.steps_url, inv.token)
+                inv.recorded = proto.parse_steps(reply, inv.run_id)
+    return inv.replayed(call)
+
+
+async def _run(inv: Invocation, call: Call, fn: Callable[..., Any], args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> Any:
+    record = await _recorded(inv, call)
+    if record is not None and record.status == "completed":
+        return record.output
+    token = in_step.set(call.step_id)
+    try:
+        result = await _call(fn, args, kwargs)
+        body = proto.output_body(call, result, inv.run_id)
+    except Exception as exc:
+        await _record_failure(inv, call, exc)
+        raise
+    finally:
+        in_step.reset(token)
+    reply = await inv.transport.request("PUT", inv.step_url(call.step_id), inv.token, body)
+    if reply.status == 201:   # stored ours
+        return result
+    # 200: another invocation stored this step first; its output is the one the run keeps.
+    data = proto.answer(reply, what=f"PUT step {call.step_id!r}", run_id=inv.run_id,
+                        step_id=call.step_id)
+    return data.get("output")
+
+
+async def _record_failure(inv: Invocation, call: Call, exc: Exception) -> None:
+    proto.tag(exc, inv.run_id, call)
+    try:
+        reply = await inv.transport.request("PUT", inv.step_url(call.step_id), inv.token,
+                                            proto.error_body(call, exc))
+        proto.answer(reply, what=f"PUT step {call.step_id!r} error", run_id=inv.run_id,
+                     step_id=call.step_id)
+    except CallbackError as failed:
+        # The step's own error matters more; the gateway still sees this invocation fail.
+        exc.add_note(f"stepgate: could not record this failure of step {call.step_id!r}:"
+                     f" {failed}")
+
+
+async def _sleep(inv: Invocation, call: Call, until: datetime) -> None:
+    record = await _recorded(inv, call)
+    if record is not None and record.status == "completed":
+        return
+    if record is not None and record.status == "sleeping":
+        raise inv.suspend(call)
+    reply = await inv.transport.request("PUT", inv.step_url(call.step_id), inv.token,
+                                        proto.sleep_body(call, until))
+    data = proto.answer(reply, what=f"PUT sleep {call.step_id!r}", run_id=inv.run_id,
+                        step_id=call.step_id)
+    if proto.parked(data, "sleeping", inv.run_id, call):
+        raise inv.suspend(call)
+
+
+async def _wait(inv: Invocation, call: Call, event: str, match: Mapping[str, Any],
+                seconds: float) -> dict[str, Any] | None:
+    record = await _recorded(inv, call)
+    if record is not None and record.status == "completed":
+        return proto.event_output(record.output)
+    if record is not None and record.status == "waiting":
+        raise inv.suspend(call)
+    reply = await inv.transport.request("PUT", inv.step_url(call.step_id), inv.token,
+                                        proto.wait_body(call, event, match, seconds))
+    data = proto.answer(reply, what=f"PUT wait {call.step_id!r}", run_id=inv.run_id,
+                        step_id=call.step_id)
+    if proto.parked(data, "waiting", inv.run_id, call):
+        raise inv.suspend(call)
+    return proto.event_output(data.get("output"))
+

@@ -1,0 +1,43 @@
+"""aiohttp adapter: `web.Application(middlewares=[stepgate.aiohttp.middleware])`.
+
+Per request it reads the `Stepgate-*` headers into the step context, runs the handler, and
+answers a suspend with 202 + `Stepgate-Suspend: true`, a NonRetriableError with its status as
+problem+json + `Stepgate-No-Retry: true`, and a replay mismatch with 500 + `Stepgate-No-Retry`.
+"""
+
+# This module is named like the library it adapts; absolute imports (the default) and
+# postponed annotations keep `aiohttp` below the real package.
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from stepgate._context import current, from_headers
+from stepgate._responses import Reply, reply_for
+
+__all__ = ["middleware"]
+
+
+def _response(reply: Reply) -> web.Response:
+    return web.Response(status=reply.status, headers=dict(reply.headers), body=reply.body)
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    inv = from_headers(request.headers.get)
+    token = current.set(inv)
+    try:
+        try:
+            response = await handler(request)
+        except BaseException as exc:
+            reply = reply_for(exc, inv)
+            if reply is None:
+                raise
+            return _response(reply)
+        if inv is not None and not response.prepared:
+            reply = reply_for(None, inv)   # the handler swallowed a suspend or a mismatch
+            if reply is not None:
+                return _response(reply)
+        return response
+    finally:
+        current.reset(token)

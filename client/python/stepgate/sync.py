@@ -1,0 +1,181 @@
+"""`step` for blocking code (WSGI, threads): the same calls as `stepgate.step`, without await.
+
+    from stepgate.sync import step
+
+    def checkout(environ, start_response):
+        order = step.run("create-order", create_order, cart)
+        step.sleep("cool-off", 30)
+
+Replay rules, ids and outputs are exactly those of the async API (see `stepgate._step`); the
+callbacks go over a blocking, per-thread keep-alive connection. Calling these from inside a
+running event loop raises StepgateError: it would block the loop, so use `stepgate.step` there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+from typing import Any, ParamSpec, TypeVar, cast
+
+from stepgate import _protocol as proto
+from stepgate._context import Invocation, current, in_step, refuse_nesting
+from stepgate._protocol import Call, Recorded
+from stepgate.errors import CallbackError, StepgateError
+
+__all__ = ["SyncStep", "step"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class SyncStep:
+    """The blocking step API; use the shared instance `stepgate.sync.step`."""
+
+    __slots__ = ()
+
+    def run(self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run `fn(*args, **kwargs)` once per run and return its (JSON) output."""
+        proto.check_name(name)
+        _check_blocking_allowed(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            result = _call(name, fn, args, kwargs)
+            proto.check_output(Call(name, name, 0, "run"), result)
+            return result
+        call = inv.begin(name, "run")
+        record = _recorded(inv, call)
+        if record is not None and record.status == "completed":
+            return cast(T, record.output)
+        try:
+            result = _call(call.step_id, fn, args, kwargs)
+            body = proto.output_body(call, result, inv.run_id)
+        except Exception as exc:
+            _record_failure(inv, call, exc)
+            raise
+        reply = inv.sync_transport.request("PUT", inv.step_url(call.step_id), inv.token, body)
+        if reply.status == 201:
+            return result
+        data = proto.answer(reply, what=f"PUT step {call.step_id!r}", run_id=inv.run_id,
+                            step_id=call.step_id)
+        return cast(T, data.get("output"))   # the output the run keeps, stored first
+
+    def sleep(self, name: str, duration: timedelta | float) -> None:
+        """Pause the run for `duration`; under the gateway the invocation suspends."""
+        seconds = proto.to_seconds(duration, "duration")
+        proto.check_name(name)
+        _check_blocking_allowed(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            time.sleep(seconds)
+            return
+        _sleep(inv, inv.begin(name, "sleep"), proto.now() + timedelta(seconds=seconds))
+
+    def sleep_until(self, name: str, moment: datetime) -> None:
+        """Pause the run until `moment` (timezone-aware)."""
+        moment = proto.check_moment(moment)
+        proto.check_name(name)
+        _check_blocking_allowed(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            time.sleep(max(0.0, (moment - proto.now()).total_seconds()))
+            return
+        _sleep(inv, inv.begin(name, "sleep"), moment)
+
+    def wait_for_event(self, name: str, *, event: str, match: Mapping[str, Any] | None = None,
+                       timeout: timedelta | float = proto.DEFAULT_WAIT_TIMEOUT,
+                       ) -> dict[str, Any] | None:
+        """Wait for a matching event (or None after `timeout`); needs the gateway."""
+        event, match, seconds = proto.check_wait(event, match, timeout)
+        proto.check_name(name)
+        _check_blocking_allowed(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            raise proto.needs_gateway(name)
+        call = inv.begin(name, "wait")
+        record = _recorded(inv, call)
+        if record is not None and record.status == "completed":
+            return proto.event_output(record.output)
+        if record is not None and record.status == "waiting":
+            raise inv.suspend(call)
+        reply = inv.sync_transport.request("PUT", inv.step_url(call.step_id), inv.token,
+                                           proto.wait_body(call, event, match, seconds))
+        data = proto.answer(reply, what=f"PUT wait {call.step_id!r}", run_id=inv.run_id,
+                            step_id=call.step_id)
+        if proto.parked(data, "waiting", inv.run_id, call):
+            raise inv.suspend(call)
+        return proto.event_output(data.get("output"))
+
+
+step = SyncStep()
+
+
+def _check_blocking_allowed(name: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise StepgateError(
+        f"stepgate.sync step {name!r} called on a running event loop, which it would block;"
+        " in async code use `from stepgate import step` and await it"
+    )
+
+
+
+def _call(step_id: str, fn: Callable[..., T], args: tuple[Any, ...],
+          kwargs: dict[str, Any]) -> T:
+    token = in_step.set(step_id)
+    try:
+        result = fn(*args, **kwargs)
+    finally:
+        in_step.reset(token)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()   # never awaited; close it so Python does not warn as well
+        raise TypeError(f"step {step_id!r}: stepgate.sync runs plain functions, and this one"
+                        " returned an awaitable; use `from stepgate import step` in async code")
+    return result
+
+
+def _recorded(inv: Invocation, call: Call) -> Recorded | None:
+    if inv.recorded is None:
+        if inv.recorded_count == 0:
+            return None
+        with inv.fetch_mutex:   # threads sharing the invocation fetch once
+            if inv.recorded is None:
+                reply = inv.sync_transport.request("GET", inv.steps_url, inv.token)
+                inv.recorded = proto.parse_steps(reply, inv.run_id)
+    return inv.replayed(call)
+
+
+def _record_failure(inv: Invocation, call: Call, exc: Exception) -> None:
+    proto.tag(exc, inv.run_id, call)
+    try:
+        reply = inv.sync_transport.request("PUT", inv.step_url(call.step_id), inv.token,
+                                           proto.error_body(call, exc))
+        proto.answer(reply, what=f"PUT step {call.step_id!r} error", run_id=inv.run_id,
+                     step_id=call.step_id)
+    except CallbackError as failed:
+        exc.add_note(f"stepgate: could not record this failure of step {call.step_id!r}:"
+                     f" {failed}")
+
+
+def _sleep(inv: Invocation, call: Call, until: datetime) -> None:
+    record = _recorded(inv, call)
+    if record is not None and record.status == "completed":
+        return
+    if record is not None and record.status == "sleeping":
+        raise inv.suspend(call)
+    reply = inv.sync_transport.request("PUT", inv.step_url(call.step_id), inv.token,
+                                       proto.sleep_body(call, until))
+    data = proto.answer(reply, what=f"PUT sleep {call.step_id!r}", run_id=inv.run_id,
+                        step_id=call.step_id)
+    if proto.parked(data, "sleeping", inv.run_id, call):
+        raise inv.suspend(call)
+

@@ -1,0 +1,197 @@
+// A trip-booking service whose four steps are durable behind Stepgate (the JavaScript twin of
+// the Python example).
+//
+//   POST /trips  {"traveller", "flight", "hotel"}   books a trip:
+//                reserve-flight and reserve-hotel (in parallel), charge-card, send-confirmation
+//        ?fail=STEP         STEP throws once per run (the run is told by Stepgate-Run-Id)
+//        ?fail=STEP:always  STEP throws on every attempt
+//        ?cooloff=SECONDS   a durable pause before the card is charged
+//   GET  /stats  how many times each step's function ran: a retried run re-runs only the
+//                failed step, so with ?fail=charge-card every count is 1 except charge-card's 2
+//
+// TRIP_FAIL in the environment (e.g. TRIP_FAIL=charge-card,send-confirmation:always) adds
+// failures to every request.
+//
+// Run: node examples/js/trip_service.mjs [--port 3000] [--host 127.0.0.1]   (PORT also works)
+// and put the gateway in front: stepgate serve --config config.example.yaml
+// Outside this repository, import from '@stepgate/client' instead of the relative path.
+
+import { randomBytes, randomUUID } from 'node:crypto';
+import { createServer } from 'node:http';
+import { pathToFileURL } from 'node:url';
+import { parseArgs } from 'node:util';
+
+import { NonRetriableError, step, wrapNodeHandler } from '../../client/js/src/index.js';
+
+export const STEPS = Object.freeze(['reserve-flight', 'reserve-hotel', 'charge-card', 'send-confirmation']);
+const MAX_BODY_BYTES = 64 * 1024;
+const TRIP_PRICE_CENTS = 42_000;
+
+/**
+ * Builds the service; `executions` is the live counter behind GET /stats.
+ * @param {{ onError?: (error: unknown) => void }} [options] where unexpected errors are reported
+ * @returns {{ server: import('node:http').Server, executions: Record<string, number> }}
+ */
+export function createTripService(options = {}) {
+  /** @type {Record<string, number>} */
+  const executions = Object.fromEntries(STEPS.map((name) => [name, 0]));
+  // "runId:step" pairs that already failed once, for ?fail=STEP.
+  const failedOnce = new Set();
+
+  /**
+   * @param {import('node:http').IncomingMessage} req
+   * @param {import('node:http').ServerResponse} res
+   */
+  async function handle(req, res) {
+    const url = new URL(req.url ?? '/', 'http://localhost');
+    if (url.pathname === '/stats' && req.method === 'GET') return sendJson(res, 200, executions);
+    if (url.pathname !== '/trips') throw new NonRetriableError(`no route for ${url.pathname}`, { status: 404 });
+    if (req.method !== 'POST') throw new NonRetriableError('use POST /trips', { status: 405 });
+
+    const trip = parseTrip(await readBody(req));
+    const failures = parseFailures([...url.searchParams.getAll('fail'),
+      ...(process.env.TRIP_FAIL ?? '').split(',').filter(Boolean)]);
+    const cooloff = parseCooloff(url.searchParams.get('cooloff') ?? '0');
+    // Outside the gateway there is no run: every request is its own.
+    const runKey = String(req.headers['stepgate-run-id'] ?? randomUUID());
+
+    /**
+     * A step that counts its executions and fails when ?fail asks it to.
+     * @template T
+     * @param {string} name
+     * @param {() => T} work
+     */
+    const bookingStep = (name, work) => step.run(name, () => {
+      executions[name] += 1;
+      const mode = failures.get(name);
+      if (mode === 'always') throw new Error(`${name} failed (fail=${name}:always)`);
+      if (mode === 'once' && !failedOnce.has(`${runKey}:${name}`)) {
+        failedOnce.add(`${runKey}:${name}`);
+        throw new Error(`${name} failed once for this run (fail=${name})`);
+      }
+      return work();
+    });
+
+    // Random references are made inside the steps: a replay returns the recorded ones.
+    const [flight, hotel] = await Promise.all([
+      bookingStep('reserve-flight', () => ({ flight: trip.flight, reference: reference('FL') })),
+      bookingStep('reserve-hotel', () => ({ hotel: trip.hotel, reference: reference('HT') })),
+    ]);
+    if (cooloff > 0) {
+      // Durable: under the gateway the run is parked and no process sleeps.
+      await step.sleep('cool-off', cooloff * 1000);
+    }
+    const charge = await bookingStep('charge-card', () => ({
+      reference: reference('CH'), amount_cents: TRIP_PRICE_CENTS, traveller: trip.traveller,
+    }));
+    const confirmation = await bookingStep('send-confirmation', () => ({
+      to: trip.traveller,
+      text: `Flight ${flight.reference}, hotel ${hotel.reference}, charge ${charge.reference}`,
+    }));
+    sendJson(res, 200, { traveller: trip.traveller, flight, hotel, charge, confirmation });
+  }
+
+  return { server: createServer(wrapNodeHandler(handle, options)), executions };
+}
+
+/** @param {import('node:http').IncomingMessage} req */
+async function readBody(req) {
+  const chunks = [];
+  let size = 0;
+  // `for await` keeps the handler's async context (and so its run) for the steps that follow;
+  // req.on('end', ...) callbacks would not.
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > MAX_BODY_BYTES) throw new NonRetriableError('request body too large', { status: 413 });
+    chunks.push(chunk);
+  }
+  return Buffer.concat(chunks).toString('utf8');
+}
+
+/**
+ * @param {string} text
+ * @returns {{ traveller: string, flight: string, hotel: string }}
+ */
+function parseTrip(text) {
+  let body;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    throw new NonRetriableError('the body must be JSON', { status: 400 });
+  }
+  for (const field of ['traveller', 'flight', 'hotel']) {
+    if (typeof body?.[field] !== 'string' || body[field] === '') {
+      throw new NonRetriableError(`"${field}" must be a non-empty string`, { status: 400 });
+    }
+  }
+  return { traveller: body.traveller, flight: body.flight, hotel: body.hotel };
+}
+
+/**
+ * @param {string[]} values ?fail=STEP or ?fail=STEP:always, repeatable
+ * @returns {Map<string, 'once' | 'always'>}
+ */
+function parseFailures(values) {
+  const failures = new Map();
+  for (const value of values) {
+    const [name, mode = 'once', ...rest] = value.trim().split(':');
+    if (!STEPS.includes(name) || !['once', 'always'].includes(mode) || rest.length > 0) {
+      throw new NonRetriableError(`fail=${value}: expected STEP or STEP:always, STEP one of ` +
+        STEPS.join(', '), { status: 400 });
+    }
+    failures.set(name, mode);
+  }
+  return failures;
+}
+
+/**
+ * @param {string} value ?cooloff=SECONDS
+ * @returns {number} seconds, 0 to 3600
+ */
+function parseCooloff(value) {
+  const seconds = value.trim() === '' ? Number.NaN : Number(value);
+  if (!(seconds >= 0 && seconds <= 3600)) {
+    throw new NonRetriableError(`cooloff=${value}: expected seconds from 0 to 3600`, { status: 400 });
+  }
+  return seconds;
+}
+
+/** @param {string} prefix */
+function reference(prefix) {
+  return `${prefix}-${randomBytes(4).toString('hex').toUpperCase()}`;
+}
+
+/**
+ * @param {import('node:http').ServerResponse} res
+ * @param {number} status
+ * @param {unknown} body
+ */
+function sendJson(res, status, body) {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(text) });
+  res.end(text);
+}
+
+async function main() {
+  const { values } = parseArgs({
+    options: { host: { type: 'string', default: '127.0.0.1' }, port: { type: 'string' } },
+  });
+  const port = Number(values.port ?? process.env.PORT ?? 3000);
+  const host = /** @type {string} */ (values.host);
+  const { server } = createTripService();
+  await new Promise((resolve) => server.listen(port, host, () => resolve(undefined)));
+  const address = /** @type {import('node:net').AddressInfo} */ (server.address());
+  const shown = host.includes(':') ? `[${host}]` : host;
+  console.log(`trip service listening on http://${shown}:${address.port}`);
+  const stop = () => {
+    server.close(() => process.exit(0));
+    // Idle keep-alive connections (the gateway's pool) would hold close() open.
+    server.closeIdleConnections();
+  };
+  process.once('SIGTERM', stop);
+  process.once('SIGINT', stop);
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) {
+  await main();
+}

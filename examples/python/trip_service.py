@@ -1,0 +1,148 @@
+"""A trip-booking service whose four steps are durable behind Stepgate.
+
+    POST /trips  {"traveller", "flight", "hotel"}   books a trip:
+                 reserve-flight and reserve-hotel (in parallel), charge-card, send-confirmation
+         ?fail=STEP          STEP raises once per run (the run is told by Stepgate-Run-Id)
+         ?fail=STEP:always   STEP raises on every attempt
+         ?cooloff=SECONDS    a durable pause before the card is charged
+    GET  /stats  how many times each step's function ran: a retried run re-runs only the
+                 failed step, so with ?fail=charge-card every count is 1 except charge-card's 2
+
+TRIP_FAIL in the environment (e.g. TRIP_FAIL=charge-card,send-confirmation:always) adds
+failures to every request.
+
+Run: python examples/python/trip_service.py [--port 3000]      (127.0.0.1; PORT also works)
+and put the gateway in front: stepgate serve --config config.example.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+try:
+    import stepgate.aiohttp
+except ImportError:   # run from a checkout without `pip install .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "client" / "python"))
+    import stepgate.aiohttp
+from stepgate import NonRetriableError, step
+
+STEPS = ("reserve-flight", "reserve-hotel", "charge-card", "send-confirmation")
+TRIP_PRICE_CENTS = 42_000
+
+executions: Counter[str] = Counter(dict.fromkeys(STEPS, 0))   # behind GET /stats
+failed_once: set[tuple[str, str]] = set()   # (run, step) pairs that already failed, for ?fail
+
+T = TypeVar("T")
+
+
+async def create_trip(request: web.Request) -> web.Response:
+    trip = await read_trip(request)
+    failures = parse_failures([*request.query.getall("fail", []),
+                               *filter(None, os.environ.get("TRIP_FAIL", "").split(","))])
+    cooloff = parse_cooloff(request.query.get("cooloff", "0"))
+    # Outside the gateway there is no run: every request is its own.
+    run = request.headers.get("Stepgate-Run-Id") or uuid.uuid4().hex
+
+    def booking_step(name: str, work: Callable[[], T]) -> Coroutine[Any, Any, T]:
+        """A step that counts its executions and fails when ?fail asks it to."""
+        def execute() -> T:
+            executions[name] += 1
+            mode = failures.get(name)
+            if mode == "always":
+                raise RuntimeError(f"{name} failed (fail={name}:always)")
+            if mode == "once" and (run, name) not in failed_once:
+                failed_once.add((run, name))
+                raise RuntimeError(f"{name} failed once for this run (fail={name})")
+            return work()
+
+        return step.run(name, execute)
+
+    # Random references are made inside the steps: a replay returns the recorded ones.
+    flight, hotel = await asyncio.gather(
+        booking_step("reserve-flight",
+                     lambda: {"flight": trip["flight"], "reference": reference("FL")}),
+        booking_step("reserve-hotel",
+                     lambda: {"hotel": trip["hotel"], "reference": reference("HT")}),
+    )
+    if cooloff:
+        await step.sleep("cool-off", cooloff)   # durable: the run is parked, not this process
+    charge = await booking_step("charge-card", lambda: {
+        "reference": reference("CH"), "amount_cents": TRIP_PRICE_CENTS,
+        "traveller": trip["traveller"]})
+    confirmation = await booking_step("send-confirmation", lambda: {
+        "to": trip["traveller"],
+        "text": f"Flight {flight['reference']}, hotel {hotel['reference']},"
+                f" charge {charge['reference']}"})
+    return web.json_response({"traveller": trip["traveller"], "flight": flight, "hotel": hotel,
+                              "charge": charge, "confirmation": confirmation})
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(executions)
+
+
+async def read_trip(request: web.Request) -> dict[str, str]:
+    # Bad input stays bad however often it is retried: NonRetriableError ends the run at once.
+    try:
+        body = await request.json()
+    except ValueError:
+        raise NonRetriableError("the body must be JSON", status=400) from None
+    for field in ("traveller", "flight", "hotel"):
+        if not isinstance(body, dict) or not isinstance(body.get(field), str) or not body[field]:
+            raise NonRetriableError(f'"{field}" must be a non-empty string', status=400)
+    return {field: body[field] for field in ("traveller", "flight", "hotel")}
+
+
+def parse_failures(values: list[str]) -> dict[str, str]:
+    failures: dict[str, str] = {}
+    for value in values:
+        name, _, mode = value.strip().partition(":")
+        if name not in STEPS or mode not in ("", "once", "always"):
+            raise NonRetriableError(f"fail={value}: expected STEP or STEP:always, STEP one of "
+                                    + ", ".join(STEPS), status=400)
+        failures[name] = mode or "once"
+    return failures
+
+
+def parse_cooloff(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise NonRetriableError(f"cooloff={value}: expected seconds from 0 to 3600", status=400)
+    return seconds
+
+
+def reference(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(4).upper()}"
+
+
+def make_app() -> web.Application:
+    app = web.Application(middlewares=[stepgate.aiohttp.middleware])
+    app.router.add_post("/trips", create_trip)
+    app.router.add_get("/stats", stats)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The Stepgate trip-booking example service.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "3000")))
+    args = parser.parse_args()
+    web.run_app(make_app(), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""The Python example service: plainly, against the fake gateway, and behind the real one."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from aiohttp import web
+from stepgate import _transport
+
+from tests.conftest import GatewayFactory, UpstreamFactory
+from tests.sdk.fakes import FakeAsyncTransport, FakeGateway
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "python" / "trip_service.py"
+TRIP = {"traveller": "ada@example.com", "flight": "LH 400", "hotel": "Hotel Adlon"}
+AiohttpClient = Callable[[web.Application], Any]
+
+
+@pytest.fixture
+def trips() -> Iterator[ModuleType]:
+    """A fresh copy of the example module (its counters are module state)."""
+    spec = importlib.util.spec_from_file_location("trip_service_under_test", EXAMPLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+async def test_books_a_trip_without_the_gateway(trips: ModuleType,
+                                                aiohttp_client: AiohttpClient) -> None:
+    client = await aiohttp_client(trips.make_app())
+    resp = await client.post("/trips", json=TRIP)
+    assert resp.status == 200
+    booked = await resp.json()
+    assert booked["charge"]["amount_cents"] == 42_000
+    assert booked["flight"]["reference"].startswith("FL-")
+    assert booked["flight"]["reference"] in booked["confirmation"]["text"]
+    assert await (await client.get("/stats")).json() == dict.fromkeys(trips.STEPS, 1)
+
+
+@pytest.mark.parametrize(("query", "body", "detail"), [
+    ("", {"traveller": "ada"}, '"flight" must be a non-empty string'),
+    ("?fail=bogus", TRIP, "fail=bogus: expected STEP"),
+    ("?cooloff=soon", TRIP, "cooloff=soon"),
+])
+async def test_bad_requests_end_the_run(trips: ModuleType, aiohttp_client: AiohttpClient,
+                                        query: str, body: Any, detail: str) -> None:
+    client = await aiohttp_client(trips.make_app())
+    resp = await client.post("/trips" + query, json=body)
+    assert resp.status == 400
+    assert resp.headers["Stepgate-No-Retry"] == "true"
+    assert detail in (await resp.json(content_type="application/problem+json"))["detail"]
+
+
+async def test_a_retried_run_replays_finished_steps(
+    trips: ModuleType, aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake = FakeGateway()
+    monkeypatch.setattr(_transport, "default_async", FakeAsyncTransport(fake))
+    client = await aiohttp_client(trips.make_app())
+
+    first = await client.post("/trips?fail=charge-card", json=TRIP, headers=fake.headers())
+    assert first.status == 500
+    assert fake.steps["charge-card"]["status"] == "failed"
+    second = await client.post("/trips?fail=charge-card", json=TRIP, headers=fake.headers())
+    assert second.status == 200
+    booked = await second.json()
+    assert booked["flight"] == fake.steps["reserve-flight"]["output"]   # replayed, not redone
+    assert dict(trips.executions) == {"reserve-flight": 1, "reserve-hotel": 1,
+                                      "charge-card": 2, "send-confirmation": 1}
+
+
+async def test_behind_the_real_gateway(trips: ModuleType, gateway: GatewayFactory,
+                                       upstream: UpstreamFactory) -> None:
+    base = await upstream(trips.make_app())
+    gw = await gateway([{"name": "trips", "path": "/trips", "upstream": base, "durable": True,
+                         "hold": "10s", "retry": {"attempts": 3, "initial": "20ms"}}])
+    async with gw.session.post(gw.url + "/trips?fail=charge-card&cooloff=0.2",
+                               json=TRIP) as resp:
+        assert resp.status == 200, await resp.text()
+        booked = await resp.json()
+    assert booked["traveller"] == TRIP["traveller"]
+    assert dict(trips.executions) == {"reserve-flight": 1, "reserve-hotel": 1,
+                                      "charge-card": 2, "send-confirmation": 1}
+    async with gw.session.post(gw.url + "/trips", json={"traveller": "x"}) as resp:
+        assert resp.status == 400
+        assert "Stepgate-No-Retry" not in resp.headers   # the gateway strips its signals
