@@ -44,7 +44,8 @@ def _authorized(request: web.Request, engine: Engine) -> web.Response | None:
     if expected is None:
         return None
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), expected.encode()):
+    given = token.strip().encode()
+    if scheme.lower() == "bearer" and hmac.compare_digest(given, expected.encode()):
         return None
     return problem(401, detail="this call needs the admin token as a bearer token",
                    headers={"WWW-Authenticate": "Bearer"})

@@ -218,10 +218,12 @@ async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
                 upstream_addresses(route.upstream for route in settings.routes), timeout=30.0
             )
         await gateway.start()
-        waits = [asyncio.create_task(stop.wait(), name="stepgate-stop-signal")]
+        waits: list[asyncio.Task[object]] = [
+            asyncio.create_task(stop.wait(), name="stepgate-stop-signal")
+        ]
         if process is not None:
             waits.append(asyncio.create_task(process.wait(), name="stepgate-child-exit"))
-        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()
         if process is not None and process.returncode is not None and not stop.is_set():

@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -133,9 +134,8 @@ class Engine:
         open_runs = await self.store.open_runs()
         interrupted = [run for run in open_runs if run.status == runs.RUNNING]
         for first in range(0, len(interrupted), 1000):  # concurrent writes share commits
-            await asyncio.gather(
-                *(self._interrupted(run, now, crashed=True) for run in interrupted[first:first + 1000])
-            )
+            chunk = interrupted[first:first + 1000]
+            await asyncio.gather(*(self._interrupted(run, now, crashed=True) for run in chunk))
         self.scheduler.start()
         log.info("gateway.resumed", open_runs=len(open_runs), interrupted=len(interrupted))
 
@@ -389,7 +389,8 @@ class Engine:
             attempts=route.retry.attempts, run_no_retry=run.no_retry,
         )
         outcome = "suspended" if result.suspend else (failure or "response")
-        attempt = Attempt(run.attempt, started, now, outcome, status, failure and f"{failure} error")
+        error = f"{failure} error" if failure else None
+        attempt = Attempt(run.attempt, started, now, outcome, status, error)
         if response is not None and not result.suspend:
             run.resp_status = response.status
             run.resp_headers = response.headers
@@ -561,7 +562,7 @@ class RecordedResponse(RelayedResponse):
         self._recorded_body = run.resp_body or b""
         self.content_length = len(self._recorded_body)
 
-    async def prepare(self, request: web.BaseRequest) -> object:
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         writer = await super().prepare(request)
         await self.write_eof(b"" if request.method == "HEAD" else self._recorded_body)
         return writer

@@ -14,8 +14,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     PlatformCollector,
-    disable_created_metrics,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,7 +37,7 @@ _FAST_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 
 
 # The *_created series double what a scrape returns and say nothing an operator needs.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

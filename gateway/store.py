@@ -198,11 +198,11 @@ _STEP_COLUMNS = (
 def _run_from_row(row: Sequence[Any]) -> Run:
     return Run(
         id=row[0], route=row[1], status=row[2], attempt=row[3], token=row[4], poll_token=row[5],
-        method=row[6], target=row[7], headers=[tuple(h) for h in json.loads(row[8])],  # type: ignore[misc]
+        method=row[6], target=row[7], headers=[tuple(h) for h in json.loads(row[8])],
         body=bytes(row[9]), created_at=row[10], updated_at=row[11], failures=row[12],
         no_retry=bool(row[13]), idem_key=row[14], request_hash=row[15], trace_id=row[16],
         due_at=row[17], resp_status=row[18],
-        resp_headers=[tuple(h) for h in json.loads(row[19])] if row[19] else None,  # type: ignore[misc]
+        resp_headers=[tuple(h) for h in json.loads(row[19])] if row[19] else None,
         resp_body=bytes(row[20]) if row[20] is not None else None, error=row[21], ended_at=row[22],
     )
 

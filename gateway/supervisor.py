@@ -138,7 +138,7 @@ class ChildProcess:
     async def wait_ready(
         self,
         addresses: Iterable[tuple[str, int]],
-        timeout: float,  # noqa: ASYNC109 - a deadline for the whole probe loop, not one call
+        timeout: float,
         *,
         interval: float = 0.05,
     ) -> None:

@@ -64,7 +64,9 @@ def upstream_app() -> web.Application:
     return app
 
 
-async def fetch(session: aiohttp.ClientSession, url: str) -> tuple[int, list[tuple[str, str]], bytes]:
+async def fetch(
+    session: aiohttp.ClientSession, url: str
+) -> tuple[int, list[tuple[str, str]], bytes]:
     async with session.get(url) as resp:
         body = await resp.read()
         headers = sorted((k.lower(), v) for k, v in resp.headers.items()

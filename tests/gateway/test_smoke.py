@@ -5,7 +5,9 @@ from aiohttp import web
 from tests.conftest import GatewayFactory, UpstreamFactory
 
 
-async def test_durable_success_passes_through(gateway: GatewayFactory, upstream: UpstreamFactory) -> None:
+async def test_durable_success_passes_through(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
     seen = []
 
     async def handler(request: web.Request) -> web.Response:

@@ -1,0 +1,183 @@
+/**
+ * Errors raised by the Stepgate SDK, and the suspend signal.
+ *
+ *     Error
+ *     └── StepgateError            root of everything the SDK raises
+ *         ├── NonRetriableError    thrown by handlers: answer `status`, tell the gateway not to retry
+ *         ├── ReplayMismatchError  the handler called steps in another order than the run recorded
+ *         ├── StepOutputError      a step returned a value JSON cannot hold
+ *         ├── StepUsageError       a step was misused (bad name or duration, nested step, no gateway)
+ *         └── CallbackError        the gateway refused a callback or gave an unusable answer
+ *             └── GatewayUnavailableError   no answer at all: refused, reset or timed out
+ *
+ * The suspend signal is deliberately NOT an Error (see `Suspend` below).
+ */
+
+/** Root of every error the SDK raises, so `err instanceof StepgateError` catches them all. */
+export class StepgateError extends Error {
+  /**
+   * @param {string} message
+   * @param {{ cause?: unknown }} [options]
+   */
+  constructor(message, options) {
+    super(message, options);
+    this.name = new.target.name;
+  }
+}
+
+/**
+ * Thrown by a handler (or a step) when retrying cannot help: the adapter answers `status` as
+ * problem+json with `Stepgate-No-Retry: true`, and a step that throws it is recorded with
+ * `retriable: false`, so the gateway ends the run.
+ */
+export class NonRetriableError extends StepgateError {
+  /**
+   * @param {string} message
+   * @param {{ status?: number, cause?: unknown }} [options]
+   */
+  constructor(message, { status = 500, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    if (!Number.isInteger(status) || status < 400 || status > 599) {
+      // An error answer with a 2xx/3xx status would end the run as "completed".
+      throw new RangeError(`NonRetriableError status must be 400..599, got ${status}`);
+    }
+    /** @type {number} */
+    this.status = status;
+  }
+}
+
+/**
+ * The step called at position `seq` is not the one the run recorded there (or the step is
+ * recorded at another position). Retrying the same code cannot help, so the adapter answers 500
+ * with `Stepgate-No-Retry: true`.
+ */
+export class ReplayMismatchError extends StepgateError {
+  /**
+   * @param {{ runId: string | null, seq: number, stepId: string, recordedId: string | null,
+   *           recordedSeq: number | null, kind?: string, recordedKind?: string }} fields
+   */
+  constructor({ runId, seq, stepId, recordedId, recordedSeq, kind, recordedKind }) {
+    let message;
+    if (recordedId !== null && recordedId !== stepId) {
+      message = `replay mismatch at step position ${seq}: the handler called "${stepId}" ` +
+        `but the run recorded "${recordedId}" there`;
+    } else if (recordedKind !== undefined && kind !== recordedKind) {
+      message = `replay mismatch at step position ${seq}: "${stepId}" was called as a ` +
+        `${kind} step but the run recorded a ${recordedKind} step`;
+    } else {
+      message = `replay mismatch: the handler called "${stepId}" at step position ${seq} ` +
+        `but the run recorded it at position ${recordedSeq}`;
+    }
+    super(message);
+    this.runId = runId;
+    this.seq = seq;
+    this.stepId = stepId;
+    this.recordedId = recordedId;
+    this.recordedSeq = recordedSeq;
+  }
+}
+
+/** A step returned a value that is not JSON; every retry would fail the same way. */
+export class StepOutputError extends StepgateError {
+  /**
+   * @param {string} message
+   * @param {{ stepId: string, cause?: unknown }} fields
+   */
+  constructor(message, { stepId, cause }) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.stepId = stepId;
+  }
+}
+
+/** A step API was used wrongly; the code must change, so the gateway is told not to retry. */
+export class StepUsageError extends StepgateError {
+  /**
+   * @param {string} message
+   * @param {{ stepId?: string | null, cause?: unknown }} [options]
+   */
+  constructor(message, { stepId = null, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.stepId = stepId;
+  }
+}
+
+/** A call to the gateway's callback API failed: an error status or an unusable answer. */
+export class CallbackError extends StepgateError {
+  /**
+   * @param {string} message
+   * @param {{ runId: string | null, stepId: string | null, method: string,
+   *           status: number | null, problem: unknown, cause?: unknown }} fields
+   */
+  constructor(message, { runId, stepId, method, status, problem, cause }) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.runId = runId;
+    this.stepId = stepId;
+    this.method = method;
+    /** HTTP status of the answer, or null when none arrived. */
+    this.status = status;
+    /** The parsed problem+json body, when the gateway sent one. */
+    this.problem = problem;
+  }
+}
+
+/** The gateway could not be reached, dropped the connection or did not answer in time. */
+export class GatewayUnavailableError extends CallbackError {}
+
+// A registry symbol, so two copies of this package in one process recognise each other's signal.
+const SUSPEND = Symbol.for('stepgate.suspend');
+
+/**
+ * Thrown by `step.sleep`/`step.waitForEvent` when the run must park: the adapter answers 202 with
+ * `Stepgate-Suspend: true`. JavaScript has no BaseException, so this class does not extend Error:
+ * `err instanceof Error` filters and most loggers skip it. A bare `catch` still catches it, so the
+ * SDK also makes suspension sticky: once an invocation has suspended, every later step call throws
+ * the signal again and the adapter answers 202 whatever the handler returns.
+ */
+export class Suspend {
+  /**
+   * @param {string | null} runId
+   * @param {string} stepId
+   * @param {'sleeping' | 'waiting'} status
+   */
+  constructor(runId, stepId, status) {
+    this.name = 'StepgateSuspend';
+    this.runId = runId;
+    this.stepId = stepId;
+    this.status = status;
+    this.message = `run suspended at step "${stepId}" (${status}); rethrow this signal ` +
+      '(see isSuspend) so the gateway can park the run';
+    Object.defineProperty(this, SUSPEND, { value: true });
+  }
+
+  toString() {
+    return `${this.name}: ${this.message}`;
+  }
+}
+
+/**
+ * True when `err` is the suspend signal. Handlers that catch broadly must rethrow it:
+ * `catch (err) { if (isSuspend(err)) throw err; ... }`.
+ * @param {unknown} err
+ * @returns {boolean}
+ */
+export function isSuspend(err) {
+  return typeof err === 'object' && err !== null && /** @type {any} */ (err)[SUSPEND] === true;
+}
+
+/**
+ * Rethrows `err` if it is the suspend signal; a one-liner for the first line of a catch block.
+ * @param {unknown} err
+ */
+export function rethrowIfSuspend(err) {
+  if (isSuspend(err)) throw err;
+}
+
+/**
+ * Whether retrying the invocation could succeed after `err`; errors that say the code or the
+ * input is wrong are not.
+ * @param {unknown} err
+ */
+export function isRetriable(err) {
+  return !(err instanceof NonRetriableError || err instanceof ReplayMismatchError ||
+    err instanceof StepOutputError || err instanceof StepUsageError);
+}

@@ -1,0 +1,136 @@
+// Type declarations for @stepgate/client (hand-written; the package itself is plain JavaScript).
+
+import type { IncomingMessage, ServerResponse } from 'node:http';
+
+/** A value that survives JSON: what a step returns, first time and on replay alike. */
+export type JsonValue = null | boolean | number | string | JsonValue[] | { [key: string]: JsonValue };
+
+/** Milliseconds, or a string such as "500ms", "30s", "5m", "1.5h", "2d". */
+export type Duration = number | `${number}${'ms' | 's' | 'm' | 'h' | 'd'}`;
+
+/** The event object a wait resolves with. */
+export interface StepgateEvent<Data = unknown> {
+  name: string;
+  data: Data;
+  id: string;
+  /** When the gateway received the event, as the gateway sends it. */
+  ts: string | number;
+}
+
+export interface WaitForEventOptions {
+  /** The event name to wait for, e.g. "order.paid". */
+  event: string;
+  /** Dotted paths into the event object ("data.order_id") mapped to values that must be JSON-equal. */
+  match?: Record<string, unknown>;
+  /** How long to wait (more than 0) before resolving with null; the gateway's default is 24h. */
+  timeout?: Duration;
+}
+
+export interface Step {
+  /**
+   * Runs `fn(...args)` as the step `name`. Under the gateway a recorded result is returned without
+   * running `fn` again. The result goes through JSON (undefined becomes null, a Date a string),
+   * the same on a first run and on replay. A throwing step records its error and rethrows it.
+   */
+  run<Args extends unknown[], Result>(
+    name: string,
+    fn: (...args: Args) => Result | PromiseLike<Result>,
+    ...args: Args
+  ): Promise<Awaited<Result>>;
+
+  /** Pauses for `duration`; under the gateway the run is parked and this invocation suspends. */
+  sleep(name: string, duration: Duration): Promise<void>;
+
+  /** Pauses until `when` (a Date, a date string, or epoch milliseconds). */
+  sleepUntil(name: string, when: Date | string | number): Promise<void>;
+
+  /**
+   * Waits for a matching event; resolves with the event, or null after `timeout`. Only under the
+   * gateway: elsewhere it rejects with StepUsageError.
+   */
+  waitForEvent<Data = unknown>(name: string, options: WaitForEventOptions): Promise<StepgateEvent<Data> | null>;
+}
+
+export const step: Step;
+
+/** Root of every error the SDK raises. */
+export class StepgateError extends Error {
+  constructor(message: string, options?: { cause?: unknown });
+}
+
+/** Answer `status` (400..599, default 500) as problem+json and tell the gateway not to retry. */
+export class NonRetriableError extends StepgateError {
+  constructor(message: string, options?: { status?: number; cause?: unknown });
+  readonly status: number;
+}
+
+/** The handler called its steps in another order than the run recorded. */
+export class ReplayMismatchError extends StepgateError {
+  constructor(fields: {
+    runId: string | null; seq: number; stepId: string; recordedId: string | null;
+    recordedSeq: number | null; kind?: string; recordedKind?: string;
+  });
+  readonly runId: string | null;
+  readonly seq: number;
+  readonly stepId: string;
+  /** The id recorded at position `seq`, or null if none is. */
+  readonly recordedId: string | null;
+  /** The position where `stepId` is recorded, or null if it is not. */
+  readonly recordedSeq: number | null;
+}
+
+/** A step returned a value that JSON cannot hold (a BigInt, a cycle, a function). */
+export class StepOutputError extends StepgateError {
+  constructor(message: string, fields: { stepId: string; cause?: unknown });
+  readonly stepId: string;
+}
+
+/** A step API was misused (bad name or duration, nested step, waitForEvent without the gateway). */
+export class StepUsageError extends StepgateError {
+  constructor(message: string, options?: { stepId?: string | null; cause?: unknown });
+  readonly stepId: string | null;
+}
+
+/** The gateway refused a callback (an error status) or gave an unusable answer. */
+export class CallbackError extends StepgateError {
+  constructor(message: string, fields: {
+    runId: string | null; stepId: string | null; method: string; status: number | null;
+    problem: unknown; cause?: unknown;
+  });
+  readonly runId: string | null;
+  readonly stepId: string | null;
+  readonly method: string;
+  /** The HTTP status of the gateway's answer, or null when none arrived. */
+  readonly status: number | null;
+  /** The parsed problem+json body, when the gateway sent one. */
+  readonly problem: unknown;
+}
+
+/** No answer from the gateway at all: connection refused or reset, or a timeout. */
+export class GatewayUnavailableError extends CallbackError {}
+
+/**
+ * True for the suspend signal thrown by sleep/waitForEvent when the run parks. It is not an
+ * Error; a handler that catches broadly must rethrow it.
+ */
+export function isSuspend(error: unknown): boolean;
+
+/** `catch (err) { rethrowIfSuspend(err); ... }` */
+export function rethrowIfSuspend(error: unknown): void;
+
+export interface WrapOptions {
+  /** Receives unexpected handler errors and replay mismatches; default: console.error. */
+  onError?: (error: unknown) => void;
+}
+
+/** Wraps a node:http / Express handler; the result never rejects. */
+export function wrapNodeHandler<Rest extends unknown[] = []>(
+  handler: (req: IncomingMessage, res: ServerResponse, ...rest: Rest) => unknown,
+  options?: WrapOptions,
+): (req: IncomingMessage, res: ServerResponse, ...rest: Rest) => Promise<void>;
+
+/** Wraps a fetch-style handler; the result never rejects. */
+export function wrapFetchHandler<Rest extends unknown[] = []>(
+  handler: (request: Request, ...rest: Rest) => Response | Promise<Response>,
+  options?: WrapOptions,
+): (request: Request, ...rest: Rest) => Promise<Response>;

@@ -1,0 +1,301 @@
+/**
+ * The step API: `step.run`, `step.sleep`, `step.sleepUntil`, `step.waitForEvent`.
+ *
+ * Under the gateway each call gets an id (its name, then name#2, name#3, ... per name) and a
+ * position (seq, 0-based call order) synchronously at the call, is looked up in the run's record
+ * and either answered from it or executed and checkpointed. Outside the gateway steps simply run.
+ */
+
+import { formatDuration, formatInstant, sleepUntilLocal, toEpochMilliseconds, toMilliseconds }
+  from './duration.js';
+import { CallbackError, StepOutputError, StepUsageError, isRetriable } from './errors.js';
+import { MAX_STEP_ID_LENGTH, frames } from './invocation.js';
+
+/** @typedef {import('./invocation.js').Invocation} Invocation */
+
+// Error messages are stored in the run's timeline; a huge one helps nobody there.
+const MAX_ERROR_MESSAGE_LENGTH = 4_000;
+// Leaves room for the "#NNNN" repeat suffix inside the gateway's 256-character id limit.
+const MAX_NAME_LENGTH = MAX_STEP_ID_LENGTH - 8;
+
+/**
+ * Runs `fn(...args)` as the step `name` and returns its result as JSON (the same value a replay
+ * returns: `undefined` becomes null, a Date becomes its ISO string).
+ * @param {string} name
+ * @param {(...args: any[]) => unknown} fn
+ * @param {...unknown} args
+ */
+async function run(name, fn, ...args) {
+  if (typeof fn !== 'function') {
+    throw new StepUsageError(`step.run("${String(name)}") needs a function, got ${typeof fn}`);
+  }
+  const invocation = enter(name);
+  const { id, seq } = allocate(invocation, name);
+  const operation = invocation?.gateway
+    ? runDurable(invocation, id, seq, fn, args)
+    : runLocal(invocation, id, fn, args);
+  return invocation === null ? operation : invocation.track(operation);
+}
+
+/**
+ * Pauses for `duration` (milliseconds, or a string like "30s", "5m", "1h").
+ * @param {string} name
+ * @param {number | string} duration
+ * @returns {Promise<void>}
+ */
+async function sleep(name, duration) {
+  const ms = toMilliseconds(duration, `step.sleep("${String(name)}") duration`);
+  // The deadline is fixed at the call: a slow record lookup must not lengthen the sleep.
+  return pause(name, Date.now() + ms);
+}
+
+/**
+ * Pauses until `when` (a Date, a date string, or epoch milliseconds).
+ * @param {string} name
+ * @param {Date | string | number} when
+ * @returns {Promise<void>}
+ */
+async function sleepUntil(name, when) {
+  return pause(name, toEpochMilliseconds(when, `step.sleepUntil("${String(name)}") time`));
+}
+
+/**
+ * Waits for an event named `event` whose fields match `match`; returns the event object, or null
+ * when `timeout` (milliseconds or a duration string; the gateway's default is 24h) passes first.
+ * @param {string} name
+ * @param {{ event: string, match?: Record<string, unknown>, timeout?: number | string }} options
+ */
+async function waitForEvent(name, options) {
+  const what = `step.waitForEvent("${String(name)}")`;
+  if (typeof options !== 'object' || options === null) {
+    throw new StepUsageError(`${what} needs options { event, match?, timeout? }`);
+  }
+  const { event, match = {}, timeout } = options;
+  if (typeof event !== 'string' || event === '') {
+    throw new StepUsageError(`${what}: event must be a non-empty string`);
+  }
+  if (typeof match !== 'object' || match === null || Array.isArray(match)) {
+    throw new StepUsageError(`${what}: match must be an object of dotted paths to values`);
+  }
+  /** @type {{ event: string, match: Record<string, unknown>, timeout?: string }} */
+  const wait = { event, match };
+  if (timeout !== undefined) {
+    const ms = toMilliseconds(timeout, `${what} timeout`);
+    if (ms === 0) throw new StepUsageError(`${what}: a wait needs a positive timeout`);
+    wait.timeout = formatDuration(ms);
+  }
+  const invocation = enter(name);
+  if (!invocation?.gateway) {
+    throw new StepUsageError(`${what} needs the Stepgate gateway: this request did not come ` +
+      'through a durable route (no Stepgate-Callback and Stepgate-Token headers), so no event ' +
+      'can be delivered to it', { stepId: name });
+  }
+  const { id, seq } = allocate(invocation, name);
+  return invocation.track(waitDurable(invocation, id, seq, wait));
+}
+
+export const step = Object.freeze({ run, sleep, sleepUntil, waitForEvent });
+
+/**
+ * Checks the call and returns the current invocation (null outside any adapter).
+ * @param {unknown} name
+ * @returns {Invocation | null}
+ */
+function enter(name) {
+  if (typeof name !== 'string' || name === '') {
+    throw new StepUsageError('a step name must be a non-empty string');
+  }
+  if ([...name].length > MAX_NAME_LENGTH) {
+    throw new StepUsageError(`step name "${name.slice(0, 40)}..." is longer than ${MAX_NAME_LENGTH} characters`);
+  }
+  if (name.includes('#')) {
+    throw new StepUsageError(`step name "${name}" must not contain "#": repeated calls are ` +
+      'numbered name#2, name#3, ... and could collide with it', { stepId: name });
+  }
+  const frame = frames.getStore();
+  if (frame?.stepId != null) {
+    // A nested step would take a position only when its parent runs, so a replay that answers
+    // the parent from the record would shift every later position.
+    throw new StepUsageError(`step "${name}" was called inside step "${frame.stepId}"; steps ` +
+      'cannot be nested, call them one after the other in the handler', { stepId: name });
+  }
+  const invocation = frame?.invocation ?? null;
+  invocation?.ensureCanStart(name);
+  return invocation;
+}
+
+/**
+ * @param {Invocation | null} invocation
+ * @param {string} name
+ */
+function allocate(invocation, name) {
+  return invocation === null ? { id: name, seq: -1 } : invocation.allocate(name);
+}
+
+/**
+ * @param {string} name
+ * @param {number} until epoch milliseconds
+ * @returns {Promise<void>}
+ */
+function pause(name, until) {
+  const invocation = enter(name);
+  const { id, seq } = allocate(invocation, name);
+  const operation = invocation?.gateway
+    ? sleepDurable(invocation, id, seq, until)
+    : sleepUntilLocal(until);
+  return invocation === null ? operation : invocation.track(operation);
+}
+
+/**
+ * @param {Invocation} invocation
+ * @param {string} id
+ * @param {number} seq
+ * @param {(...args: any[]) => unknown} fn
+ * @param {unknown[]} args
+ */
+async function runDurable(invocation, id, seq, fn, args) {
+  const transport = /** @type {import('./transport.js').Transport} */ (invocation.transport);
+  const record = await invocation.recorded(id, seq, 'run');
+  if (record?.status === 'completed') return record.output ?? null;
+  // Not recorded, or recorded as failed: (re-)execute it.
+  let output;
+  try {
+    output = toJson(id, await callStep(invocation, id, fn, args));
+  } catch (err) {
+    await recordFailure(invocation, id, seq, err);
+    throw err;
+  }
+  const answer = await transport.putStep(id, { output, seq });
+  if (answer.status !== 'completed' || !('output' in answer)) throw unexpected(invocation, id, answer);
+  // The gateway keeps the first output stored for a step; use it, as a replay would.
+  return answer.output;
+}
+
+/**
+ * @param {Invocation | null} invocation
+ * @param {string} id
+ * @param {(...args: any[]) => unknown} fn
+ * @param {unknown[]} args
+ */
+async function runLocal(invocation, id, fn, args) {
+  return toJson(id, await callStep(invocation, id, fn, args));
+}
+
+/**
+ * @param {Invocation | null} invocation
+ * @param {string} id
+ * @param {(...args: any[]) => unknown} fn
+ * @param {unknown[]} args
+ */
+function callStep(invocation, id, fn, args) {
+  return frames.run({ invocation, stepId: id }, () => fn(...args));
+}
+
+/**
+ * @param {Invocation} invocation
+ * @param {string} id
+ * @param {number} seq
+ * @param {number} until
+ */
+async function sleepDurable(invocation, id, seq, until) {
+  const record = await invocation.recorded(id, seq, 'sleep');
+  if (record?.status === 'completed') return;
+  if (record?.status === 'sleeping' || record?.status === 'waiting') {
+    throw invocation.suspend(id, 'sleeping');
+  }
+  const transport = /** @type {import('./transport.js').Transport} */ (invocation.transport);
+  const answer = await transport.putStep(id, { sleep: { until: formatInstant(until) }, seq });
+  if (answer.status === 'completed') return;
+  if (answer.status === 'sleeping') throw invocation.suspend(id, 'sleeping');
+  throw unexpected(invocation, id, answer);
+}
+
+/**
+ * @param {Invocation} invocation
+ * @param {string} id
+ * @param {number} seq
+ * @param {{ event: string, match: Record<string, unknown>, timeout?: string }} wait
+ */
+async function waitDurable(invocation, id, seq, wait) {
+  const record = await invocation.recorded(id, seq, 'wait');
+  if (record?.status === 'completed') return eventOrNull(record.output);
+  if (record?.status === 'waiting' || record?.status === 'sleeping') {
+    throw invocation.suspend(id, 'waiting');
+  }
+  const transport = /** @type {import('./transport.js').Transport} */ (invocation.transport);
+  const answer = await transport.putStep(id, { wait, seq });
+  if (answer.status === 'completed') return eventOrNull(answer.output);
+  if (answer.status === 'waiting') throw invocation.suspend(id, 'waiting');
+  throw unexpected(invocation, id, answer);
+}
+
+/**
+ * Records a failed attempt of a step. If the record itself fails, the step's own error still
+ * propagates: the invocation fails either way, and that error is the one the handler expects.
+ * @param {Invocation} invocation
+ * @param {string} id
+ * @param {number} seq
+ * @param {unknown} err
+ */
+async function recordFailure(invocation, id, seq, err) {
+  const transport = /** @type {import('./transport.js').Transport} */ (invocation.transport);
+  const error = { message: messageOf(err), type: typeOf(err), retriable: isRetriable(err) };
+  try {
+    await transport.putStep(id, { error, seq });
+  } catch {
+    // See above: deliberately dropped in favour of the step's error.
+  }
+}
+
+/**
+ * The value as it comes back from JSON, so a first run and a replay return the same thing.
+ * @param {string} id
+ * @param {unknown} value
+ */
+function toJson(id, value) {
+  let text;
+  try {
+    text = JSON.stringify(value === undefined ? null : value);
+  } catch (cause) {
+    throw new StepOutputError(`step "${id}" returned a value that is not JSON: ` +
+      `${cause instanceof Error ? cause.message : String(cause)}`, { stepId: id, cause });
+  }
+  if (text === undefined) {
+    throw new StepOutputError(`step "${id}" returned a ${typeof value}, which is not JSON`, { stepId: id });
+  }
+  return JSON.parse(text);
+}
+
+/**
+ * A wait's output: the event object, or null when the wait timed out.
+ * @param {unknown} output
+ */
+function eventOrNull(output) {
+  return typeof output === 'object' && output !== null && !Array.isArray(output) ? output : null;
+}
+
+/** @param {unknown} err */
+function messageOf(err) {
+  const message = err instanceof Error ? err.message
+    : typeof err === 'object' && err !== null && typeof (/** @type {any} */ (err).message) === 'string'
+      ? /** @type {any} */ (err).message : String(err);
+  return message.length > MAX_ERROR_MESSAGE_LENGTH
+    ? `${message.slice(0, MAX_ERROR_MESSAGE_LENGTH)}...` : message;
+}
+
+/** @param {unknown} err */
+function typeOf(err) {
+  if (!(err instanceof Error)) return err === null ? 'null' : typeof err;
+  // `class PaymentDeclined extends Error {}` keeps name "Error"; its class name says more.
+  return err.name !== 'Error' ? err.name : err.constructor?.name || 'Error';
+}
+
+/**
+ * @param {Invocation} invocation
+ * @param {string} id
+ * @param {unknown} answer
+ */
+function unexpected(invocation, id, answer) {
+  return new CallbackError(`stepgate callback PUT for step "${id}" answered an unexpected body: ` +
+    JSON.stringify(answer), { runId: invocation.runId, stepId: id, method: 'PUT', status: null, problem: null });
+}

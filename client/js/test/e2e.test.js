@@ -1,0 +1,208 @@
+// End to end against the real Python gateway. Skipped unless STEPGATE_E2E_CMD is set.
+//
+// STEPGATE_E2E_CMD is a shell command that starts the gateway; "{config}" in it is replaced by
+// the path of a config file this test writes, and without it "--config <path>" is appended:
+//
+//   STEPGATE_E2E_CMD="stepgate serve" npm test
+//   STEPGATE_E2E_CMD="python -m gateway.cli serve --config {config}" npm test
+//
+// The test runs the upstreams in-process (the trip example and a sleep-and-wait flow), puts the
+// gateway in front of them on free loopback ports with a fresh SQLite file, and talks to it
+// over HTTP the way a client and an event sender would.
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:http';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, describe, test } from 'node:test';
+
+import { STEPS, createTripService } from '../../../examples/js/trip_service.mjs';
+import { step, wrapNodeHandler } from '../src/index.js';
+
+const COMMAND = process.env.STEPGATE_E2E_CMD?.trim() ?? '';
+const SKIP = COMMAND === ''
+  ? 'STEPGATE_E2E_CMD is not set; set it to the command that starts the gateway (e.g. "stepgate serve") to run the end-to-end tests'
+  : false;
+const TRIP = JSON.stringify({ traveller: 'Grace Hopper', flight: 'UA 42', hotel: 'The Drake' });
+
+describe('end to end against the real gateway', { skip: SKIP }, () => {
+  /** @type {string} */
+  let directory;
+  /** @type {import('node:child_process').ChildProcess} */
+  let gatewayProcess;
+  let gatewayOutput = '';
+  let publicUrl = '';
+  let internalUrl = '';
+  /** @type {import('node:http').Server[]} */
+  const servers = [];
+  /** @type {Record<string, number>} */
+  let executions;
+  const flowRuns = { start: 0 };
+
+  before(async () => {
+    directory = await mkdtemp(join(tmpdir(), 'stepgate-js-e2e-'));
+    const trips = createTripService({ onError: () => {} });
+    executions = trips.executions;
+    const flow = createServer(wrapNodeHandler(async (req, res) => {
+      const id = new URL(req.url ?? '/', 'http://localhost').searchParams.get('id');
+      const started = await step.run('start', () => {
+        flowRuns.start += 1;
+        return { id, at: Date.now() };
+      });
+      await step.sleep('pause', 300);
+      const approval = await step.waitForEvent('approval', {
+        event: 'flow.approved', match: { 'data.flow': id }, timeout: '30s',
+      });
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ started, approval }));
+    }, { onError: () => {} }));
+    servers.push(trips.server, flow);
+    const [tripsPort, flowPort, publicPort, internalPort] = [
+      await listen(trips.server), await listen(flow), await freePort(), await freePort(),
+    ];
+    publicUrl = `http://127.0.0.1:${publicPort}`;
+    internalUrl = `http://127.0.0.1:${internalPort}`;
+    const config = join(directory, 'stepgate.yaml');
+    await writeFile(config, [
+      `listen: 127.0.0.1:${publicPort}`,
+      `internal_listen: 127.0.0.1:${internalPort}`,
+      `store: sqlite:///${join(directory, 'stepgate.db')}`,
+      'routes:',
+      '  - name: trips',
+      '    path: /trips',
+      '    methods: [POST]',
+      `    upstream: http://127.0.0.1:${tripsPort}`,
+      '    durable: true',
+      '    timeout: 10s',
+      '    hold: 15s',
+      '    retry: {attempts: 4, initial: 50ms, max: 200ms, multiplier: 2}',
+      '  - name: flow',
+      '    path: /flow',
+      `    upstream: http://127.0.0.1:${flowPort}`,
+      '    durable: true',
+      '    hold: 15s',
+      '',
+    ].join('\n'));
+    const command = COMMAND.includes('{config}')
+      ? COMMAND.replaceAll('{config}', config) : `${COMMAND} --config ${config}`;
+    // Its own process group, so the cleanup can stop the shell and the gateway together.
+    gatewayProcess = spawn(command, { shell: true, detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+    gatewayProcess.stdout?.on('data', (chunk) => { gatewayOutput += chunk; });
+    gatewayProcess.stderr?.on('data', (chunk) => { gatewayOutput += chunk; });
+    await waitUntilReady(`${internalUrl}/readyz`, gatewayProcess, () => gatewayOutput);
+  });
+
+  after(async () => {
+    if (gatewayProcess?.pid !== undefined && gatewayProcess.exitCode === null) {
+      const exited = once(gatewayProcess, 'exit');
+      process.kill(-gatewayProcess.pid, 'SIGTERM');
+      // unref: a pending grace timer must not keep the test process alive after the exit.
+      await Promise.race([exited, new Promise((resolve) => setTimeout(resolve, 10_000).unref())]);
+      if (gatewayProcess.exitCode === null) process.kill(-gatewayProcess.pid, 'SIGKILL');
+    }
+    for (const server of servers) {
+      server.closeAllConnections();
+      server.close();
+    }
+    if (directory) await rm(directory, { recursive: true, force: true });
+  });
+
+  /** Executions since `start`, per step. */
+  const delta = (/** @type {Record<string, number>} */ start) =>
+    Object.fromEntries(STEPS.map((name) => [name, executions[name] - start[name]]));
+
+  test('a failing step is retried alone and the client gets the final answer', { timeout: 60_000 }, async () => {
+    const start = { ...executions };
+    const response = await fetch(`${publicUrl}/trips?fail=charge-card`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: TRIP,
+    });
+    const text = await response.text();
+    assert.equal(response.status, 200, `${text}\n${gatewayOutput}`);
+    assert.ok(response.headers.get('stepgate-run-id'));
+    assert.equal(JSON.parse(text).traveller, 'Grace Hopper');
+    assert.deepEqual(delta(start),
+      { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 2, 'send-confirmation': 1 });
+  });
+
+  test('a step that always fails spends the attempts and ends the run failed', { timeout: 60_000 }, async () => {
+    const start = { ...executions };
+    const response = await fetch(`${publicUrl}/trips?fail=charge-card:always`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: TRIP,
+    });
+    await response.arrayBuffer();
+    assert.equal(response.status, 500);
+    assert.deepEqual(delta(start),
+      { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 4, 'send-confirmation': 0 });
+  });
+
+  test('a run sleeps, waits for an event, and is delivered through the poll URL', { timeout: 60_000 }, async () => {
+    const id = `flow-${Date.now()}`;
+    const accepted = await fetch(`${publicUrl}/flow?id=${id}`, {
+      method: 'POST', headers: { prefer: 'respond-async' }, body: '{}', redirect: 'manual',
+    });
+    assert.equal(accepted.status, 202, await accepted.text());
+    const location = accepted.headers.get('location');
+    assert.ok(location?.startsWith('/_stepgate/runs/'), String(location));
+    const sent = await fetch(`${internalUrl}/v1/events`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ name: 'flow.approved', data: { flow: id } }),
+    });
+    assert.equal(sent.status, 202, await sent.text());
+    const deadline = Date.now() + 30_000;
+    for (;;) {
+      const poll = await fetch(`${publicUrl}${location}&wait=5`);
+      const text = await poll.text();
+      if (poll.status !== 202) {
+        assert.equal(poll.status, 200, `${text}\n${gatewayOutput}`);
+        const body = JSON.parse(text);
+        assert.equal(body.started.id, id);
+        assert.equal(body.approval.name, 'flow.approved');
+        assert.deepEqual(body.approval.data, { flow: id });
+        break;
+      }
+      assert.ok(Date.now() < deadline, 'the flow did not finish in 30s');
+    }
+    assert.equal(flowRuns.start, 1, 'the first step ran once across all invocations');
+  });
+});
+
+/**
+ * @param {import('node:http').Server} server
+ * @returns {Promise<number>}
+ */
+async function listen(server) {
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(undefined)));
+  return /** @type {import('node:net').AddressInfo} */ (server.address()).port;
+}
+
+/** A port that was free a moment ago (the gateway binds it right after). */
+async function freePort() {
+  const probe = createServer();
+  const port = await listen(probe);
+  await new Promise((resolve) => probe.close(() => resolve(undefined)));
+  return port;
+}
+
+/**
+ * @param {string} url
+ * @param {import('node:child_process').ChildProcess} child
+ * @param {() => string} output
+ */
+async function waitUntilReady(url, child, output) {
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    if (child.exitCode !== null) throw new Error(`the gateway exited with ${child.exitCode}:\n${output()}`);
+    try {
+      const response = await fetch(url);
+      await response.arrayBuffer();
+      if (response.ok) return;
+    } catch {
+      // Not listening yet.
+    }
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  throw new Error(`the gateway was not ready in 30s:\n${output()}`);
+}
