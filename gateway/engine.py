@@ -32,6 +32,7 @@ from gateway.prefer import Preferences, parse_prefer
 from gateway.problem import problem
 from gateway.proxy import RelayedResponse, forward_request_headers, forward_response_headers
 from gateway.scheduler import Scheduler
+from gateway.errors import StoreError
 from gateway.store import Attempt, DuplicateIdempotencyKey, Run, Store
 
 log = structlog.get_logger("stepgate.engine")
@@ -209,7 +210,11 @@ class Engine:
         )
         try:
             await self.store.create_run(run)
-        except DuplicateIdempotencyKey:
+        except StoreError as exc:
+            if not isinstance(exc, DuplicateIdempotencyKey):
+                log.error("store.write_failed", route=route.name, error=str(exc))
+                return problem(503, detail="the run store is not available; nothing was recorded",
+                               headers={"Retry-After": "1"})
             assert key is not None and run.request_hash is not None
             return await self._attach(route, key, run.request_hash, arrival, prefer)
         self._live[run.id] = run

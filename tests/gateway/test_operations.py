@@ -172,6 +172,10 @@ async def test_admin_retry_reruns_a_failed_run_from_its_failed_step(
         await asyncio.sleep(0.02)
     assert run.status == "completed" and run.attempt == 4
     assert flaky.executed == {"reserve": 1, "charge": 4}
+    async with gw.session.get(f"{gw.internal}/v1/runs/{run_id}") as resp:
+        charge = {s["id"]: s for s in (await resp.json())["steps"]}["charge"]
+    assert charge["status"] == "completed" and charge["attempts"] == 4
+    assert charge["error"]["message"] == "card declined"  # the last failure stays visible
     async with gw.session.post(f"{gw.internal}/v1/runs/{run_id}/retry") as resp:
         assert resp.status == 202  # a completed run may be run again too
     async with gw.session.post(f"{gw.internal}/v1/runs/nope/retry") as resp:
