@@ -544,11 +544,11 @@ class Store:
             if no_retry:
                 conn.execute("UPDATE runs SET no_retry = 1 WHERE id = ?", (run_id,))
             attempts = (current.attempts if current else 0) + (1 if kind == "run" else 0)
-            if error is None and current is not None:
-                error = current.error  # a step that succeeds after failing keeps its last error
+            # A step that succeeds after failing keeps its last error, for the timeline.
+            last_error = error if error is not None or current is None else current.error
             new = Step(
                 run_id, step_id, seq if current is None or seq is not None else current.seq,
-                kind, status, output, error, attempts, wake_at, event, match,
+                kind, status, output, last_error, attempts, wake_at, event, match,
                 current.created_at if current else now, now,
             )
             conn.execute(

@@ -1,0 +1,1 @@
+"""The machinery behind bench/run.py: processes, peers, load, growth, soak, report."""

@@ -1,0 +1,86 @@
+"""The bench upstream: plain answers, the raw step protocol, the gate."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import upstream
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+
+async def test_plain_answers_small_json(aiohttp_client: Any) -> None:
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(upstream.make_app())
+    resp = await client.post("/plain", data=b'{"bench": true}')
+    assert resp.status == 200
+    assert (await resp.json())["ok"] is True
+
+
+async def test_raw_without_gateway_headers_runs_steps_in_process(aiohttp_client: Any) -> None:
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(upstream.make_app())
+    resp = await client.post("/raw/3", data=b"{}")
+    assert await resp.json() == {"steps": 3, "total": 1 + 2 + 3}
+
+
+async def test_raw_checkpoints_each_step_and_replays_recorded_ones(
+    aiohttp_client: Any, aiohttp_server: Any
+) -> None:
+    puts: list[tuple[str, Any, str]] = []
+
+    async def list_steps(request: web.Request) -> web.Response:
+        # s0 was recorded by an earlier attempt with a different output: it must be reused.
+        return web.json_response(
+            {"steps": [{"id": "s0", "seq": 0, "status": "completed", "output": 100}]}
+        )
+
+    async def put_step(request: web.Request) -> web.Response:
+        body = await request.json()
+        puts.append((request.match_info["step"], body, request.headers["Authorization"]))
+        return web.json_response({"status": "completed", "output": body["output"]}, status=201)
+
+    gateway = web.Application()
+    gateway.router.add_get("/v1/runs/r1/steps", list_steps)
+    gateway.router.add_put("/v1/runs/r1/steps/{step}", put_step)
+    server: TestServer = await aiohttp_server(gateway)
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(upstream.make_app())
+
+    resp = await client.post(
+        "/raw/3",
+        data=b"{}",
+        headers={
+            "Stepgate-Callback": str(server.make_url("/v1/runs/r1")),
+            "Stepgate-Token": "tok",
+            "Stepgate-Steps": "1",
+        },
+    )
+    assert await resp.json() == {"steps": 3, "total": 100 + 2 + 3}
+    assert puts == [
+        ("s1", {"output": 2, "seq": 1}, "Bearer tok"),
+        ("s2", {"output": 3, "seq": 2}, "Bearer tok"),
+    ]
+
+
+async def test_gate_holds_until_opened_and_counts_runs_after(aiohttp_client: Any) -> None:
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(upstream.make_app())
+    await client.post("/_bench/gate?open=0")
+    held = asyncio.ensure_future(client.post("/gate", headers={"Stepgate-Run-Id": "a"}))
+    for _ in range(100):
+        if (await (await client.get("/_bench/stats")).json())["gate_held"] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert not held.done()
+    await client.post("/_bench/gate?open=1")
+    assert (await held).status == 200
+    await client.post("/gate", headers={"Stepgate-Run-Id": "b"})
+    await client.post("/gate", headers={"Stepgate-Run-Id": "b"})
+    stats = await (await client.get("/_bench/stats")).json()
+    # "a" arrived while closed; "b" twice is one run.
+    assert stats["gate_runs_since_open"] == 1
+
+
+async def test_sdk_route_runs_steps_in_process_outside_the_gateway(aiohttp_client: Any) -> None:
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(upstream.make_app())
+    resp = await client.post("/steps/3", data=b"{}")
+    assert resp.status == 200, await resp.text()
+    assert await resp.json() == {"steps": 3, "total": 6}

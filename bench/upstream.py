@@ -1,0 +1,275 @@
+"""The small aiohttp upstream every benchmark scenario talks to.
+
+One plain aiohttp app so that "upstream directly", nginx and Stepgate all hit the
+same server:
+
+    GET|POST /plain       small JSON, the pass-through reference
+    POST     /steps/{n}   durable handler: n `step.run` calls through the Stepgate SDK
+    POST     /raw/{n}     the same handler speaking the step protocol itself (PUT per step)
+    POST     /gate        held while the gate is closed (growth scenario: unfinished runs)
+
+and a control surface for the harness under /_bench/ (health, gate, stats).
+
+Run: python bench/upstream.py --port 9000 [--no-uvloop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import aiohttp
+from aiohttp import web
+
+PLAIN_BODY = json.dumps({"ok": True, "service": "bench-upstream"}).encode()
+JSON = "application/json"
+
+
+@dataclass(slots=True)
+class GateState:
+    """The /gate endpoint holds requests while closed and counts runs once open."""
+
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+    held: int = 0  # requests waiting right now
+    runs_since_open: set[str] = field(default_factory=set)
+    first_since_open: float | None = None  # time.time() of the first open-gate request
+    last_since_open: float | None = None
+
+
+GATE = web.AppKey("gate", GateState)
+CALLBACK_SESSION = web.AppKey("callback_session", aiohttp.ClientSession)
+
+
+def problem(status: int, title: str, detail: str) -> web.Response:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return web.json_response(body, status=status, content_type="application/problem+json")
+
+
+async def bump(i: int) -> int:
+    """The trivially cheap step: what we measure is the checkpoint, not the work."""
+    return i + 1
+
+
+def steps_of(request: web.Request) -> int:
+    try:
+        n = int(request.match_info["n"])
+    except ValueError as exc:
+        raise web.HTTPBadRequest(text="n must be an integer") from exc
+    if not 0 <= n <= 1000:
+        raise web.HTTPBadRequest(text="n must be within 0..1000")
+    return n
+
+
+async def plain(request: web.Request) -> web.Response:
+    if request.can_read_body:
+        await request.read()
+    return web.Response(body=PLAIN_BODY, content_type=JSON)
+
+
+# --- /raw/{n}: the step protocol spoken by hand ------------------------------------
+
+
+async def raw_steps(request: web.Request) -> web.Response:
+    n = steps_of(request)
+    await request.read()
+    callback = request.headers.get("Stepgate-Callback")
+    token = request.headers.get("Stepgate-Token")
+    if not (callback and token):
+        # Called directly, not through the gateway: steps simply run.
+        total = 0
+        for i in range(n):
+            total += await bump(i)
+        return web.json_response({"steps": n, "total": total})
+
+    session = request.app[CALLBACK_SESSION]
+    auth = {"Authorization": f"Bearer {token}"}
+    recorded: dict[str, Any] = {}
+    if int(request.headers.get("Stepgate-Steps", "0")) > 0:
+        async with session.get(f"{callback}/steps", headers=auth) as resp:
+            if resp.status != 200:
+                return problem(502, "Step list failed", f"GET steps answered {resp.status}")
+            listing = await resp.json()
+        recorded = {s["id"]: s["output"] for s in listing["steps"] if s["status"] == "completed"}
+
+    total = 0
+    for i in range(n):
+        step_id = f"s{i}"
+        if step_id in recorded:
+            total += int(recorded[step_id])
+            continue
+        output = await bump(i)
+        body = {"output": output, "seq": i}
+        async with session.put(f"{callback}/steps/{step_id}", json=body, headers=auth) as resp:
+            if resp.status not in (200, 201):
+                detail = f"PUT {step_id} answered {resp.status}"
+                return problem(502, "Checkpoint failed", detail)
+            stored = await resp.json()
+        total += int(stored["output"])
+    return web.json_response({"steps": n, "total": total})
+
+
+async def callback_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    # One keep-alive pool for all callbacks; limit 0 so 32 connections never queue.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        app[CALLBACK_SESSION] = session
+        yield
+
+
+# --- /steps/{n}: the same handler through the SDK -----------------------------------
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def sdk_app() -> web.Application:
+    """A sub-app so that only /steps/* goes through the SDK middleware.
+
+    The SDK is imported at run time: the harness must start (and skip these
+    scenarios with a clear reason) on a tree where the SDK is not written yet.
+    """
+    try:
+        stepgate = importlib.import_module("stepgate")
+        adapter = importlib.import_module("stepgate.aiohttp")
+        step = stepgate.step
+        middleware = cast(Any, adapter.middleware)
+    except (ImportError, AttributeError) as exc:
+        reason = f"stepgate SDK not importable: {exc!r}"
+        print(f"bench-upstream: {reason}; /steps/* answers 503", file=sys.stderr)
+
+        async def unavailable(request: web.Request) -> web.Response:
+            return problem(503, "Stepgate SDK unavailable", reason)
+
+        sub = web.Application()
+        sub.router.add_route("*", "/{n}", unavailable)
+        return sub
+
+    async def sdk_steps(request: web.Request) -> web.Response:
+        n = steps_of(request)
+        await request.read()
+        total = 0
+        for i in range(n):
+            total += int(await step.run(f"s{i}", bump, i))
+        return web.json_response({"steps": n, "total": total})
+
+    sub = web.Application(middlewares=[middleware])
+    sub.router.add_post("/{n}", sdk_steps)
+    return sub
+
+
+# --- /gate and the control surface --------------------------------------------------
+
+
+async def gate(request: web.Request) -> web.Response:
+    state = request.app[GATE]
+    await request.read()
+    if state.opened.is_set():
+        now = time.time()
+        state.runs_since_open.add(request.headers.get("Stepgate-Run-Id", f"direct-{now}"))
+        state.first_since_open = state.first_since_open or now
+        state.last_since_open = now
+    else:
+        state.held += 1
+        try:
+            await state.opened.wait()
+        finally:
+            state.held -= 1
+    return web.Response(body=PLAIN_BODY, content_type=JSON)
+
+
+async def control_gate(request: web.Request) -> web.Response:
+    state = request.app[GATE]
+    if request.query.get("open") == "1":
+        state.runs_since_open.clear()
+        state.first_since_open = state.last_since_open = None
+        state.opened.set()
+    else:
+        state.opened.clear()
+    return web.json_response({"open": state.opened.is_set()})
+
+
+async def stats(request: web.Request) -> web.Response:
+    state = request.app[GATE]
+    return web.json_response(
+        {
+            "gate_open": state.opened.is_set(),
+            "gate_held": state.held,
+            "gate_runs_since_open": len(state.runs_since_open),
+            "gate_first_since_open": state.first_since_open,
+            "gate_last_since_open": state.last_since_open,
+        }
+    )
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True})
+
+
+async def gate_ctx(app: web.Application) -> AsyncIterator[None]:
+    # The Event must be created inside the running loop.
+    app[GATE] = GateState()
+    app[GATE].opened.set()
+    yield
+    app[GATE].opened.set()  # release held requests so shutdown is quick
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app.cleanup_ctx.append(gate_ctx)
+    app.cleanup_ctx.append(callback_session_ctx)
+    app.router.add_get("/plain", plain)
+    app.router.add_post("/plain", plain)
+    app.router.add_post("/raw/{n}", raw_steps)
+    app.router.add_post("/gate", gate)
+    app.router.add_get("/_bench/health", health)
+    app.router.add_post("/_bench/gate", control_gate)
+    app.router.add_get("/_bench/stats", stats)
+    app.add_subapp("/steps", sdk_app())
+    return app
+
+
+async def serve(host: str, port: int) -> None:
+    runner = web.AppRunner(make_app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    # A deep backlog: the growth scenario opens thousands of connections at once.
+    site = web.TCPSite(runner, host, port, backlog=4096)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"bench-upstream: listening on http://{host}:{port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--no-uvloop", action="store_true", help="use the stdlib event loop")
+    args = parser.parse_args(argv)
+    coro = serve(args.host, args.port)
+    if not args.no_uvloop:
+        with contextlib.suppress(ImportError):
+            import uvloop
+
+            uvloop.run(coro)
+            return 0
+    asyncio.run(coro)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
