@@ -196,7 +196,7 @@ def _recorded(engine: Engine, run: Run, write: StepWrite) -> None:
     if not write.created:
         return
     engine.metrics.step(run.route, write.step.status)
-    log.info("step.recorded", run_id=run.id, route=run.route, attempt=run.attempt,
+    log.debug("step.recorded", run_id=run.id, route=run.route, attempt=run.attempt,
              step=write.step.id, kind=write.step.kind, status=write.step.status)
 
 

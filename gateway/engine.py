@@ -27,12 +27,12 @@ from yarl import URL
 
 from gateway import retry, runs
 from gateway.config import Route, Settings
+from gateway.errors import StoreError
 from gateway.metrics import Metrics
 from gateway.prefer import Preferences, parse_prefer
 from gateway.problem import problem
 from gateway.proxy import RelayedResponse, forward_request_headers, forward_response_headers
 from gateway.scheduler import Scheduler
-from gateway.errors import StoreError
 from gateway.store import Attempt, DuplicateIdempotencyKey, Run, Store
 
 log = structlog.get_logger("stepgate.engine")
@@ -218,7 +218,7 @@ class Engine:
             assert key is not None and run.request_hash is not None
             return await self._attach(route, key, run.request_hash, arrival, prefer)
         self._live[run.id] = run
-        log.info("run.started", run_id=run.id, route=route.name, trace_id=trace_id)
+        log.debug("run.started", run_id=run.id, route=route.name, trace_id=trace_id)
         task = self._spawn(run.id, self._invoke(run, route, started=now))
         if prefer.respond_async:
             return self._accepted(run)
@@ -372,7 +372,10 @@ class Engine:
             run_id=run.id, route=route.name, attempt=run.attempt, trace_id=run.trace_id
         )
         steps = 0 if run.attempt == 1 else await self.store.count_steps(run.id)
-        log.info("run.attempt")
+        if run.attempt == 1:
+            log.debug("run.attempt")
+        else:
+            log.info("run.attempt")
         response, failure = await self._forward(run, route, steps)
         status = response.status if response else None
         self.metrics.upstream_attempt(route.name, retry.Outcome(status, failure).label)  # type: ignore[arg-type]

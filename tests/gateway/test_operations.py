@@ -7,10 +7,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from tests.conftest import GatewayFactory, Running, UpstreamFactory
 from tests.gateway.procs import GatewayProcess, free_port
@@ -241,7 +239,7 @@ async def test_logs_are_json_lines_with_stable_names_and_the_trace_id(
 ) -> None:
     flaky = Flaky(fail_times=1)
     base = await upstream(flaky.app())
-    gw = GatewayProcess(tmp_path, [durable(base)])
+    gw = GatewayProcess(tmp_path, [durable(base)], log_level="debug")
     await gw.start()
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     try:
@@ -269,5 +267,19 @@ async def test_logs_are_json_lines_with_stable_names_and_the_trace_id(
     assert flaky.headers[0]["traceparent"].split("-")[1] == trace
 
 
-def _unused(_: Any, __: web.Request) -> None:  # keeps the web import used for type checkers
-    return None
+async def test_the_success_path_logs_one_line_a_run_at_info(
+    tmp_path: Path, upstream: UpstreamFactory
+) -> None:
+    flaky = Flaky(fail_times=0)
+    gw = GatewayProcess(tmp_path, [durable(await upstream(flaky.app()))])
+    await gw.start()
+    try:
+        async with aiohttp.ClientSession() as client, client.post(gw.url + "/work") as resp:
+            assert resp.status == 200
+            run_id = resp.headers["Stepgate-Run-Id"]
+    finally:
+        gw.stop()
+    lines = [json.loads(line) for line in gw.log.read_text().splitlines() if line.startswith("{")]
+    mine = [line for line in lines if line.get("run_id") == run_id]
+    assert [line["event"] for line in mine] == ["run.completed"]
+    assert mine[0]["status"] == 200 and mine[0]["attempt"] == 1 and "duration_ms" in mine[0]
