@@ -216,7 +216,12 @@ def _dump_headers(headers: Headers | None) -> str | None:
 
 
 class _Writer:
-    """One thread, one connection, group commit (see the module docstring)."""
+    """One thread, one connection, group commit (see the module docstring).
+
+    No task sits between a write and its commit: `submit` hands a batch to the thread at once
+    when none is in flight, and the thread, when it has committed, hands the results back with
+    `call_soon_threadsafe` and the loop starts the next batch from what queued up meanwhile.
+    """
 
     def __init__(self, path: str, synchronous: str) -> None:
         self._path = path
@@ -224,14 +229,15 @@ class _Writer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stepgate-store")
         self._conn: sqlite3.Connection | None = None
         self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._busy = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
 
     async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._connect)
-        self._task = asyncio.create_task(self._run(), name="stepgate-store-writer")
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(self._executor, self._connect)
 
     def _connect(self) -> None:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
@@ -256,31 +262,49 @@ class _Writer:
         self._conn = conn
 
     async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closing:
+        if self._closing or self._loop is None:
             raise StoreError("the store is closed")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[T] = self._loop.create_future()
         self._queue.append((op, future))
-        self._wakeup.set()
+        if not self._busy:
+            self._dispatch()
         return await future
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            batch, self._queue = self._queue, []
-            if not batch:
-                if self._closing:
-                    return
+    def _dispatch(self) -> None:
+        batch, self._queue = self._queue, []
+        self._busy = True
+        self._idle.clear()
+        self._executor.submit(self._commit_and_report, batch)
+
+    def _commit_and_report(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+    ) -> None:
+        """Runs in the writer thread."""
+        try:
+            results = self._commit(batch)
+        except BaseException as exc:  # never leave a writer waiting forever
+            error = StoreError(f"commit failed: {exc}")
+            results = [(False, error) for _ in batch]
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._committed, batch, results)
+
+    def _committed(
+        self,
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+        results: list[tuple[bool, Any]],
+    ) -> None:
+        for (_, future), (ok, value) in zip(batch, results, strict=True):
+            if future.done():
                 continue
-            results = await loop.run_in_executor(self._executor, self._commit, batch)
-            for (_, future), (ok, value) in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        self._busy = False
+        if self._queue:
+            self._dispatch()
+        else:
+            self._idle.set()
 
     def _commit(
         self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
@@ -311,9 +335,7 @@ class _Writer:
 
     async def close(self) -> None:
         self._closing = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
+        await self._idle.wait()  # what was submitted before is committed and answered
         loop = asyncio.get_running_loop()
         if self._conn is not None:
             await loop.run_in_executor(self._executor, self._conn.close)
