@@ -39,7 +39,9 @@ log = structlog.get_logger("stepgate.engine")
 
 POLL_PREFIX = "/_stepgate/runs/"
 _STRIP_ON_RECORD = frozenset({"content-length"})
-_RESUME_CONCURRENCY = 256  # background invocations (retries, wake-ups, resumption) at once
+# Invocations nobody waits on (retries, wake-ups, resumption, respond-async) at once: a burst
+# of them must queue here, not open a connection each to the upstream.
+_BACKGROUND_CONCURRENCY = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +124,7 @@ class Engine:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._end_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._wake_pending: set[str] = set()
-        self._resume_slots = asyncio.Semaphore(_RESUME_CONCURRENCY)
+        self._background_slots = asyncio.Semaphore(_BACKGROUND_CONCURRENCY)
         self._rng = random.Random()
         self._closing = False
         self.scheduler = Scheduler(store, self.fire, housekeeping=self.housekeeping)
@@ -219,9 +221,10 @@ class Engine:
             return await self._attach(route, key, run.request_hash, arrival, prefer)
         self._live[run.id] = run
         log.debug("run.started", run_id=run.id, route=route.name, trace_id=trace_id)
-        task = self._spawn(run.id, self._invoke(run, route, started=now))
         if prefer.respond_async:
+            self._spawn(run.id, self._in_background(self._invoke(run, route, started=now)))
             return self._accepted(run)
+        task = self._spawn(run.id, self._invoke(run, route, started=now))
         await asyncio.shield(task)  # the first invocation is always awaited
         return await self._answer(run, route, arrival, prefer)
 
@@ -341,8 +344,12 @@ class Engine:
             live.due_at = due
         self.scheduler.add(run_id, due)
 
+    async def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        async with self._background_slots:
+            await work
+
     async def _resume(self, run_id: str) -> None:
-        async with self._resume_slots:
+        async with self._background_slots:
             run = await self.lookup(run_id)
             now = time.time()
             if run is None or run.ended or run.due_at is None or run.due_at > now + 0.001:

@@ -5,7 +5,16 @@
 //                reserve-flight and reserve-hotel (in parallel), charge-card, send-confirmation
 //        ?fail=STEP         STEP throws once per run (the run is told by Stepgate-Run-Id)
 //        ?fail=STEP:always  STEP throws on every attempt
+//        ?fail=STEP:fatal   STEP throws NonRetriableError (422): the run ends at once
 //        ?cooloff=SECONDS   a durable pause before the card is charged
+//        ?await=payment[:SECONDS]
+//                           before the charge, wait (default up to 3600 s) for the event
+//                           trip.paid whose data.trip is the run id; the answer's "payment"
+//                           is that event, or null when the wait timed out
+//        ?latency=SECONDS   each reservation takes this long to succeed (a failing one fails at
+//                           once); the two run concurrently
+//        ?drift=1           from attempt 2 on, charge-card is called charge-card-v2, as if the
+//                           code changed under the run: the SDK refuses the replay (500, no retry)
 //   GET  /stats  how many times each step's function ran: a retried run re-runs only the
 //                failed step, so with ?fail=charge-card every count is 1 except charge-card's 2
 //
@@ -18,6 +27,7 @@
 
 import { randomBytes, randomUUID } from 'node:crypto';
 import { createServer } from 'node:http';
+import { setTimeout as delay } from 'node:timers/promises';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 
@@ -26,6 +36,7 @@ import { NonRetriableError, step, wrapNodeHandler } from '../../client/js/src/in
 export const STEPS = Object.freeze(['reserve-flight', 'reserve-hotel', 'charge-card', 'send-confirmation']);
 const MAX_BODY_BYTES = 64 * 1024;
 const TRIP_PRICE_CENTS = 42_000;
+const FATAL_STATUS = 422; // ?fail=STEP:fatal
 
 /**
  * Builds the service; `executions` is the live counter behind GET /stats.
@@ -52,34 +63,57 @@ export function createTripService(options = {}) {
     const failures = parseFailures([...url.searchParams.getAll('fail'),
       ...(process.env.TRIP_FAIL ?? '').split(',').filter(Boolean)]);
     const cooloff = parseCooloff(url.searchParams.get('cooloff') ?? '0');
+    const paymentTimeout = parseAwait(url.searchParams.get('await'));
+    const latency = parseSeconds('latency', url.searchParams.get('latency') ?? '0', 60);
+    const drift = parseDrift(url.searchParams.get('drift') ?? '0');
     // Outside the gateway there is no run: every request is its own.
     const runKey = String(req.headers['stepgate-run-id'] ?? randomUUID());
+    const attempt = Number(req.headers['stepgate-attempt'] ?? 1);
+    // ?drift=1: from attempt 2 on the record no longer fits the code (see the header).
+    const drifted = drift && attempt >= 2 ? 'charge-card' : null;
 
     /**
-     * A step that counts its executions and fails when ?fail asks it to.
+     * A step that counts its executions, fails when ?fail asks it to, else takes `takes` s.
      * @template T
      * @param {string} name
      * @param {() => T} work
+     * @param {{ takes?: number }} [options]
      */
-    const bookingStep = (name, work) => step.run(name, () => {
-      executions[name] += 1;
-      const mode = failures.get(name);
-      if (mode === 'always') throw new Error(`${name} failed (fail=${name}:always)`);
-      if (mode === 'once' && !failedOnce.has(`${runKey}:${name}`)) {
-        failedOnce.add(`${runKey}:${name}`);
-        throw new Error(`${name} failed once for this run (fail=${name})`);
-      }
-      return work();
-    });
+    const bookingStep = (name, work, { takes = 0 } = {}) => {
+      const id = name === drifted ? `${name}-v2` : name;
+      return step.run(id, async () => {
+        executions[name] += 1;
+        const mode = failures.get(name);
+        if (mode === 'fatal') {
+          throw new NonRetriableError(`${name} failed for good (fail=${name}:fatal)`, { status: FATAL_STATUS });
+        }
+        if (mode === 'always') throw new Error(`${name} failed (fail=${name}:always)`);
+        if (mode === 'once' && !failedOnce.has(`${runKey}:${name}`)) {
+          failedOnce.add(`${runKey}:${name}`);
+          throw new Error(`${name} failed once for this run (fail=${name})`);
+        }
+        // After the failures: a failing call fails fast, as they tend to.
+        if (takes > 0) await delay(takes * 1000);
+        return work();
+      });
+    };
 
     // Random references are made inside the steps: a replay returns the recorded ones.
     const [flight, hotel] = await Promise.all([
-      bookingStep('reserve-flight', () => ({ flight: trip.flight, reference: reference('FL') })),
-      bookingStep('reserve-hotel', () => ({ hotel: trip.hotel, reference: reference('HT') })),
+      bookingStep('reserve-flight', () => ({ flight: trip.flight, reference: reference('FL') }), { takes: latency }),
+      bookingStep('reserve-hotel', () => ({ hotel: trip.hotel, reference: reference('HT') }), { takes: latency }),
     ]);
     if (cooloff > 0) {
       // Durable: under the gateway the run is parked and no process sleeps.
       await step.sleep('cool-off', cooloff * 1000);
+    }
+    /** @type {Record<string, unknown>} */
+    const extra = {};
+    if (paymentTimeout !== null) {
+      // Durable too: the run is parked until the event arrives or the wait times out.
+      extra.payment = await step.waitForEvent('payment', {
+        event: 'trip.paid', match: { 'data.trip': runKey }, timeout: paymentTimeout * 1000,
+      });
     }
     const charge = await bookingStep('charge-card', () => ({
       reference: reference('CH'), amount_cents: TRIP_PRICE_CENTS, traveller: trip.traveller,
@@ -88,7 +122,7 @@ export function createTripService(options = {}) {
       to: trip.traveller,
       text: `Flight ${flight.reference}, hotel ${hotel.reference}, charge ${charge.reference}`,
     }));
-    sendJson(res, 200, { traveller: trip.traveller, flight, hotel, charge, confirmation });
+    sendJson(res, 200, { traveller: trip.traveller, flight, hotel, charge, confirmation, ...extra });
   }
 
   return { server: createServer(wrapNodeHandler(handle, options)), executions };
@@ -128,15 +162,15 @@ function parseTrip(text) {
 }
 
 /**
- * @param {string[]} values ?fail=STEP or ?fail=STEP:always, repeatable
- * @returns {Map<string, 'once' | 'always'>}
+ * @param {string[]} values ?fail=STEP, ?fail=STEP:always or ?fail=STEP:fatal, repeatable
+ * @returns {Map<string, 'once' | 'always' | 'fatal'>}
  */
 function parseFailures(values) {
   const failures = new Map();
   for (const value of values) {
     const [name, mode = 'once', ...rest] = value.trim().split(':');
-    if (!STEPS.includes(name) || !['once', 'always'].includes(mode) || rest.length > 0) {
-      throw new NonRetriableError(`fail=${value}: expected STEP or STEP:always, STEP one of ` +
+    if (!STEPS.includes(name) || !['once', 'always', 'fatal'].includes(mode) || rest.length > 0) {
+      throw new NonRetriableError(`fail=${value}: expected STEP, STEP:always or STEP:fatal, STEP one of ` +
         STEPS.join(', '), { status: 400 });
     }
     failures.set(name, mode);
@@ -149,11 +183,44 @@ function parseFailures(values) {
  * @returns {number} seconds, 0 to 3600
  */
 function parseCooloff(value) {
+  return parseSeconds('cooloff', value, 3600);
+}
+
+/**
+ * @param {string} knob the query parameter, for the error message
+ * @param {string} value
+ * @param {number} most
+ * @returns {number} seconds, 0 to `most`
+ */
+function parseSeconds(knob, value, most) {
   const seconds = value.trim() === '' ? Number.NaN : Number(value);
-  if (!(seconds >= 0 && seconds <= 3600)) {
-    throw new NonRetriableError(`cooloff=${value}: expected seconds from 0 to 3600`, { status: 400 });
+  if (!(seconds >= 0 && seconds <= most)) {
+    throw new NonRetriableError(`${knob}=${value}: expected seconds from 0 to ${most}`, { status: 400 });
   }
   return seconds;
+}
+
+/**
+ * @param {string | null} value ?await=payment[:SECONDS]
+ * @returns {number | null} how long to wait for the payment event, in seconds; null: no wait
+ */
+function parseAwait(value) {
+  if (value === null) return null;
+  const colon = value.indexOf(':');
+  const what = colon < 0 ? value : value.slice(0, colon);
+  const seconds = colon < 0 ? 3600 : parseSeconds('await', value.slice(colon + 1), 86_400);
+  if (what !== 'payment' || seconds === 0) {
+    throw new NonRetriableError(`await=${value}: expected payment or payment:SECONDS`, { status: 400 });
+  }
+  return seconds;
+}
+
+/** @param {string} value ?drift=0 or ?drift=1 */
+function parseDrift(value) {
+  if (value !== '0' && value !== '1') {
+    throw new NonRetriableError(`drift=${value}: expected 0 or 1`, { status: 400 });
+  }
+  return value === '1';
 }
 
 /** @param {string} prefix */

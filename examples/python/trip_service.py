@@ -4,7 +4,16 @@
                  reserve-flight and reserve-hotel (in parallel), charge-card, send-confirmation
          ?fail=STEP          STEP raises once per run (the run is told by Stepgate-Run-Id)
          ?fail=STEP:always   STEP raises on every attempt
+         ?fail=STEP:fatal    STEP raises NonRetriableError (422): the run ends at once
          ?cooloff=SECONDS    a durable pause before the card is charged
+         ?await=payment[:SECONDS]
+                             before the charge, wait (default up to 3600 s) for the event
+                             trip.paid whose data.trip is the run id; the answer's "payment"
+                             is that event, or null when the wait timed out
+         ?latency=SECONDS    each reservation takes this long to succeed (a failing one fails at
+                             once); the two run concurrently
+         ?drift=1            from attempt 2 on, charge-card is called charge-card-v2, as if the
+                             code changed under the run: the SDK refuses the replay (500, no retry)
     GET  /stats  how many times each step's function ran: a retried run re-runs only the
                  failed step, so with ?fail=charge-card every count is 1 except charge-card's 2
 
@@ -39,6 +48,7 @@ from stepgate import NonRetriableError, step
 
 STEPS = ("reserve-flight", "reserve-hotel", "charge-card", "send-confirmation")
 TRIP_PRICE_CENTS = 42_000
+FATAL_STATUS = 422   # ?fail=STEP:fatal
 
 executions: Counter[str] = Counter(dict.fromkeys(STEPS, 0))   # behind GET /stats
 failed_once: set[tuple[str, str]] = set()   # (run, step) pairs that already failed, for ?fail
@@ -51,32 +61,51 @@ async def create_trip(request: web.Request) -> web.Response:
     failures = parse_failures([*request.query.getall("fail", []),
                                *filter(None, os.environ.get("TRIP_FAIL", "").split(","))])
     cooloff = parse_cooloff(request.query.get("cooloff", "0"))
+    payment_timeout = parse_await(request.query.get("await"))
+    latency = parse_seconds("latency", request.query.get("latency", "0"), 60)
+    drift = parse_drift(request.query.get("drift", "0"))
     # Outside the gateway there is no run: every request is its own.
     run = request.headers.get("Stepgate-Run-Id") or uuid.uuid4().hex
+    attempt = int(request.headers.get("Stepgate-Attempt", "1"))
+    # ?drift=1: from attempt 2 on the record no longer fits the code (see the docstring).
+    drifted = "charge-card" if drift and attempt >= 2 else None
 
-    def booking_step(name: str, work: Callable[[], T]) -> Coroutine[Any, Any, T]:
-        """A step that counts its executions and fails when ?fail asks it to."""
-        def execute() -> T:
+    def booking_step(name: str, work: Callable[[], T], *,
+                     takes: float = 0) -> Coroutine[Any, Any, T]:
+        """A step that counts its executions, fails when ?fail asks, else takes `takes` s."""
+        async def execute() -> T:
             executions[name] += 1
             mode = failures.get(name)
+            if mode == "fatal":
+                raise NonRetriableError(f"{name} failed for good (fail={name}:fatal)",
+                                        status=FATAL_STATUS)
             if mode == "always":
                 raise RuntimeError(f"{name} failed (fail={name}:always)")
             if mode == "once" and (run, name) not in failed_once:
                 failed_once.add((run, name))
                 raise RuntimeError(f"{name} failed once for this run (fail={name})")
+            if takes:   # after the failures: a failing call fails fast, as they tend to
+                await asyncio.sleep(takes)
             return work()
 
-        return step.run(name, execute)
+        return step.run(f"{name}-v2" if name == drifted else name, execute)
 
     # Random references are made inside the steps: a replay returns the recorded ones.
     flight, hotel = await asyncio.gather(
         booking_step("reserve-flight",
-                     lambda: {"flight": trip["flight"], "reference": reference("FL")}),
+                     lambda: {"flight": trip["flight"], "reference": reference("FL")},
+                     takes=latency),
         booking_step("reserve-hotel",
-                     lambda: {"hotel": trip["hotel"], "reference": reference("HT")}),
+                     lambda: {"hotel": trip["hotel"], "reference": reference("HT")},
+                     takes=latency),
     )
     if cooloff:
         await step.sleep("cool-off", cooloff)   # durable: the run is parked, not this process
+    extra: dict[str, Any] = {}
+    if payment_timeout is not None:
+        # Durable too: the run is parked until the event arrives or the wait times out.
+        extra["payment"] = await step.wait_for_event(
+            "payment", event="trip.paid", match={"data.trip": run}, timeout=payment_timeout)
     charge = await booking_step("charge-card", lambda: {
         "reference": reference("CH"), "amount_cents": TRIP_PRICE_CENTS,
         "traveller": trip["traveller"]})
@@ -85,7 +114,7 @@ async def create_trip(request: web.Request) -> web.Response:
         "text": f"Flight {flight['reference']}, hotel {hotel['reference']},"
                 f" charge {charge['reference']}"})
     return web.json_response({"traveller": trip["traveller"], "flight": flight, "hotel": hotel,
-                              "charge": charge, "confirmation": confirmation})
+                              "charge": charge, "confirmation": confirmation, **extra})
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -108,21 +137,45 @@ def parse_failures(values: list[str]) -> dict[str, str]:
     failures: dict[str, str] = {}
     for value in values:
         name, _, mode = value.strip().partition(":")
-        if name not in STEPS or mode not in ("", "once", "always"):
-            raise NonRetriableError(f"fail={value}: expected STEP or STEP:always, STEP one of "
+        if name not in STEPS or mode not in ("", "once", "always", "fatal"):
+            raise NonRetriableError(f"fail={value}: expected STEP, STEP:always or STEP:fatal,"
+                                    " STEP one of "
                                     + ", ".join(STEPS), status=400)
         failures[name] = mode or "once"
     return failures
 
 
 def parse_cooloff(value: str) -> float:
+    return parse_seconds("cooloff", value, 3600)
+
+
+def parse_seconds(knob: str, value: str, most: float) -> float:
     try:
         seconds = float(value)
     except ValueError:
         seconds = -1.0
-    if not 0 <= seconds <= 3600:
-        raise NonRetriableError(f"cooloff={value}: expected seconds from 0 to 3600", status=400)
+    if not 0 <= seconds <= most:
+        raise NonRetriableError(f"{knob}={value}: expected seconds from 0 to {most:g}",
+                                status=400)
     return seconds
+
+
+def parse_await(value: str | None) -> float | None:
+    """?await=payment[:SECONDS]: how long to wait for the payment event; None: no wait."""
+    if value is None:
+        return None
+    what, colon, timeout = value.partition(":")
+    seconds = parse_seconds("await", timeout, 86_400) if colon else 3600.0
+    if what != "payment" or seconds == 0:
+        raise NonRetriableError(f"await={value}: expected payment or payment:SECONDS",
+                                status=400)
+    return seconds
+
+
+def parse_drift(value: str) -> bool:
+    if value not in ("0", "1"):
+        raise NonRetriableError(f"drift={value}: expected 0 or 1", status=400)
+    return value == "1"
 
 
 def reference(prefix: str) -> str:
