@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 from stepgate import _transport
 from stepgate._protocol import Call, Kind, Recorded, nested_step, quote_step_id, step_id_for
@@ -53,6 +54,7 @@ class Invocation:
     fatal: ReplayMismatchError | None = None   # seen even if the handler swallows it
     fetch_lock: asyncio.Lock | None = None
     fetch_mutex: threading.Lock = field(default_factory=threading.Lock)
+    running: set[asyncio.Task[Any]] = field(default_factory=set)   # tasks inside a step.run
     _repeats: dict[str, int] = field(default_factory=dict)
     _next_seq: int = 0
     _mutex: threading.Lock = field(default_factory=threading.Lock)
@@ -95,6 +97,15 @@ class Invocation:
             self.fatal = error
             raise error
         return record
+
+    async def settle(self) -> None:
+        """Wait for steps still running in other tasks (a parallel step beside one that failed)
+        so their outcome is recorded before the answer: otherwise the retry could start first
+        and run a step again that was about to finish."""
+        me = asyncio.current_task()
+        others = [task for task in self.running if task is not me and not task.done()]
+        if others:
+            await asyncio.wait(others)
 
     def suspend(self, call: Call) -> Suspend:
         self.suspended = True

@@ -20,7 +20,7 @@ from http import HTTPStatus
 from stepgate._context import Invocation
 from stepgate.errors import NonRetriableError, ReplayMismatchError, Suspend
 
-__all__ = ["Reply", "reply_for"]
+__all__ = ["Reply", "failure", "reply_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,14 @@ def problem(status: int, detail: str) -> Reply:
                        "detail": detail}).encode()
     return Reply(status, (("Content-Type", "application/problem+json"),
                           ("Stepgate-No-Retry", "true")), body)
+
+
+def failure(exc: Exception) -> Reply:
+    """An unexpected error under the gateway: 500 problem+json naming only the error's type
+    (its message may hold data the client must not see); the gateway may retry it."""
+    body = json.dumps({"type": "about:blank", "title": "Internal Server Error", "status": 500,
+                       "detail": f"the handler failed with {type(exc).__name__}"}).encode()
+    return Reply(500, (("Content-Type", "application/problem+json"),), body)
 
 
 def _leaves(exc: BaseException) -> Iterator[BaseException]:

@@ -146,6 +146,18 @@ async def _recorded(inv: Invocation, call: Call) -> Recorded | None:
 
 async def _run(inv: Invocation, call: Call, fn: Callable[..., Any], args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> Any:
+    task = asyncio.current_task()
+    if task is not None:
+        inv.running.add(task)
+    try:
+        return await _run_step(inv, call, fn, args, kwargs)
+    finally:
+        if task is not None:
+            inv.running.discard(task)
+
+
+async def _run_step(inv: Invocation, call: Call, fn: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
     record = await _recorded(inv, call)
     if record is not None and record.status == "completed":
         return record.output

@@ -9,11 +9,15 @@ problem+json + `Stepgate-No-Retry: true`, and a replay mismatch with 500 + `Step
 # postponed annotations keep `aiohttp` below the real package.
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from stepgate._context import current, from_headers
-from stepgate._responses import Reply, reply_for
+from stepgate._responses import Reply, failure, reply_for
+
+log = logging.getLogger("stepgate")
 
 __all__ = ["middleware"]
 
@@ -30,10 +34,19 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         try:
             response = await handler(request)
         except BaseException as exc:
+            if inv is not None:
+                await inv.settle()
             reply = reply_for(exc, inv)
+            if reply is None and inv is not None and isinstance(exc, Exception) and not \
+                    isinstance(exc, web.HTTPException):
+                # Under the gateway an unexpected error answers as problem+json, retriable.
+                log.error("handler failed", exc_info=exc)
+                reply = failure(exc)
             if reply is None:
                 raise
             return _response(reply)
+        if inv is not None:
+            await inv.settle()
         if inv is not None and not response.prepared:
             reply = reply_for(None, inv)   # the handler swallowed a suspend or a mismatch
             if reply is not None:

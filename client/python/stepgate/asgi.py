@@ -63,7 +63,9 @@ class StepgateMiddleware:
         token = current.set(inv)
         try:
             await self.app(scope, receive, hold)
+            await inv.settle()
         except BaseException as exc:
+            await inv.settle()
             reply = reply_for(exc, inv)
             if reply is None:
                 for message in held:   # e.g. the framework's own 500 page, then the error
