@@ -27,6 +27,8 @@ from typing import Final, Literal, TypeVar
 
 import yaml
 
+from gateway.errors import GatewayError
+
 __all__ = [
     "Address",
     "ConfigError",
@@ -94,7 +96,7 @@ class Settings:
     routes: tuple[Route, ...]
 
 
-class ConfigError(Exception):
+class ConfigError(GatewayError):
     """One problem in a config file. ``key`` is a path like ``routes[0].retry.on[2]``, or None
     when the problem concerns the whole file (unreadable, not YAML, not a mapping)."""
 
