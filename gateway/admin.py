@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from gateway import runs
+from gateway.callbacks import strict_json
 from gateway.engine import ENGINE, Engine
 from gateway.events import rfc3339
 from gateway.problem import problem
@@ -214,7 +215,9 @@ async def post_event(request: web.Request) -> web.StreamResponse:
     if (denied := _authorized(request, engine)) is not None:
         return denied
     try:
-        body = json.loads(await request.read())
+        body = strict_json(await request.read())
+    except web.HTTPRequestEntityTooLarge:
+        return problem(413, detail=f"the body is larger than {request.client_max_size} bytes")
     except (ValueError, UnicodeDecodeError):
         return problem(400, detail="the body is not JSON")
     if not isinstance(body, dict):

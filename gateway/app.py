@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from gateway import admin, callbacks, ui
 from gateway.config import Address, Settings
@@ -71,6 +72,18 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
                                          on_attempt=app[METRICS].plain_attempt(match.name))
     app[METRICS].request(label, request.method, response.status, time.perf_counter() - started)
     return response
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The internal listener's own 404s and 405s as problem+json, like everything else."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return problem(exc.status, detail=exc.reason, headers=headers)
 
 
 async def poll_any_method(request: web.Request) -> web.StreamResponse:
@@ -137,7 +150,7 @@ class Gateway:
         public.router.add_route("*", RESERVED_PREFIX + "runs/{run_id}", poll_any_method)
         public.router.add_route("*", "/{tail:.*}", dispatch)
 
-        internal = web.Application(client_max_size=INTERNAL_MAX_BODY)
+        internal = web.Application(client_max_size=INTERNAL_MAX_BODY, middlewares=[problems])
         internal[ENGINE] = engine
         internal[METRICS] = self.metrics
         callbacks.add_routes(internal)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import time
 from datetime import datetime
 from typing import Any
@@ -38,10 +39,31 @@ class BadRequest(Exception):
     status = 400
 
 
+class TooLarge(BadRequest):
+    status = 413
+
+
 class Conflict(BadRequest):
     """The call contradicts the record (a step id recorded as another kind of step)."""
 
     status = 409
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is not a finite number")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json(raw: bytes) -> Any:
+    """Parse JSON as RFC 8259 has it: no NaN or Infinity, which would be stored and then make
+    the run's step list unreadable to a strict client."""
+    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
 
 
 def _dump(value: Any) -> str:
@@ -108,9 +130,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as exc:
-        raise BadRequest(f"the body is larger than {request.client_max_size} bytes") from exc
+        raise TooLarge(f"the body is larger than {request.client_max_size} bytes") from exc
     try:
-        body = json.loads(raw)
+        body = strict_json(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not JSON: {exc}") from exc
     if not isinstance(body, dict):

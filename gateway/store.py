@@ -518,7 +518,8 @@ class Store:
 
     async def steps(self, run_id: str) -> list[Step]:
         rows = await self._fetchall(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? ORDER BY seq, created_at",
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? "
+            "ORDER BY seq IS NULL, seq, created_at",
             (run_id,),
         )
         return [_step_from_row(r) for r in rows]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections import Counter
 from typing import Any
@@ -375,3 +376,36 @@ async def test_writes_to_an_ended_run_are_409(
     async with gw.session.put(captured["cb"] + "/steps/late", json={"output": 1},
                               headers={"Authorization": f"Bearer {captured['token']}"}) as r:
         assert r.status == 409
+
+
+async def test_callbacks_refuse_non_json_numbers_and_answer_problems(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    answers: list[tuple[int, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        import aiohttp
+
+        cb = request.headers["Stepgate-Callback"]
+        auth = {"Authorization": f"Bearer {request.headers['Stepgate-Token']}",
+                "Content-Type": "application/json"}
+        async with aiohttp.ClientSession() as s:
+            for body in (b'{"output": NaN}', b'{"output": 1e400}', b'{"output": -Infinity}'):
+                async with s.put(cb + "/steps/n", data=body, headers=auth) as r:
+                    answers.append((r.status, r.content_type))
+            async with s.post(cb + "/steps", headers=auth) as r:  # wrong method
+                answers.append((r.status, r.content_type))
+            async with s.get(cb + "/nowhere", headers=auth) as r:
+                answers.append((r.status, r.content_type))
+            big = io.BytesIO(b'{"output": "' + b"x" * (17 << 20) + b'"}')
+            async with s.put(cb + "/steps/big", data=big, headers=auth) as r:
+                answers.append((r.status, r.content_type))
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/work", handler)
+    gw = await gateway([durable(await upstream(app))])
+    async with gw.session.post(gw.url + "/work") as resp:
+        assert resp.status == 200
+    problem = "application/problem+json"
+    assert answers == [(400, problem)] * 3 + [(405, problem), (404, problem), (413, problem)]
