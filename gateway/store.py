@@ -630,10 +630,22 @@ class Store:
             if row is not None and row[4] != "failed":
                 return StepWrite(created=False, step=_step_from_row(row))
             status, output = "waiting", None
+            # An event completes at most one wait of a run: a loop of waits for the same
+            # event name must not get the same early event twice from the look-back.
+            taken = {
+                json.loads(done)["id"]
+                for (done,) in conn.execute(
+                    "SELECT output FROM steps WHERE run_id = ? AND kind = 'wait' "
+                    "AND status = 'completed' AND output != 'null'",
+                    (run_id,),
+                )
+            }
             for event_id, data, ts in conn.execute(
                 "SELECT id, data, ts FROM events WHERE name = ? AND ts >= ? ORDER BY ts",
                 (event, lookback_since),
             ):
+                if event_id in taken:
+                    continue
                 candidate = event_object(event_id, event, json.loads(data), ts)
                 if matches_text(match, candidate):
                     status, output = "completed", json.dumps(candidate, separators=(",", ":"))

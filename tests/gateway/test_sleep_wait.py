@@ -279,3 +279,28 @@ async def test_a_sleep_that_falls_due_while_the_gateway_is_down(
         assert sleeper.attempts == ["1", "2"]
     finally:
         gw.stop()
+
+
+async def test_one_early_event_completes_only_one_wait_of_a_run(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    seen: list[Any] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        steps = RawSteps(request)
+        try:
+            for name in ("tick", "tick#2"):
+                seen.append(await raw_wait(steps, name, "tick", {}, "300ms"))
+        except Suspend:
+            return suspended()
+        return web.json_response([s and s["id"] for s in seen[-2:]])
+
+    app = web.Application()
+    app.router.add_post("/flow", handler)
+    gw = await gateway([route(await upstream(app), hold="5s")])
+    await send_event(gw, {"name": "tick", "data": {}, "id": "only-one"})
+    async with gw.session.post(gw.url + "/flow") as resp:
+        assert resp.status == 200
+        # The early event satisfies the first wait; the second times out instead of
+        # receiving the same event again.
+        assert await resp.json() == ["only-one", None]
