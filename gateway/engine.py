@@ -283,9 +283,6 @@ class Engine:
             return live
         return await self.store.get_run(run_id)
 
-    def route_of(self, run: Run) -> Route | None:
-        return self._routes.get(run.route)
-
     async def wait_end(self, run: Run, timeout: float) -> Run:
         """Wait up to `timeout` seconds for the run to end; return its latest record."""
         if run.ended or timeout <= 0:
@@ -359,10 +356,12 @@ class Engine:
             if route is None:
                 self._end(run, runs.FAILED, now, f"route {run.route!r} is no longer configured")
                 await self.store.save_run(run)
+                self._notify_end(run)
                 return
             if run.status in (runs.SLEEPING, runs.WAITING):
                 await self.store.complete_due_steps(run.id, now)
-            parked_as = runs.check_move(run.status, runs.RUNNING) and run.status
+            parked_as = run.status
+            runs.check_move(parked_as, runs.RUNNING)
             run.status = runs.RUNNING
             run.attempt += 1
             run.due_at = None
@@ -515,7 +514,8 @@ class Engine:
     async def retry_ended(self, run: Run) -> bool:
         """Re-run an ended run; recorded steps stay recorded. False if it changed meanwhile."""
         now = time.time()
-        was = runs.check_move(run.status, runs.RUNNING) and run.status
+        was = run.status
+        runs.check_move(was, runs.RUNNING)
         run.status = runs.RETRYING
         run.ended_at = None
         run.failures = 0
