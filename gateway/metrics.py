@@ -7,6 +7,7 @@ or a raw path.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -42,6 +43,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
+        self._hooks: dict[str, Callable[[Outcome, str | None], None]] = {}
         self.registry = registry = CollectorRegistry()
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -77,30 +80,42 @@ class Metrics:
             "its commit.", buckets=_FAST_BUCKETS, registry=registry,
         )
 
+    def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """A labelled child, remembered: prometheus-client's own `labels()` validates and
+        locks on every call, and these are on every request's path."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def request(self, route: str, method: str, code: int, seconds: float) -> None:
         # Any token is a valid method; keep the label set bounded.
         label = method if method in _METHODS else "other"
-        self.requests.labels(route, label, str(code)).inc()
-        self.request_duration.labels(route).observe(seconds)
+        self._child(self.requests, route, label, str(code)).inc()
+        self._child(self.request_duration, route).observe(seconds)
 
     def upstream_attempt(self, route: str, outcome: str) -> None:
-        self.upstream_attempts.labels(route, outcome).inc()
+        self._child(self.upstream_attempts, route, outcome).inc()
 
     def plain_attempt(self, route: str) -> Callable[[Outcome, str | None], None]:
-        """A plain route's per-attempt hook for gateway.proxy.proxy_plain."""
+        """A plain route's per-attempt hook for gateway.proxy.proxy_plain (one per route)."""
+        hook = self._hooks.get(route)
+        if hook is None:
 
-        def hook(outcome: Outcome, retry_reason: str | None) -> None:
-            self.upstream_attempts.labels(route, outcome.label).inc()
-            if retry_reason is not None:
-                self.retries.labels(route, retry_reason).inc()
+            def hook(outcome: Outcome, retry_reason: str | None) -> None:
+                self.upstream_attempt(route, outcome.label)
+                if retry_reason is not None:
+                    self.retry(route, retry_reason)
 
+            self._hooks[route] = hook
         return hook
 
     def retry(self, route: str, reason: str) -> None:
-        self.retries.labels(route, reason).inc()
+        self._child(self.retries, route, reason).inc()
 
     def step(self, route: str, status: str) -> None:
-        self.steps.labels(route, status).inc()
+        self._child(self.steps, route, status).inc()
 
     def set_run_counts(self, counts: dict[str, int]) -> None:
         for state in runs.STATES:
