@@ -242,6 +242,9 @@ def _error(value: object) -> dict[str, Any]:
 def _until(value: object) -> float:
     if not isinstance(value, dict) or not isinstance(value.get("until"), str):
         raise BadRequest('sleep must be {"until": "<RFC 3339 timestamp>"}')
+    unknown = set(value) - {"until"}
+    if unknown:
+        raise BadRequest(f"unknown field sleep.{sorted(unknown)[0]}")
     text = value["until"]
     try:
         moment = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))

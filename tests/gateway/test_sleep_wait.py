@@ -245,7 +245,8 @@ async def test_bad_sleep_and_wait_bodies_are_400(
         for body in ({"sleep": {"until": "tomorrow"}}, {"sleep": {"until": "2030-01-01T00:00:00"}},
                      {"sleep": 5}, {"wait": {"match": {}}}, {"wait": {"event": "e",
                                                                        "timeout": "soon"}},
-                     {"wait": {"event": "e", "match": []}}):
+                     {"wait": {"event": "e", "match": []}},
+                     {"sleep": {"until": "2030-01-01T00:00:00Z", "for": "5s"}}):
             answers.append((await steps.put("s", body))[0])
         return web.Response(text="ok")
 
@@ -254,7 +255,7 @@ async def test_bad_sleep_and_wait_bodies_are_400(
     gw = await gateway([route(await upstream(app))])
     async with gw.session.post(gw.url + "/flow") as resp:
         assert resp.status == 200
-    assert answers == [400] * 6
+    assert answers == [400] * 7
 
 
 async def test_a_sleep_that_falls_due_while_the_gateway_is_down(
