@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hmac
 import json
 import secrets
 import time
@@ -24,6 +23,7 @@ import structlog
 from aiohttp import web
 
 from gateway import runs
+from gateway.auth import bearer_token, same_secret
 from gateway.callbacks import strict_json
 from gateway.engine import ENGINE, Engine
 from gateway.events import rfc3339
@@ -44,9 +44,8 @@ def _authorized(request: web.Request, engine: Engine) -> web.Response | None:
     expected = engine.settings.admin_token
     if expected is None:
         return None
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    given = token.strip().encode()
-    if scheme.lower() == "bearer" and hmac.compare_digest(given, expected.encode()):
+    given = bearer_token(request)
+    if given is not None and same_secret(given, expected):
         return None
     return problem(401, detail="this call needs the admin token as a bearer token",
                    headers={"WWW-Authenticate": "Bearer"})

@@ -10,7 +10,6 @@ caller can read or write only the run it was invoked for. Every write is committ
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 import time
@@ -21,6 +20,7 @@ from urllib.parse import unquote
 import structlog
 from aiohttp import web
 
+from gateway.auth import bearer_token, same_secret
 from gateway.config import parse_duration
 from gateway.engine import ENGINE, Engine
 from gateway.problem import problem
@@ -91,15 +91,14 @@ def _step_json(step: Step) -> str:
 
 
 async def _authorize(request: web.Request, engine: Engine) -> Run | web.Response:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = bearer_token(request)
+    if token is None:
         return problem(401, detail="send the run's token as `Authorization: Bearer <token>`",
                        headers={"WWW-Authenticate": "Bearer"})
     run = await engine.lookup(request.match_info["run_id"])
     if run is None:
         return problem(404, detail="no such run")
-    if not hmac.compare_digest(token.strip().encode(), run.token.encode()):
+    if not same_secret(token, run.token):
         return problem(401, detail="wrong token for this run",
                        headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
     return run

@@ -31,7 +31,12 @@ from gateway.errors import StoreError
 from gateway.metrics import Metrics
 from gateway.prefer import Preferences, parse_prefer
 from gateway.problem import problem
-from gateway.proxy import RelayedResponse, forward_request_headers, forward_response_headers
+from gateway.proxy import (
+    RelayedResponse,
+    forward_request_headers,
+    forward_response_headers,
+    header_true,
+)
 from gateway.scheduler import Scheduler
 from gateway.store import Attempt, DuplicateIdempotencyKey, Run, Store
 
@@ -528,10 +533,6 @@ class Engine:
         return True
 
 
-def _truthy(value: str | None) -> bool:
-    return value is not None and value.strip().lower() == "true"
-
-
 def _response(
     status: int, reason: str | None, headers: CIMultiDictProxy[str], body: bytes
 ) -> Response:
@@ -545,8 +546,8 @@ def _response(
         reason=reason,
         headers=kept,
         body=body,
-        suspend=status == 202 and _truthy(headers.get("Stepgate-Suspend")),
-        no_retry=_truthy(headers.get("Stepgate-No-Retry")),
+        suspend=status == 202 and header_true(headers.get("Stepgate-Suspend")),
+        no_retry=header_true(headers.get("Stepgate-No-Retry")),
         retry_after=headers.get("Retry-After"),
     )
 

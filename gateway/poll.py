@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 
 from aiohttp import web
 
+from gateway.auth import same_secret
 from gateway.engine import ENGINE, final_response, pending_body, retry_after_seconds
 from gateway.problem import problem
 
@@ -37,7 +37,7 @@ async def poll(request: web.Request) -> web.StreamResponse:
     run = await engine.lookup(request.match_info["run_id"])
     token = request.query.get("token", "")
     # An unknown run and a wrong token look the same, so ids can't be probed.
-    if run is None or not hmac.compare_digest(token.encode(), run.poll_token.encode()):
+    if run is None or not same_secret(token, run.poll_token):
         return problem(404, detail="no such run, or a wrong token", headers=NO_STORE)
     if not run.ended:
         run = await engine.wait_end(run, wait)

@@ -107,6 +107,11 @@ def _new_traceparent() -> tuple[str, str]:
     return f"00-{trace_id}-{_rng.getrandbits(64) or 1:016x}-01", trace_id
 
 
+def header_true(value: str | None) -> bool:
+    """A Stepgate flag header (`Stepgate-No-Retry`, `Stepgate-Suspend`) is set: `true`."""
+    return value is not None and value.strip().lower() == "true"
+
+
 def forward_request_headers(
     headers: Mapping[str, str],
     *,
@@ -299,7 +304,7 @@ async def proxy_plain(
                     retry_after = upstream.headers.get(hdrs.RETRY_AFTER)
                     # The upstream's explicit "do not retry" (the durable protocol's signal)
                     # is just as true for a plain route.
-                    if upstream.headers.get(_NO_RETRY, "").strip().lower() == "true":
+                    if header_true(upstream.headers.get(_NO_RETRY)):
                         reason = None
                 delay = next_delay(policy, attempt, status, retry_after, time.time(), _rng)
                 if delay > policy.max or _client_gone(request):

@@ -22,13 +22,12 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from gateway import runs
 from gateway.errors import StoreError
 from gateway.events import event_object, matches_text
 
 T = TypeVar("T")
 
-ENDED = ("completed", "failed", "cancelled")
-_ENDED_SQL = "('completed', 'failed', 'cancelled')"
 
 # Each entry moves the schema one version up; PRAGMA user_version records how far a file is.
 MIGRATIONS: tuple[str, ...] = (
@@ -136,7 +135,7 @@ class Run:
 
     @property
     def ended(self) -> bool:
-        return self.status in ENDED
+        return self.status in runs.ENDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +208,15 @@ def _run_from_row(row: Sequence[Any]) -> Run:
 
 def _step_from_row(row: Sequence[Any]) -> Step:
     return Step(*row)
+
+
+def _insert_step(conn: sqlite3.Connection, step: Step) -> None:
+    conn.execute(
+        f"INSERT OR REPLACE INTO steps ({_STEP_COLUMNS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (step.run_id, step.id, step.seq, step.kind, step.status, step.output, step.error,
+         step.attempts, step.wake_at, step.event, step.match, step.created_at, step.updated_at),
+    )
 
 
 def _dump_headers(headers: Headers | None) -> str | None:
@@ -462,10 +470,10 @@ class Store:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
-        runs = [_run_from_row(r) for r in await self._fetchall(sql, params)]
-        page = RunPage(runs=runs[:limit])
-        if len(runs) > limit:
-            last = runs[limit - 1]
+        found = [_run_from_row(r) for r in await self._fetchall(sql, params)]
+        page = RunPage(runs=found[:limit])
+        if len(found) > limit:
+            last = found[limit - 1]
             page.next_cursor = f"{last.created_at!r}~{last.id}"
         return page
 
@@ -574,12 +582,7 @@ class Store:
                 kind, status, output, last_error, attempts, wake_at, event, match,
                 current.created_at if current else now, now,
             )
-            conn.execute(
-                f"INSERT OR REPLACE INTO steps ({_STEP_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (new.run_id, new.id, new.seq, new.kind, new.status, new.output, new.error,
-                 new.attempts, new.wake_at, new.event, new.match, new.created_at, new.updated_at),
-            )
+            _insert_step(conn, new)
             return StepWrite(created=True, step=new)
 
         return await self.write(op)
@@ -652,12 +655,7 @@ class Store:
                     break
             step = Step(run_id, step_id, seq, "wait", status, output, None, 0, timeout_at, event,
                         match, now, now)
-            conn.execute(
-                f"INSERT OR REPLACE INTO steps ({_STEP_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (step.run_id, step.id, step.seq, step.kind, step.status, step.output, step.error,
-                 step.attempts, step.wake_at, step.event, step.match, now, now),
-            )
+            _insert_step(conn, step)
             return StepWrite(created=True, step=step)
 
         return await self.write(op)
