@@ -3,7 +3,9 @@
 `FakeGateway.handle` answers callbacks the way the gateway's callback API does (201 for a new
 output, 200 with the first output after that, failed attempts counted, sleeps due or not,
 waits matched by a delivered event), in memory, and records every call. The same handler also
-serves the real transports from an aiohttp server in the transport tests.
+serves the real transports from an aiohttp server in the transport tests. `fence_at` plays the
+gateway giving up on the attempt (protocol v1.1): from that call on, every callback is refused
+with the 409 "superseded" problem and changes nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from stepgate._transport import Reply
 RUN_ID = "run-1"
 TOKEN = "secret-token"
 CALLBACK = f"http://gateway.test/v1/runs/{RUN_ID}"
+SUPERSEDED = "https://stepgate.dev/problems/superseded"
 
 
 def _json(status: int, value: Any) -> Reply:
@@ -32,6 +35,14 @@ def _problem(status: int, detail: str) -> Reply:
                           "detail": detail})
 
 
+def superseded_reply(attempt: int = 1, current_attempt: int = 2,
+                     run_status: str = "running") -> Reply:
+    return _json(409, {"type": SUPERSEDED, "title": "Attempt superseded", "status": 409,
+                       "detail": f"attempt {attempt} was superseded by {current_attempt}",
+                       "run_id": RUN_ID, "attempt": attempt, "current_attempt": current_attempt,
+                       "run_status": run_status})
+
+
 class FakeGateway:
     def __init__(self) -> None:
         self.steps: dict[str, dict[str, Any]] = {}
@@ -39,6 +50,9 @@ class FakeGateway:
         self.log: list[str] = []    # calls and step executions, interleaved, for ordering
         self.events: dict[str, dict[str, Any] | None] = {}   # event name -> delivered event
         self.fail_next: Reply | None = None
+        # "GET steps" or "PUT <step id>": the call at which the gateway gives up on the attempt
+        self.fence_at: str | None = None
+        self.fenced = False
 
     # --- set-up helpers ---------------------------------------------------------------------
 
@@ -74,6 +88,10 @@ class FakeGateway:
         data = json.loads(body) if body else None
         self.calls.append((method, step_id, data))
         self.log.append(f"{method} {step_id or 'steps'}")
+        if self.fence_at == f"{method} {step_id or 'steps'}":
+            self.fenced = True
+        if self.fenced:
+            return superseded_reply()
         if self.fail_next is not None:
             reply, self.fail_next = self.fail_next, None
             return reply

@@ -22,6 +22,7 @@ from stepgate.errors import (
     ReplayMismatchError,
     StepgateError,
     StepOutputError,
+    Superseded,
     Suspend,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "Step",
     "StepOutputError",
     "StepgateError",
+    "Superseded",
     "Suspend",
     "step",
 ]

@@ -4,11 +4,16 @@ An invocation is one forwarding of a run to the handler. It knows where to call 
 steps the run had recorded before it (`Stepgate-Steps`), the recorded steps once fetched, and
 hands out step ids and positions in call order. Tasks started by the handler (asyncio.gather)
 copy the context, so they share the same Invocation object.
+
+Every callback goes through `request` / `request_sync`, which enforce the fence (protocol v1.1):
+once the gateway has answered one callback "superseded", the invocation is over; later step
+calls of any task or thread raise the same Superseded signal without calling back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -16,10 +21,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepgate import _transport
-from stepgate._protocol import Call, Kind, Recorded, nested_step, quote_step_id, step_id_for
-from stepgate.errors import ReplayMismatchError, Suspend
+from stepgate._protocol import (
+    Call,
+    Kind,
+    Recorded,
+    nested_step,
+    one_line,
+    quote_step_id,
+    step_id_for,
+    superseded_problem,
+)
+from stepgate._transport import Reply
+from stepgate.errors import ReplayMismatchError, Superseded, Suspend
 
 __all__ = ["Invocation", "current", "from_headers", "in_step", "refuse_nesting"]
+
+log = logging.getLogger("stepgate")
 
 current: ContextVar[Invocation | None] = ContextVar("stepgate_invocation", default=None)
 # The id of the step whose function is running, to refuse nested steps.
@@ -52,6 +69,8 @@ class Invocation:
     recorded: dict[int, Recorded] | None = None   # by seq, fetched at the first step call
     suspended: bool = False       # a sleep or wait stopped this invocation
     fatal: ReplayMismatchError | None = None   # seen even if the handler swallows it
+    superseded: Superseded | None = None   # the first fencing answer; sticky
+    failures: list[BaseException] = field(default_factory=list)   # recorded step errors
     fetch_lock: asyncio.Lock | None = None
     fetch_mutex: threading.Lock = field(default_factory=threading.Lock)
     running: set[asyncio.Task[Any]] = field(default_factory=set)   # tasks inside a step.run
@@ -110,6 +129,72 @@ class Invocation:
     def suspend(self, call: Call) -> Suspend:
         self.suspended = True
         return Suspend(run_id=self.run_id, step_id=call.step_id)
+
+    def check_live(self) -> None:
+        """Raise the fence's signal if the gateway has given up on this attempt."""
+        if self.superseded is not None:
+            raise self.superseded
+
+    async def request(self, method: str, url: str, body: bytes | None = None, *,
+                      step_id: str | None = None) -> Reply:
+        """One callback of this attempt; a fenced attempt sends none."""
+        self.check_live()
+        reply = await self.transport.request(method, url, self.token, body)
+        self._check_fence(reply, step_id)
+        return reply
+
+    def request_sync(self, method: str, url: str, body: bytes | None = None, *,
+                     step_id: str | None = None) -> Reply:
+        self.check_live()
+        reply = self.sync_transport.request(method, url, self.token, body)
+        self._check_fence(reply, step_id)
+        return reply
+
+    def _check_fence(self, reply: Reply, step_id: str | None) -> None:
+        problem = superseded_problem(reply)
+        if problem is None:
+            return
+        with self._mutex:   # parallel steps: the first answer wins, the others raise it too
+            first = self.superseded is None
+            if first:
+                self.superseded = Superseded(
+                    run_id=self.run_id, attempt=_int(problem.get("attempt")) or self.attempt,
+                    current_attempt=_int(problem.get("current_attempt")),
+                    run_status=_str(problem.get("run_status")), step_id=step_id)
+            signal = self.superseded
+        assert signal is not None
+        if first:
+            log.warning("attempt.superseded run_id=%s attempt=%s step=%s current_attempt=%s"
+                        " run_status=%s: the gateway has given up on this attempt; stopping"
+                        " the handler", signal.run_id, signal.attempt, step_id,
+                        signal.current_attempt, signal.run_status,
+                        extra={"run_id": signal.run_id, "attempt": signal.attempt,
+                               "step": step_id})
+        raise signal
+
+    def failed(self, call: Call, exc: BaseException, recorded: bool) -> None:
+        """Note a step's failure: one concise line, no traceback (the handler's framework shows
+        the exception if the handler lets it out)."""
+        self.failures.append(exc)
+        log.warning("step.failed run_id=%s attempt=%s step=%s recorded=%s error=%s",
+                    self.run_id, self.attempt, call.step_id, "yes" if recorded else "no",
+                    one_line(exc),
+                    extra={"run_id": self.run_id, "attempt": self.attempt,
+                           "step": call.step_id})
+
+    def recorded_failure(self, exc: BaseException) -> bool:
+        """Whether `exc` (every leaf of a group) is a step failure already reported."""
+        if isinstance(exc, BaseExceptionGroup):
+            return all(self.recorded_failure(inner) for inner in exc.exceptions)
+        return any(exc is seen for seen in self.failures)
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _count(text: str | None) -> int | None:

@@ -8,6 +8,9 @@ the same wire format. JSON shapes (see the gateway's callback API):
                          {"error": {"message", "type", "retriable"}, "seq": k}
                          {"sleep": {"until": RFC 3339}, "seq": k}
                          {"wait": {"event", "match", "timeout"}, "seq": k}
+
+Either call may be answered 409 with the problem type SUPERSEDED_TYPE (protocol v1.1): the
+gateway has given up on the attempt that sent it, and nothing was recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ MAX_STEP_ID = 256
 MAX_NAME = MAX_STEP_ID - 8
 MAX_ERROR_MESSAGE = 4000
 DEFAULT_WAIT_TIMEOUT = 24 * 3600.0
+# The problem type of a callback refused because its attempt is fenced; other 409s (a step id
+# recorded as another kind of step) are "about:blank".
+SUPERSEDED_TYPE = "https://stepgate.dev/problems/superseded"
 
 # One encoder, built once: json.dumps with options builds a new encoder per call.
 _encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
@@ -195,6 +201,28 @@ def parked(data: dict[str, Any], parked_status: str, run_id: str, call: Call) ->
         return True
     raise CallbackError(f"the gateway answered {call.kind} {call.step_id!r} with status"
                         f" {status!r}", run_id=run_id, step_id=call.step_id)
+
+
+def superseded_problem(reply: Reply) -> dict[str, Any] | None:
+    """The problem of a callback refused because its attempt is fenced, else None."""
+    if reply.status != 409:
+        return None
+    try:
+        problem = json.loads(reply.body)
+    except ValueError:
+        return None
+    if isinstance(problem, dict) and problem.get("type") == SUPERSEDED_TYPE:
+        return problem
+    return None
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, shortened, for a log line about an expected failure."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[:limit - 1] + "…"
+    name = type(exc).__qualname__
+    return f"{name}: {text}" if text else name
 
 
 def _problem_detail(body: bytes) -> str:

@@ -1,5 +1,6 @@
 """What an adapter answers instead of the handler's own response, decided without I/O.
 
+    the gateway has given up on this attempt    -> 409 problem+json, type .../superseded
     the run's code no longer matches its record  -> 500 problem+json, Stepgate-No-Retry: true
     NonRetriableError(message, status)           -> status problem+json, Stepgate-No-Retry: true
     a sleep or wait suspended the invocation     -> 202, Stepgate-Suspend: true, empty body
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from stepgate._context import Invocation
-from stepgate.errors import NonRetriableError, ReplayMismatchError, Suspend
+from stepgate._protocol import SUPERSEDED_TYPE
+from stepgate.errors import NonRetriableError, ReplayMismatchError, Superseded, Suspend
 
-__all__ = ["Reply", "failure", "reply_for"]
+__all__ = ["Reply", "failure", "reply_for", "superseded"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,15 @@ def problem(status: int, detail: str) -> Reply:
                           ("Stepgate-No-Retry", "true")), body)
 
 
+def superseded(signal: Superseded) -> Reply:
+    """The answer of a fenced attempt. The gateway ignores it (it has moved on); it says what
+    happened to anyone else reading the service's answers, in the gateway's own terms."""
+    body = json.dumps({"type": SUPERSEDED_TYPE, "title": "Attempt superseded", "status": 409,
+                       "detail": "the gateway has given up on this attempt; the handler stopped",
+                       "run_id": signal.run_id, "attempt": signal.attempt}).encode()
+    return Reply(409, (("Content-Type", "application/problem+json"),), body)
+
+
 def failure(exc: Exception) -> Reply:
     """An unexpected error under the gateway: 500 problem+json naming only the error's type
     (its message may hold data the client must not see); the gateway may retry it."""
@@ -67,9 +78,16 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 def reply_for(exc: BaseException | None, inv: Invocation | None) -> Reply | None:
     """The answer to send instead, given how the handler ended; None to leave it alone."""
-    if exc is not None and not isinstance(exc, Exception | Suspend | BaseExceptionGroup):
+    if exc is not None and not isinstance(exc, Exception | Suspend | Superseded |
+                                          BaseExceptionGroup):
         return None   # cancellation, KeyboardInterrupt, SystemExit: not ours to answer
     leaves = list(_leaves(exc)) if exc is not None else []
+    # Fenced: nothing this attempt says is recorded any more, whatever else went wrong.
+    fence = inv.superseded if inv is not None else None
+    if fence is None:
+        fence = next((e for e in leaves if isinstance(e, Superseded)), None)
+    if fence is not None:
+        return superseded(fence)
     mismatch = next((e for e in leaves if isinstance(e, ReplayMismatchError)), None)
     if mismatch is None and inv is not None:
         mismatch = inv.fatal

@@ -15,6 +15,10 @@ numbers steps in argument order. The returned coroutine then:
 
 Outside the gateway (no `Stepgate-Callback`/`Stepgate-Token` headers) steps simply run, sleeps
 sleep in-process, and wait_for_event raises StepgateError.
+
+Once the gateway answers a callback "superseded" (the attempt is fenced), every step of the
+invocation raises `Superseded`: no function runs and no callback goes out any more. A step whose
+function was already running when that happened finishes, but its outcome is not sent.
 """
 
 from __future__ import annotations
@@ -139,7 +143,7 @@ async def _recorded(inv: Invocation, call: Call) -> Recorded | None:
             inv.fetch_lock = asyncio.Lock()
         async with inv.fetch_lock:   # parallel first steps share one GET
             if inv.recorded is None:
-                reply = await inv.transport.request("GET", inv.steps_url, inv.token)
+                reply = await inv.request("GET", inv.steps_url)
                 inv.recorded = proto.parse_steps(reply, inv.run_id)
     return inv.replayed(call)
 
@@ -158,6 +162,7 @@ async def _run(inv: Invocation, call: Call, fn: Callable[..., Any], args: tuple[
 
 async def _run_step(inv: Invocation, call: Call, fn: Callable[..., Any], args: tuple[Any, ...],
                     kwargs: dict[str, Any]) -> Any:
+    inv.check_live()
     record = await _recorded(inv, call)
     if record is not None and record.status == "completed":
         return record.output
@@ -170,7 +175,7 @@ async def _run_step(inv: Invocation, call: Call, fn: Callable[..., Any], args: t
         raise
     finally:
         in_step.reset(token)
-    reply = await inv.transport.request("PUT", inv.step_url(call.step_id), inv.token, body)
+    reply = await inv.request("PUT", inv.step_url(call.step_id), body, step_id=call.step_id)
     if reply.status == 201:   # stored ours
         return result
     # 200: another invocation stored this step first; its output is the one the run keeps.
@@ -180,26 +185,31 @@ async def _run_step(inv: Invocation, call: Call, fn: Callable[..., Any], args: t
 
 
 async def _record_failure(inv: Invocation, call: Call, exc: Exception) -> None:
+    """Record the step's error (a fenced attempt raises Superseded instead) and log one line."""
     proto.tag(exc, inv.run_id, call)
     try:
-        reply = await inv.transport.request("PUT", inv.step_url(call.step_id), inv.token,
-                                            proto.error_body(call, exc))
+        reply = await inv.request("PUT", inv.step_url(call.step_id),
+                                  proto.error_body(call, exc), step_id=call.step_id)
         proto.answer(reply, what=f"PUT step {call.step_id!r} error", run_id=inv.run_id,
                      step_id=call.step_id)
     except CallbackError as failed:
         # The step's own error matters more; the gateway still sees this invocation fail.
         exc.add_note(f"stepgate: could not record this failure of step {call.step_id!r}:"
                      f" {failed}")
+        inv.failed(call, exc, recorded=False)
+        return
+    inv.failed(call, exc, recorded=True)
 
 
 async def _sleep(inv: Invocation, call: Call, until: datetime) -> None:
+    inv.check_live()
     record = await _recorded(inv, call)
     if record is not None and record.status == "completed":
         return
     if record is not None and record.status == "sleeping":
         raise inv.suspend(call)
-    reply = await inv.transport.request("PUT", inv.step_url(call.step_id), inv.token,
-                                        proto.sleep_body(call, until))
+    reply = await inv.request("PUT", inv.step_url(call.step_id), proto.sleep_body(call, until),
+                              step_id=call.step_id)
     data = proto.answer(reply, what=f"PUT sleep {call.step_id!r}", run_id=inv.run_id,
                         step_id=call.step_id)
     if proto.parked(data, "sleeping", inv.run_id, call):
@@ -208,13 +218,14 @@ async def _sleep(inv: Invocation, call: Call, until: datetime) -> None:
 
 async def _wait(inv: Invocation, call: Call, event: str, match: Mapping[str, Any],
                 seconds: float) -> dict[str, Any] | None:
+    inv.check_live()
     record = await _recorded(inv, call)
     if record is not None and record.status == "completed":
         return proto.event_output(record.output)
     if record is not None and record.status == "waiting":
         raise inv.suspend(call)
-    reply = await inv.transport.request("PUT", inv.step_url(call.step_id), inv.token,
-                                        proto.wait_body(call, event, match, seconds))
+    reply = await inv.request("PUT", inv.step_url(call.step_id),
+                              proto.wait_body(call, event, match, seconds), step_id=call.step_id)
     data = proto.answer(reply, what=f"PUT wait {call.step_id!r}", run_id=inv.run_id,
                         step_id=call.step_id)
     if proto.parked(data, "waiting", inv.run_id, call):

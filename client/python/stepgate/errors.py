@@ -10,10 +10,15 @@
                └── GatewayUnavailableError   no answer at all: refused, reset or timed out
 
     BaseException
-     └── Suspend                    run_id, step_id: control flow, not an error. A sleep or wait
-                                    is not due yet; the adapter answers 202 and the gateway
-                                    re-invokes the run later. It is not an Exception, so a
-                                    handler's `except Exception` cannot swallow it.
+     ├── Suspend                    run_id, step_id: control flow, not an error. A sleep or wait
+     │                              is not due yet; the adapter answers 202 and the gateway
+     │                              re-invokes the run later.
+     └── Superseded                 run_id, attempt, current_attempt, run_status, step_id: the
+                                    gateway has given up on this attempt (it timed out, a newer
+                                    attempt runs, the run ended); nothing more may be recorded,
+                                    so the handler stops and the adapter answers 409.
+
+The two signals are not Exceptions, so a handler's `except Exception` cannot swallow them.
 
 Bad arguments (an empty step name, a negative sleep) raise the usual ValueError or TypeError at
 the call. A step called inside another step, and wait_for_event outside the gateway, raise a
@@ -29,6 +34,7 @@ __all__ = [
     "ReplayMismatchError",
     "StepOutputError",
     "StepgateError",
+    "Superseded",
     "Suspend",
 ]
 
@@ -102,4 +108,27 @@ class Suspend(BaseException):
     def __init__(self, *, run_id: str, step_id: str) -> None:
         super().__init__(f"run {run_id} suspended at step {step_id!r}")
         self.run_id = run_id
+        self.step_id = step_id
+
+
+class Superseded(BaseException):
+    """The gateway refused a callback of this attempt: it has given up on it (protocol v1.1).
+
+    A newer attempt of the run has started (after a gateway restart or a time-out), or the run
+    was cancelled or has ended. Nothing this attempt sends is recorded any more, so the SDK
+    stops the handler: every later step call raises this again without running or calling
+    back, and the adapter answers 409 (the gateway ignores that answer). Let it propagate.
+
+    `attempt` is this invocation's attempt number; `current_attempt` and `run_status` are what
+    the gateway said the run is at now, when it said so.
+    """
+
+    def __init__(self, *, run_id: str, attempt: int, current_attempt: int | None = None,
+                 run_status: str | None = None, step_id: str | None = None) -> None:
+        now = f" (the run is at attempt {current_attempt})" if current_attempt else ""
+        super().__init__(f"attempt {attempt} of run {run_id} was superseded{now}")
+        self.run_id = run_id
+        self.attempt = attempt
+        self.current_attempt = current_attempt
+        self.run_status = run_status
         self.step_id = step_id

@@ -9,6 +9,7 @@
 Replay rules, ids and outputs are exactly those of the async API (see `stepgate._step`); the
 callbacks go over a blocking, per-thread keep-alive connection. Calling these from inside a
 running event loop raises StepgateError: it would block the loop, so use `stepgate.step` there.
+A fenced attempt raises `Superseded` here too, and threads sharing the invocation see it.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class SyncStep:
             proto.check_output(Call(name, name, 0, "run"), result)
             return result
         call = inv.begin(name, "run")
+        inv.check_live()
         record = _recorded(inv, call)
         if record is not None and record.status == "completed":
             return cast(T, record.output)
@@ -56,7 +58,7 @@ class SyncStep:
         except Exception as exc:
             _record_failure(inv, call, exc)
             raise
-        reply = inv.sync_transport.request("PUT", inv.step_url(call.step_id), inv.token, body)
+        reply = inv.request_sync("PUT", inv.step_url(call.step_id), body, step_id=call.step_id)
         if reply.status == 201:
             return result
         data = proto.answer(reply, what=f"PUT step {call.step_id!r}", run_id=inv.run_id,
@@ -99,13 +101,14 @@ class SyncStep:
         if inv is None:
             raise proto.needs_gateway(name)
         call = inv.begin(name, "wait")
+        inv.check_live()
         record = _recorded(inv, call)
         if record is not None and record.status == "completed":
             return proto.event_output(record.output)
         if record is not None and record.status == "waiting":
             raise inv.suspend(call)
-        reply = inv.sync_transport.request("PUT", inv.step_url(call.step_id), inv.token,
-                                           proto.wait_body(call, event, match, seconds))
+        reply = inv.request_sync("PUT", inv.step_url(call.step_id),
+                                 proto.wait_body(call, event, match, seconds), step_id=call.step_id)
         data = proto.answer(reply, what=f"PUT wait {call.step_id!r}", run_id=inv.run_id,
                             step_id=call.step_id)
         if proto.parked(data, "waiting", inv.run_id, call):
@@ -149,7 +152,7 @@ def _recorded(inv: Invocation, call: Call) -> Recorded | None:
             return None
         with inv.fetch_mutex:   # threads sharing the invocation fetch once
             if inv.recorded is None:
-                reply = inv.sync_transport.request("GET", inv.steps_url, inv.token)
+                reply = inv.request_sync("GET", inv.steps_url)
                 inv.recorded = proto.parse_steps(reply, inv.run_id)
     return inv.replayed(call)
 
@@ -157,23 +160,27 @@ def _recorded(inv: Invocation, call: Call) -> Recorded | None:
 def _record_failure(inv: Invocation, call: Call, exc: Exception) -> None:
     proto.tag(exc, inv.run_id, call)
     try:
-        reply = inv.sync_transport.request("PUT", inv.step_url(call.step_id), inv.token,
-                                           proto.error_body(call, exc))
+        reply = inv.request_sync("PUT", inv.step_url(call.step_id), proto.error_body(call, exc),
+                                 step_id=call.step_id)
         proto.answer(reply, what=f"PUT step {call.step_id!r} error", run_id=inv.run_id,
                      step_id=call.step_id)
     except CallbackError as failed:
         exc.add_note(f"stepgate: could not record this failure of step {call.step_id!r}:"
                      f" {failed}")
+        inv.failed(call, exc, recorded=False)
+        return
+    inv.failed(call, exc, recorded=True)
 
 
 def _sleep(inv: Invocation, call: Call, until: datetime) -> None:
+    inv.check_live()
     record = _recorded(inv, call)
     if record is not None and record.status == "completed":
         return
     if record is not None and record.status == "sleeping":
         raise inv.suspend(call)
-    reply = inv.sync_transport.request("PUT", inv.step_url(call.step_id), inv.token,
-                                       proto.sleep_body(call, until))
+    reply = inv.request_sync("PUT", inv.step_url(call.step_id), proto.sleep_body(call, until),
+                             step_id=call.step_id)
     data = proto.answer(reply, what=f"PUT sleep {call.step_id!r}", run_id=inv.run_id,
                         step_id=call.step_id)
     if proto.parked(data, "sleeping", inv.run_id, call):
