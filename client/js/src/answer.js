@@ -6,7 +6,7 @@
 
 import { STATUS_CODES } from 'node:http';
 
-import { NonRetriableError, isRetriable, isSuspend } from './errors.js';
+import { NonRetriableError, SUPERSEDED_TYPE, isRetriable, isStepgateControl, isSuspend } from './errors.js';
 
 /**
  * @typedef {{ status: number, headers: Record<string, string>, body: string | null }} Answer
@@ -19,6 +19,8 @@ import { NonRetriableError, isRetriable, isSuspend } from './errors.js';
  * @returns {Answer | null} null when the handler's own response stands
  */
 export function decideAnswer(invocation, outcome) {
+  // Fenced: the gateway has moved on and ignores this answer; nothing else matters any more.
+  if (invocation.superseded !== null) return superseded(invocation.superseded);
   // A mismatch wins over a suspension: parking would only replay into the same mismatch.
   if (invocation.fatal !== null) return problem(500, invocation.fatal.message, true);
   const error = outcome.ok ? null : outcome.error;
@@ -51,7 +53,10 @@ export function reportFailures(invocation, outcome, onError) {
       // A failing reporter must not break the answer (or crash the server).
     }
   };
-  if (!outcome.ok && !isSuspend(outcome.error) && !(outcome.error instanceof NonRetriableError)) {
+  // Control signals and deliberate refusals are not failures to report; nor is anything after
+  // the fence, where the handler's error is most likely the signal's consequence.
+  if (!outcome.ok && !isStepgateControl(outcome.error) && invocation.superseded === null &&
+      !(outcome.error instanceof NonRetriableError)) {
     report(outcome.error);
   }
   if (invocation.fatal !== null && (outcome.ok || outcome.error !== invocation.fatal)) {
@@ -72,6 +77,20 @@ function problem(status, detail, noRetry) {
   if (noRetry) headers['stepgate-no-retry'] = 'true';
   const body = JSON.stringify({ type: 'about:blank', title: STATUS_CODES[status] ?? 'Error', status, detail });
   return { status, headers, body };
+}
+
+/**
+ * The answer of a fenced attempt, in the gateway's own terms.
+ * @param {import('./errors.js').SupersededError} signal
+ * @returns {Answer}
+ */
+function superseded(signal) {
+  const body = JSON.stringify({
+    type: SUPERSEDED_TYPE, title: 'Attempt superseded', status: 409,
+    detail: 'the gateway has given up on this attempt; the handler stopped',
+    run_id: signal.runId, attempt: signal.attempt,
+  });
+  return { status: 409, headers: { 'content-type': 'application/problem+json' }, body };
 }
 
 /** @param {unknown} error */

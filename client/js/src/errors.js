@@ -10,7 +10,8 @@
  *         └── CallbackError        the gateway refused a callback or gave an unusable answer
  *             └── GatewayUnavailableError   no answer at all: refused, reset or timed out
  *
- * The suspend signal is deliberately NOT an Error (see `Suspend` below).
+ * The two control signals, suspend and superseded, are deliberately NOT Errors (see `Suspend`
+ * and `SupersededError` below); `isStepgateControl(err)` recognises both.
  */
 
 /** Root of every error the SDK raises, so `err instanceof StepgateError` catches them all. */
@@ -152,6 +153,72 @@ export class Suspend {
   toString() {
     return `${this.name}: ${this.message}`;
   }
+}
+
+// The problem type of a callback refused because the gateway has given up on its attempt.
+export const SUPERSEDED_TYPE = 'https://stepgate.dev/problems/superseded';
+const SUPERSEDED = Symbol.for('stepgate.superseded');
+
+/**
+ * Thrown by step calls once the gateway has given up on this attempt (protocol v1.1): it timed
+ * out, a newer attempt of the run started, or the run was cancelled or has ended. The gateway
+ * answered a callback 409 with the superseded problem and recorded nothing, so the handler must
+ * stop: the adapter answers 409 (the gateway ignores it). Like the suspend signal it is not an
+ * Error, despite its name (kept for symmetry with the error classes users catch), and it is
+ * sticky: every later step call of the invocation throws it again without running its
+ * function or calling back, and the adapter answers 409 whatever the handler returns.
+ */
+export class SupersededError {
+  /**
+   * @param {{ runId: string | null, attempt: number | null, currentAttempt?: number | null,
+   *           runStatus?: string | null, stepId?: string | null, problem?: unknown }} fields
+   */
+  constructor({ runId, attempt, currentAttempt = null, runStatus = null, stepId = null, problem = null }) {
+    this.name = 'SupersededError';
+    this.runId = runId;
+    /** This invocation's attempt number, as the gateway named it. */
+    this.attempt = attempt;
+    /** The attempt the run is at now, when the gateway said. */
+    this.currentAttempt = currentAttempt;
+    this.runStatus = runStatus;
+    this.stepId = stepId;
+    this.problem = problem;
+    this.message = `attempt ${attempt ?? '?'} of run ${runId ?? '?'} was superseded` +
+      (currentAttempt ? ` (the run is at attempt ${currentAttempt})` : '') +
+      '; the gateway records nothing more from it, rethrow this signal (see isStepgateControl)';
+    Object.defineProperty(this, SUPERSEDED, { value: true });
+  }
+
+  toString() {
+    return `${this.name}: ${this.message}`;
+  }
+}
+
+/**
+ * True when `err` is the superseded signal (from any copy of this package).
+ * @param {unknown} err
+ * @returns {boolean}
+ */
+export function isSuperseded(err) {
+  return typeof err === 'object' && err !== null && /** @type {any} */ (err)[SUPERSEDED] === true;
+}
+
+/**
+ * True for either control signal, suspend or superseded: what a broad catch block must let
+ * through, `catch (err) { rethrowIfStepgateControl(err); ... }`.
+ * @param {unknown} err
+ * @returns {boolean}
+ */
+export function isStepgateControl(err) {
+  return isSuspend(err) || isSuperseded(err);
+}
+
+/**
+ * Rethrows `err` if it is a control signal (suspend or superseded).
+ * @param {unknown} err
+ */
+export function rethrowIfStepgateControl(err) {
+  if (isStepgateControl(err)) throw err;
 }
 
 /**

@@ -118,8 +118,46 @@ export function isSuspend(error: unknown): boolean;
 /** `catch (err) { rethrowIfSuspend(err); ... }` */
 export function rethrowIfSuspend(error: unknown): void;
 
+/**
+ * Thrown by step calls once the gateway has given up on this attempt (it timed out, a newer
+ * attempt started, the run was cancelled or ended): nothing more from it is recorded, so the
+ * handler must stop. Like the suspend signal it does NOT extend Error, and it is sticky: every
+ * later step call throws it again, and the adapter answers 409 whatever the handler does.
+ */
+export class SupersededError {
+  constructor(fields: {
+    runId: string | null; attempt: number | null; currentAttempt?: number | null;
+    runStatus?: string | null; stepId?: string | null; problem?: unknown;
+  });
+  readonly name: 'SupersededError';
+  readonly message: string;
+  readonly runId: string | null;
+  /** This invocation's attempt number. */
+  readonly attempt: number | null;
+  /** The attempt the run is at now, when the gateway said. */
+  readonly currentAttempt: number | null;
+  /** The run's status, when the gateway said. */
+  readonly runStatus: string | null;
+  /** The step whose callback was refused. */
+  readonly stepId: string | null;
+  /** The gateway's problem+json body. */
+  readonly problem: unknown;
+}
+
+/** True for the superseded signal (from any copy of this package). */
+export function isSuperseded(error: unknown): error is SupersededError;
+
+/** True for either control signal, suspend or superseded. */
+export function isStepgateControl(error: unknown): boolean;
+
+/** `catch (err) { rethrowIfStepgateControl(err); ... }`: lets both control signals through. */
+export function rethrowIfStepgateControl(error: unknown): void;
+
 export interface WrapOptions {
-  /** Receives unexpected handler errors and replay mismatches; default: console.error. */
+  /**
+   * Receives unexpected handler errors and replay mismatches (never the control signals, nor
+   * anything after the gateway fenced the attempt); default: console.error.
+   */
   onError?: (error: unknown) => void;
 }
 

@@ -12,7 +12,11 @@ export {
   StepgateError,
   StepOutputError,
   StepUsageError,
+  SupersededError,
+  isStepgateControl,
+  isSuperseded,
   isSuspend,
+  rethrowIfStepgateControl,
   rethrowIfSuspend,
 } from './errors.js';
 export { wrapNodeHandler } from './node.js';

@@ -1,12 +1,14 @@
 /**
  * The state of one invocation of a handler: which run it serves (if any), the step ids and
- * positions handed out so far, the run's recorded steps, and whether it has suspended or hit a
- * replay mismatch. An AsyncLocalStorage carries it from the adapter to every step call.
+ * positions handed out so far, the run's recorded steps, and whether it has suspended, hit a
+ * replay mismatch or been fenced by the gateway. An AsyncLocalStorage carries it from the adapter
+ * to every step call. Every callback goes through `getSteps`/`putStep` here, the one place that
+ * enforces the fence: once the gateway has refused one callback as superseded, no other is sent.
  */
 
 import { AsyncLocalStorage } from 'node:async_hooks';
 
-import { ReplayMismatchError, StepUsageError, Suspend } from './errors.js';
+import { ReplayMismatchError, StepUsageError, Suspend, isSuperseded } from './errors.js';
 import { Transport } from './transport.js';
 
 /**
@@ -32,8 +34,10 @@ export class Invocation {
     const token = header('stepgate-token');
     if (!callback || !token) return new Invocation(null);
     const steps = header('stepgate-steps');
+    const attempt = header('stepgate-attempt');
     return new Invocation({
       runId: header('stepgate-run-id') || null,
+      attempt: attempt && /^\d+$/.test(attempt.trim()) ? Number(attempt) : null,
       callback,
       token,
       // Unknown or garbled counts fetch the record: asking once too often is safe, never asking is not.
@@ -42,13 +46,15 @@ export class Invocation {
   }
 
   /**
-   * @param {{ runId: string | null, callback: string, token: string, stepCount: number | null }
-   *          | null} gateway
+   * @param {{ runId: string | null, attempt?: number | null, callback: string, token: string,
+   *            stepCount: number | null } | null} gateway
    */
   constructor(gateway) {
     this.gateway = gateway;
     this.runId = gateway?.runId ?? null;
-    this.transport = gateway === null ? null : new Transport(gateway);
+    this.attempt = gateway?.attempt ?? null;
+    this.transport = gateway === null ? null
+      : new Transport({ ...gateway, attempt: this.attempt });
     /** @type {Map<string, number>} calls so far per step name, for name#2, name#3, ... */
     this.counts = new Map();
     this.nextSeq = 0;
@@ -56,6 +62,8 @@ export class Invocation {
     this.suspended = null;
     /** @type {ReplayMismatchError | null} sticky like a suspension, and it takes precedence */
     this.fatal = null;
+    /** @type {import('./errors.js').SupersededError | null} the gateway's fence; sticky, first */
+    this.superseded = null;
     this.closed = false;
     /** @type {Set<Promise<void>>} step operations not yet settled */
     this.pending = new Set();
@@ -71,6 +79,7 @@ export class Invocation {
    * @param {string} name
    */
   ensureCanStart(name) {
+    if (this.superseded !== null) throw this.superseded;
     if (this.closed) {
       throw new StepUsageError(`step "${name}" was called after the handler's answer was sent; ` +
         'every step must finish before the handler answers');
@@ -125,8 +134,47 @@ export class Invocation {
     return atSeq;
   }
 
+  /** Throws the fence's signal if the gateway has given up on this attempt. */
+  ensureLive() {
+    if (this.superseded !== null) throw this.superseded;
+  }
+
+  /**
+   * `PUT {cb}/steps/{id}`, unless the attempt is fenced.
+   * @param {string} stepId
+   * @param {Record<string, unknown>} body
+   * @returns {Promise<Record<string, any>>}
+   */
+  async putStep(stepId, body) {
+    this.ensureLive();
+    try {
+      return await /** @type {Transport} */ (this.transport).putStep(stepId, body);
+    } catch (err) {
+      throw this.#fenced(err);
+    }
+  }
+
+  /**
+   * The first superseded answer wins: parallel steps refused together all throw that one.
+   * @param {unknown} err
+   */
+  #fenced(err) {
+    if (!isSuperseded(err)) return err;
+    if (this.superseded === null) {
+      this.superseded = /** @type {import('./errors.js').SupersededError} */ (err);
+      this.#interrupt();
+    }
+    return this.superseded;
+  }
+
   async #loadRecord() {
-    const steps = await /** @type {Transport} */ (this.transport).getSteps();
+    this.ensureLive();
+    let steps;
+    try {
+      steps = await /** @type {Transport} */ (this.transport).getSteps();
+    } catch (err) {
+      throw this.#fenced(err);
+    }
     const bySeq = new Map();
     const seqById = new Map();
     steps.forEach((record, index) => {
@@ -204,7 +252,7 @@ export class Invocation {
     return outcome;
   }
 
-  /** @param {() => void} listener called once when the invocation suspends or aborts */
+  /** @param {() => void} listener called once when the invocation suspends, aborts or is fenced */
   onInterrupt(listener) {
     this.interruptListeners.push(listener);
   }

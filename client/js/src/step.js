@@ -4,11 +4,13 @@
  * Under the gateway each call gets an id (its name, then name#2, name#3, ... per name) and a
  * position (seq, 0-based call order) synchronously at the call, is looked up in the run's record
  * and either answered from it or executed and checkpointed. Outside the gateway steps simply run.
+ * Once the gateway has fenced the attempt, every step throws the superseded signal: no function
+ * runs and no callback goes out (a function already running finishes, its outcome is not sent).
  */
 
 import { formatDuration, formatInstant, sleepUntilLocal, toEpochMilliseconds, toMilliseconds }
   from './duration.js';
-import { CallbackError, StepOutputError, StepUsageError, isRetriable } from './errors.js';
+import { CallbackError, StepOutputError, StepUsageError, isRetriable, isSuperseded } from './errors.js';
 import { MAX_STEP_ID_LENGTH, frames } from './invocation.js';
 
 /** @typedef {import('./invocation.js').Invocation} Invocation */
@@ -154,9 +156,10 @@ function pause(name, until) {
  * @param {unknown[]} args
  */
 async function runDurable(invocation, id, seq, fn, args) {
-  const transport = /** @type {import('./transport.js').Transport} */ (invocation.transport);
   const record = await invocation.recorded(id, seq, 'run');
   if (record?.status === 'completed') return record.output ?? null;
+  // A parallel step may have been refused while this one waited for the record.
+  invocation.ensureLive();
   // Not recorded, or recorded as failed: (re-)execute it.
   let output;
   try {
@@ -165,7 +168,7 @@ async function runDurable(invocation, id, seq, fn, args) {
     await recordFailure(invocation, id, seq, err);
     throw err;
   }
-  const answer = await transport.putStep(id, { output, seq });
+  const answer = await invocation.putStep(id, { output, seq });
   if (answer.status !== 'completed' || !('output' in answer)) throw unexpected(invocation, id, answer);
   // The gateway keeps the first output stored for a step; use it, as a replay would.
   return answer.output;
@@ -203,8 +206,7 @@ async function sleepDurable(invocation, id, seq, until) {
   if (record?.status === 'sleeping' || record?.status === 'waiting') {
     throw invocation.suspend(id, 'sleeping');
   }
-  const transport = /** @type {import('./transport.js').Transport} */ (invocation.transport);
-  const answer = await transport.putStep(id, { sleep: { until: formatInstant(until) }, seq });
+  const answer = await invocation.putStep(id, { sleep: { until: formatInstant(until) }, seq });
   if (answer.status === 'completed') return;
   if (answer.status === 'sleeping') throw invocation.suspend(id, 'sleeping');
   throw unexpected(invocation, id, answer);
@@ -222,8 +224,7 @@ async function waitDurable(invocation, id, seq, wait) {
   if (record?.status === 'waiting' || record?.status === 'sleeping') {
     throw invocation.suspend(id, 'waiting');
   }
-  const transport = /** @type {import('./transport.js').Transport} */ (invocation.transport);
-  const answer = await transport.putStep(id, { wait, seq });
+  const answer = await invocation.putStep(id, { wait, seq });
   if (answer.status === 'completed') return eventOrNull(answer.output);
   if (answer.status === 'waiting') throw invocation.suspend(id, 'waiting');
   throw unexpected(invocation, id, answer);
@@ -232,18 +233,19 @@ async function waitDurable(invocation, id, seq, wait) {
 /**
  * Records a failed attempt of a step. If the record itself fails, the step's own error still
  * propagates: the invocation fails either way, and that error is the one the handler expects.
+ * A fenced attempt is the exception: the superseded signal replaces the step's error.
  * @param {Invocation} invocation
  * @param {string} id
  * @param {number} seq
  * @param {unknown} err
  */
 async function recordFailure(invocation, id, seq, err) {
-  const transport = /** @type {import('./transport.js').Transport} */ (invocation.transport);
   const error = { message: messageOf(err), type: typeOf(err), retriable: isRetriable(err) };
   try {
-    await transport.putStep(id, { error, seq });
-  } catch {
-    // See above: deliberately dropped in favour of the step's error.
+    await invocation.putStep(id, { error, seq });
+  } catch (failed) {
+    if (isSuperseded(failed)) throw failed;
+    // See above: otherwise deliberately dropped in favour of the step's error.
   }
 }
 

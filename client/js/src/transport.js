@@ -5,7 +5,7 @@
  * the checkpoints of a busy service reuse a handful of sockets to the gateway.
  */
 
-import { CallbackError, GatewayUnavailableError } from './errors.js';
+import { CallbackError, GatewayUnavailableError, SUPERSEDED_TYPE, SupersededError } from './errors.js';
 
 // A callback is one small SQLite write on the gateway; a minute means it is stuck.
 const CALLBACK_TIMEOUT_MS = 60_000;
@@ -17,11 +17,12 @@ const NETWORK_RETRY_DELAYS_MS = [50, 250];
 
 export class Transport {
   /**
-   * @param {{ callback: string, token: string, runId: string | null }} options
+   * @param {{ callback: string, token: string, runId: string | null, attempt: number | null }} options
    */
-  constructor({ callback, token, runId }) {
+  constructor({ callback, token, runId, attempt }) {
     this.base = callback.replace(/\/+$/, '');
     this.runId = runId;
+    this.attempt = attempt;
     this.headers = { authorization: `Bearer ${token}`, accept: 'application/json' };
   }
 
@@ -93,6 +94,17 @@ export class Transport {
       parsed = text === '' ? null : JSON.parse(text);
     } catch {
       // Not JSON: reported below with the status, or as an unexpected body.
+    }
+    if (response.status === 409 && parsed !== null && typeof parsed === 'object' &&
+        parsed.type === SUPERSEDED_TYPE) {
+      // The gateway has given up on this attempt and recorded nothing (protocol v1.1).
+      throw new SupersededError({
+        runId: this.runId ?? (typeof parsed.run_id === 'string' ? parsed.run_id : null),
+        attempt: Number.isInteger(parsed.attempt) ? parsed.attempt : this.attempt,
+        currentAttempt: Number.isInteger(parsed.current_attempt) ? parsed.current_attempt : null,
+        runStatus: typeof parsed.run_status === 'string' ? parsed.run_status : null,
+        stepId, problem: parsed,
+      });
     }
     if (!response.ok) {
       const detail = parsed !== null && typeof parsed === 'object'

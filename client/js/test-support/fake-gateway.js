@@ -12,6 +12,7 @@ import { createServer } from 'node:http';
 const RFC3339 = /^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)$/;
 const WIRE_DURATION = /^\d+(?:ms|s|m|h|d)$/;
 const BODY_KEYS = new Set(['output', 'error', 'sleep', 'wait']);
+export const SUPERSEDED_TYPE = 'https://stepgate.dev/problems/superseded';
 
 /**
  * @typedef {{ id: string, seq: number, kind: 'run' | 'sleep' | 'wait',
@@ -19,7 +20,8 @@ const BODY_KEYS = new Set(['output', 'error', 'sleep', 'wait']);
  *   error?: { message: string, type?: string, retriable?: boolean }, attempts: number,
  *   until?: string, wait?: { event: string, match: Record<string, unknown>, timeout?: string } }} StepRecord
  * @typedef {{ id: string, token: string, callback: string, steps: Map<string, StepRecord>,
- *   attempt: number, finished: boolean, noRetry: boolean }} Run
+ *   attempt: number, finished: boolean, noRetry: boolean, fenceAt: string | null,
+ *   fenced: boolean }} Run
  * @typedef {{ method: string, path: string, runId: string | null, stepId: string | null,
  *   body: any, authorization: string | undefined, status: number }} Call
  */
@@ -69,13 +71,24 @@ export class FakeGateway {
     /** @type {Run} */
     const run = {
       id, token: randomBytes(16).toString('base64url'), callback: `${this.url}/v1/runs/${id}`,
-      steps: new Map(), attempt: 0, finished: false, noRetry: false,
+      steps: new Map(), attempt: 0, finished: false, noRetry: false, fenceAt: null, fenced: false,
     };
     steps.forEach((step, index) => {
       run.steps.set(step.id, { seq: index, kind: 'run', status: 'completed', attempts: 1, ...step });
     });
     this.runs.set(id, run);
     return run;
+  }
+
+  /**
+   * Plays the gateway giving up on the run's current attempt (protocol v1.1): from the callback
+   * `at` on ("PUT <step id>" or "GET steps"), every callback is refused with the 409 superseded
+   * problem and records nothing.
+   * @param {Run} run
+   * @param {string} at
+   */
+  fence(run, at) {
+    run.fenceAt = at;
   }
 
   /** @param {Run} run the steps in seq order */
@@ -182,6 +195,14 @@ export class FakeGateway {
     const run = this.runs.get(route[1]);
     if (run === undefined) return fail(404, 'unknown run');
     if (req.headers.authorization !== `Bearer ${run.token}`) return fail(401, 'wrong token');
+    if (run.fenceAt === `${req.method} ${route[2] === undefined ? 'steps' : call.stepId}`) run.fenced = true;
+    if (run.fenced) {
+      return send(409, {
+        type: SUPERSEDED_TYPE, title: 'Attempt superseded', status: 409,
+        detail: `attempt ${run.attempt} was superseded`, run_id: run.id, attempt: run.attempt,
+        current_attempt: run.attempt + 1, run_status: 'running',
+      }, true);
+    }
     if (route[2] === undefined) {
       if (req.method !== 'GET') return fail(405, 'GET only');
       const steps = this.stepsOf(run).map(({ until, wait, ...record }) => record);
