@@ -22,13 +22,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway import runs
 from gateway.auth import bearer_token, same_secret
 from gateway.callbacks import strict_json
 from gateway.engine import ENGINE, Engine
 from gateway.events import rfc3339
+from gateway.lifecycle import STATES
+from gateway.model import Run
 from gateway.problem import problem
-from gateway.store import Run
 
 log = structlog.get_logger("stepgate.admin")
 
@@ -59,7 +59,7 @@ def run_summary(run: Run) -> dict[str, Any]:
     return {
         "id": run.id,
         "route": run.route,
-        "status": run.status,
+        "status": str(run.status),
         "attempt": run.attempt,
         "created_at": _time(run.created_at),
         "updated_at": _time(run.updated_at),
@@ -100,8 +100,8 @@ async def list_runs(request: web.Request) -> web.StreamResponse:
     query = request.query
     try:
         status = query.get("status") or None
-        if status is not None and status not in runs.STATES:
-            raise _BadQuery(f"status must be one of {', '.join(sorted(runs.STATES))}")
+        if status is not None and status not in STATES:
+            raise _BadQuery(f"status must be one of {', '.join(sorted(STATES))}")
         limit = DEFAULT_LIMIT
         if "limit" in query:
             if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= MAX_LIMIT:
@@ -189,12 +189,11 @@ async def retry_run(request: web.Request) -> web.StreamResponse:
     run = await _run_or_problem(request, engine)
     if isinstance(run, web.Response):
         return run
-    if not run.ended:
+    retried = await engine.retry_ended(run.id)
+    if retried is None:
         return problem(409, detail=f"the run has not ended ({run.status})", run_id=run.id)
-    if not await engine.retry_ended(run):
-        return problem(409, detail="the run changed meanwhile; look again", run_id=run.id)
     log.info("run.retry_requested", run_id=run.id, route=run.route)
-    return web.json_response(run_summary(run), status=202)
+    return web.json_response(run_summary(retried), status=202)
 
 
 async def cancel_run(request: web.Request) -> web.StreamResponse:
@@ -202,11 +201,10 @@ async def cancel_run(request: web.Request) -> web.StreamResponse:
     run = await _run_or_problem(request, engine)
     if isinstance(run, web.Response):
         return run
-    if run.ended:
+    cancelled = await engine.cancel(run.id)
+    if cancelled is None:
         return problem(409, detail=f"the run has ended ({run.status})", run_id=run.id)
-    if not await engine.cancel(run):
-        return problem(409, detail="the run changed meanwhile; look again", run_id=run.id)
-    return web.json_response(run_summary(run))
+    return web.json_response(run_summary(cancelled))
 
 
 async def post_event(request: web.Request) -> web.StreamResponse:
@@ -236,8 +234,6 @@ async def post_event(request: web.Request) -> web.StreamResponse:
     woken = await engine.store.deliver_event(event_id, name, data, now)
     if woken is None:
         return web.json_response({"id": event_id, "woke": 0, "duplicate": True}, status=202)
-    for run_id in woken:
-        engine.wake(run_id, now)
     log.info("event.received", name=name, event_id=event_id, woke=len(woken))
     return web.json_response({"id": event_id, "woke": len(woken)}, status=202)
 

@@ -22,7 +22,6 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from gateway import admin, callbacks, ui
 from gateway.config import Address, Settings
@@ -32,10 +31,10 @@ from gateway.logging import configure as configure_logging
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.poll import poll
-from gateway.problem import problem
+from gateway.problem import problem, problems
 from gateway.proxy import create_upstream_session, proxy_plain
 from gateway.routing import MethodNotAllowed, Router, normalize_path
-from gateway.store import Store
+from gateway.store import StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
 
 log = structlog.get_logger("stepgate")
@@ -74,18 +73,6 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     return response
 
 
-@web.middleware
-async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The internal listener's own 404s and 405s as problem+json, like everything else."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return problem(exc.status, detail=exc.reason, headers=headers)
-
-
 async def poll_any_method(request: web.Request) -> web.StreamResponse:
     if request.method not in ("GET", "HEAD"):
         return problem(405, detail="poll URLs take GET", headers={"Allow": "GET, HEAD"})
@@ -97,10 +84,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    try:
-        await request.app[ENGINE].store.ping()
-    except Exception as exc:
-        return problem(503, detail=f"the store is not reachable: {exc}")
+    if not await request.app[ENGINE].store.writable():
+        return problem(503, detail="the store does not take writes: new runs would be refused")
     return web.json_response({"status": "ready"})
 
 
@@ -128,7 +113,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
-        self.store = Store(settings.store_path, durability=settings.durability)
+        self.store = open_store(settings)
         self.store.write_observer = self.metrics.store_write_duration.observe
         self.public_port = 0
         self.internal_port = 0
@@ -138,6 +123,7 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
         self._stopped = False
+        self._store_open = False
 
     def _apps(self, engine: Engine, session: aiohttp.ClientSession) -> tuple[
         web.Application, web.Application
@@ -174,8 +160,15 @@ class Gateway:
             ) from exc
         return runner
 
+    async def open_store(self) -> None:
+        """Lock and open the store: the first thing a gateway does, before it starts anything
+        (a child, a listener) that a second gateway on the same store must not start."""
+        if not self._store_open:
+            await self.store.open()
+            self._store_open = True
+
     async def start(self) -> None:
-        await self.store.open()
+        await self.open_store()
         self._session = create_upstream_session()
         self.engine = engine = Engine(self.settings, self.store, self._session, self.metrics)
         public, internal = self._apps(engine, self._session)
@@ -209,7 +202,8 @@ class Gateway:
         self._runners.clear()
         if self._session is not None:
             await self._session.close()
-        await self.store.close()
+        if self._store_open:
+            await self.store.close()
 
 
 async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
@@ -223,6 +217,7 @@ async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
     gateway = Gateway(settings)
     code = 0
     try:
+        await gateway.open_store()
         if child:
             process = await ChildProcess.start(child)
             for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
@@ -243,6 +238,9 @@ async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
             code = process.returncode
             log.warning("child.exited", code=code)
         log.info("gateway.stopping")
+    except StoreLocked as exc:
+        print(f"stepgate: {exc}", file=sys.stderr)
+        code = 2
     except (GatewayError, SupervisorError) as exc:
         print(f"stepgate: {exc}", file=sys.stderr)
         code = 1

@@ -21,7 +21,7 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from gateway import runs
+from gateway.model import RunStatus
 from gateway.retry import Outcome
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -118,7 +118,7 @@ class Metrics:
         self._child(self.steps, route, status).inc()
 
     def set_run_counts(self, counts: dict[str, int]) -> None:
-        for state in runs.STATES:
+        for state in RunStatus:
             self.runs.labels(state).set(counts.get(state, 0))
 
     def render(self) -> bytes:

@@ -8,7 +8,9 @@ import time
 from aiohttp import web
 
 from gateway.auth import same_secret
-from gateway.engine import ENGINE, final_response, pending_body, retry_after_seconds
+from gateway.engine import ENGINE
+from gateway.engine.answers import final_response, pending_body, retry_after_seconds
+from gateway.errors import StoreError
 from gateway.problem import problem
 
 DEFAULT_WAIT = 20.0
@@ -34,13 +36,17 @@ async def poll(request: web.Request) -> web.StreamResponse:
     wait = _wait(request)
     if isinstance(wait, web.Response):
         return wait
-    run = await engine.lookup(request.match_info["run_id"])
-    token = request.query.get("token", "")
-    # An unknown run and a wrong token look the same, so ids can't be probed.
-    if run is None or not same_secret(token, run.poll_token):
-        return problem(404, detail="no such run, or a wrong token", headers=NO_STORE)
-    if not run.ended:
-        run = await engine.wait_end(run, wait)
+    try:
+        run = await engine.lookup(request.match_info["run_id"])
+        token = request.query.get("token", "")
+        # An unknown run and a wrong token look the same, so ids can't be probed.
+        if run is None or not same_secret(token, run.poll_token):
+            return problem(404, detail="no such run, or a wrong token", headers=NO_STORE)
+        if not run.ended:
+            run = await engine.wait_end(run, wait)
+    except StoreError:
+        return problem(503, detail="the run store is not available; poll again",
+                       headers={"Retry-After": "1", **NO_STORE})
     if run.ended:
         response = final_response(run)
         response.headers.update(NO_STORE)

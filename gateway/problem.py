@@ -8,6 +8,9 @@ from http import HTTPStatus
 from typing import Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.errors import GatewayError
 
 CONTENT_TYPE: Final = "application/problem+json"
 
@@ -49,3 +52,41 @@ def problem(
         content_type=CONTENT_TYPE,
         headers=headers,
     )
+
+
+class Problem(GatewayError):
+    """An HTTP error the gateway answers itself: raise it from a handler, and the `problems`
+    middleware renders it as problem+json."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str | None = None,
+        *,
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extra: object,
+    ) -> None:
+        super().__init__(detail or reason_phrase(status))
+        self.status = status
+        self.detail = detail
+        self.title = title
+        self.headers = headers
+        self.extra = extra
+
+    def response(self) -> web.Response:
+        return problem(self.status, self.title, self.detail, headers=self.headers, **self.extra)
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer as problem+json: our own `Problem`s, and aiohttp's 404s and 405s."""
+    try:
+        return await handler(request)
+    except Problem as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return problem(exc.status, detail=exc.reason, headers=headers)

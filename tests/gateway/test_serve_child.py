@@ -87,7 +87,8 @@ def test_serve_reports_a_missing_command_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "stepgate.yaml"
     config.write_text(yaml.safe_dump({
         "listen": f"127.0.0.1:{free_port()}", "internal_listen": f"127.0.0.1:{free_port()}",
-        "store": f"sqlite:///{tmp_path / 'db.sqlite'}", "routes": [],
+        "store": f"sqlite:///{tmp_path / 'db.sqlite'}",
+        "routes": [{"name": "app", "path": "/*", "upstream": f"http://127.0.0.1:{free_port()}"}],
     }))
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--",

@@ -1,0 +1,125 @@
+"""The durable engine: runs in, invocations out, answers back.
+
+    intake    a request becomes a run (body limit, idempotency attach) and gets its answer
+    answers   what the client sees: the recorded response, 303, 202
+    invoke    the invocation loop: claim, forward, record
+    upstream  the transport seam to the service
+    waiters   clients waiting for a run's end
+
+The store holds every run's state and decides every transition; the engine keeps only what is
+not state: tasks, waiters and timers. It learns of committed changes from the store's
+notifications, which is where runs' ends are logged and timers are set.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from gateway.config import Route, Settings
+from gateway.engine import intake
+from gateway.engine.invoke import Invoker
+from gateway.engine.upstream import AiohttpTransport, Transport
+from gateway.engine.waiters import EndWaiters
+from gateway.metrics import Metrics
+from gateway.model import PARKED, Run
+from gateway.scheduler import Scheduler
+from gateway.store import Store
+
+__all__ = ["ENGINE", "Engine"]
+
+log = structlog.get_logger("stepgate.engine")
+
+
+class Engine:
+    """Every run of one gateway process, through the store."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        *,
+        transport: Transport | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.routes = {route.name: route for route in settings.routes}
+        self.waiters = EndWaiters(store)
+        self.invoker = Invoker(settings, store, transport or AiohttpTransport(session), metrics,
+                               self.routes)
+        self.scheduler = Scheduler(store, self.invoker.fire, housekeeping=self.housekeeping)
+        self.invoker.on_retry_timer = self.scheduler.add
+        store.subscribe(self._changed)
+
+    @property
+    def internal_url(self) -> str:
+        return self.invoker.internal_url
+
+    @internal_url.setter
+    def internal_url(self, url: str) -> None:
+        self.invoker.internal_url = url  # the real port, once a port 0 is bound
+
+    def _changed(self, run: Run) -> None:
+        """The store committed a change to `run`."""
+        if run.ended:
+            log.info(
+                f"run.{run.status}", run_id=run.id, route=run.route, attempt=run.attempt,
+                status=run.resp_status,
+                duration_ms=round((run.updated_at - run.created_at) * 1000),
+            )
+            self.waiters.ended(run.id)
+        elif run.status in PARKED and run.due_at is not None:
+            self.scheduler.add(run.id, run.due_at)
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Fence every attempt a crash left running (they resume at once), start the timers."""
+        interrupted = await self.invoker.recover(crashed=True)
+        self.scheduler.start()
+        log.info("gateway.resumed", interrupted=interrupted)
+
+    async def close(self) -> None:
+        """Graceful stop: let invocations in flight finish for `shutdown_grace`, leave the rest
+        to be resumed at the next start."""
+        await self.scheduler.stop()
+        await self.invoker.drain(self.settings.shutdown_grace)
+        self.waiters.release_all()
+
+    async def housekeeping(self) -> None:
+        cutoff = time.time() - self.settings.retention
+        purged = await self.store.purge_ended(cutoff)
+        await self.store.purge_events(cutoff)
+        checkpoint = getattr(self.store, "checkpoint", None)
+        if checkpoint is not None:
+            await checkpoint()
+        if purged:
+            log.info("store.purged", runs=purged)
+
+    # -- requests ------------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
+        return await intake.handle(self, request, route)
+
+    async def lookup(self, run_id: str) -> Run | None:
+        return await self.store.get_run(run_id)
+
+    async def wait_end(self, run: Run, timeout: float) -> Run:
+        return await self.waiters.wait_end(run, timeout)
+
+    async def cancel(self, run_id: str) -> Run | None:
+        """Cancel a run that has not ended; None if it has. An attempt in flight is fenced."""
+        return await self.store.cancel(run_id, time.time())
+
+    async def retry_ended(self, run_id: str) -> Run | None:
+        """Re-run an ended run; recorded steps stay recorded. None if it has not ended."""
+        return await self.store.retry_ended(run_id, time.time())
+
+
+ENGINE = web.AppKey("stepgate.engine", Engine)

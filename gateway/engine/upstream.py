@@ -1,0 +1,81 @@
+"""The seam between the invocation loop and the service: one call, one `Outcome`.
+
+`Transport` is what the loop needs; `AiohttpTransport` is the real one. Tests of the loop pass
+their own (a function from request to reply), so its decisions are tested without sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.model import Headers, Outcome, UpstreamReply
+from gateway.proxy import forward_response_headers, header_true
+
+# Recomputed from the recorded body when it is replayed (a HEAD answer keeps the upstream's).
+_STRIP_ON_RECORD: Final = frozenset({"content-length"})
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """One request to the service, as the loop wants it sent."""
+
+    attempt: int
+    method: str
+    url: str  # upstream base + stored target, already encoded
+    headers: Headers
+    body: bytes
+    timeout: float
+
+
+class Transport(Protocol):
+    async def send(self, call: Invocation) -> Outcome: ...
+
+
+def reply_from(status: int, reason: str | None, raw: list[tuple[str, str]], body: bytes,
+               method: str) -> UpstreamReply:
+    """The reply as the gateway keeps it: headers filtered for the client, names as sent."""
+    received: CIMultiDict[str] = CIMultiDict(raw)
+    strip = frozenset() if method == "HEAD" else _STRIP_ON_RECORD
+    kept = [(name, value) for name, value in forward_response_headers(received).items()
+            if name.lower() not in strip]
+    return UpstreamReply(
+        status=status,
+        reason=reason,
+        headers=kept,
+        body=body,
+        suspend=status == 202 and header_true(received.get("Stepgate-Suspend")),
+        no_retry=header_true(received.get("Stepgate-No-Retry")),
+        retry_after=received.get("Retry-After"),
+    )
+
+
+class AiohttpTransport:
+    """Sends an invocation with the gateway's shared client session."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def send(self, call: Invocation) -> Outcome:
+        started = time.time()
+        try:
+            async with self._session.request(
+                call.method, URL(call.url, encoded=True), headers=CIMultiDict(call.headers),
+                data=call.body or None, timeout=aiohttp.ClientTimeout(total=call.timeout),
+                allow_redirects=False,
+            ) as upstream:
+                body = await upstream.read()
+                # raw_headers keep the names as the service wrote them (ETag, not Etag).
+                raw = [(name.decode("latin-1"), value.decode("latin-1"))
+                       for name, value in upstream.raw_headers]
+                reply = reply_from(upstream.status, upstream.reason, raw, body, call.method)
+                return Outcome(call.attempt, started, time.time(), reply, None)
+        except TimeoutError:
+            return Outcome(call.attempt, started, time.time(), None, "timeout")
+        except (aiohttp.ClientError, OSError):
+            return Outcome(call.attempt, started, time.time(), None, "connect")

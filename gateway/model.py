@@ -1,0 +1,135 @@
+"""Runs, steps and attempts as values, and their statuses. No behaviour beyond reading a value:
+the rules live in `gateway.lifecycle` and `gateway.store.rules`, the I/O in `gateway.store`.
+
+Runs are frozen: a change to a run is a transaction in the store, which answers with the run as
+it now stands. Nothing in the gateway keeps a copy of a run that it could drift from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from typing import Final
+
+Headers = list[tuple[str, str]]
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SLEEPING = "sleeping"
+    WAITING = "waiting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ENDED: Final = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
+PARKED: Final = frozenset({RunStatus.RETRYING, RunStatus.SLEEPING, RunStatus.WAITING})
+
+
+class StepKind(StrEnum):
+    RUN = "run"
+    SLEEP = "sleep"
+    WAIT = "wait"
+
+
+class StepStatus(StrEnum):
+    COMPLETED = "completed"
+    FAILED = "failed"
+    SLEEPING = "sleeping"
+    WAITING = "waiting"
+
+
+STEP_PARKED: Final = frozenset({StepStatus.SLEEPING, StepStatus.WAITING})
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run as stored."""
+
+    id: str
+    route: str
+    status: RunStatus
+    attempt: int  # invocations started so far; the current (or last) attempt's number
+    token: str  # the run's secret; callbacks carry a per-attempt token derived from it
+    poll_token: str
+    method: str
+    target: str
+    headers: Headers
+    body: bytes
+    created_at: float
+    updated_at: float
+    failures: int = 0
+    no_retry: bool = False
+    wake_pending: bool = False  # a parked step completed while an attempt was running
+    idem_key: str | None = None
+    request_hash: str | None = None
+    trace_id: str | None = None
+    due_at: float | None = None
+    resp_status: int | None = None
+    resp_reason: str | None = None
+    resp_headers: Headers | None = None
+    resp_body: bytes | None = None
+    error: str | None = None
+    ended_at: float | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+    def but(self, **changes: object) -> Run:
+        """This run with some fields changed (a new value; the store decides if it stands)."""
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    run_id: str
+    id: str
+    seq: int | None
+    kind: StepKind
+    status: StepStatus
+    output: str | None  # JSON text, passed through untouched
+    error: str | None  # JSON text
+    attempts: int
+    wake_at: float | None  # sleep deadline or wait time-out
+    event: str | None
+    match: str | None  # JSON
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    n: int
+    started_at: float
+    ended_at: float | None
+    outcome: str  # response | suspended | connect | timeout | interrupted | superseded
+    status: int | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamReply:
+    """An upstream response as the gateway keeps it."""
+
+    status: int
+    reason: str | None
+    headers: Headers  # already filtered for the client
+    body: bytes
+    suspend: bool
+    no_retry: bool
+    retry_after: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one invocation produced: a reply, or why none arrived."""
+
+    attempt: int
+    started_at: float
+    ended_at: float
+    reply: UpstreamReply | None
+    failure: str | None  # "connect" | "timeout" | "too_large" when no usable reply arrived
+    error: str | None = None  # a human-readable reason for a failure

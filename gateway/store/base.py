@@ -1,0 +1,184 @@
+"""The store interface: one method per named transaction, and the notification of committed
+changes.
+
+A dialect (SQLite now, PostgreSQL next) implements these; the domain rules they apply inside
+their transactions are the pure functions of `gateway.lifecycle` and `gateway.store.rules`.
+Every transition is a compare-and-set on the stored run: it reads the run, lets the rule decide
+on that, and writes the result in the same transaction, so concurrent callers can never undo
+each other. After a commit that changed a run the store tells its listeners (`subscribe`), and
+only then does the caller get its answer: a waiter woken by a notification always finds the
+change when it reads.
+
+Errors:
+
+    GatewayError
+    └── StoreError               the store failed or refused a write (503 material)
+        ├── DuplicateIdempotencyKey
+        └── StoreLocked          another gateway process serves this store
+    └── Refused                  a transaction's answer to a caller that may not do this
+        ├── UnknownRun
+        ├── WrongToken
+        └── AttemptFenced        run, attempt: a callback from a superseded attempt
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from gateway.errors import GatewayError, StoreError
+from gateway.lifecycle import AfterAttempt
+from gateway.model import Attempt, Outcome, Run, Step
+from gateway.store.rules import StepCall, StepWrite
+
+
+class DuplicateIdempotencyKey(StoreError):
+    """A run with this (route, Idempotency-Key) exists already."""
+
+
+class StoreLocked(StoreError):
+    """Another live gateway process serves this store."""
+
+
+class Refused(GatewayError):
+    """A transaction refused its caller; nothing was written."""
+
+
+class UnknownRun(Refused):
+    pass
+
+
+class WrongToken(Refused):
+    pass
+
+
+class AttemptFenced(Refused):
+    """A callback came from an attempt that is not the run's current running attempt."""
+
+    def __init__(self, run: Run, attempt: int) -> None:
+        super().__init__(f"attempt {attempt} of run {run.id} was superseded")
+        self.run = run
+        self.attempt = attempt
+
+
+@dataclass(slots=True)
+class RunPage:
+    runs: list[Run] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+Listener = Callable[[Run], None]
+# Decides a run's fate after an attempt from the run as stored and its parked steps.
+AttemptRule = Callable[[Run, Sequence[Step]], AfterAttempt]
+InterruptRule = Callable[[Run], AfterAttempt]
+
+
+class Store(abc.ABC):
+    """What the gateway needs from a run store. Every method is safe to call concurrently."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call `listener(run)` with the run as committed after every change to it."""
+        self._listeners.append(listener)
+
+    def _changed(self, run: Run) -> None:
+        for listener in self._listeners:
+            listener(run)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def writable(self) -> bool:
+        """Whether a write can be committed now (for /readyz)."""
+
+    # -- reads: each sees every write acknowledged before it started --------------------------
+
+    @abc.abstractmethod
+    async def get_run(self, run_id: str) -> Run | None: ...
+
+    @abc.abstractmethod
+    async def find_idempotent(self, route: str, key: str) -> Run | None: ...
+
+    @abc.abstractmethod
+    async def steps(self, run_id: str) -> list[Step]: ...
+
+    @abc.abstractmethod
+    async def count_steps(self, run_id: str) -> int: ...
+
+    @abc.abstractmethod
+    async def attempts(self, run_id: str) -> list[Attempt]: ...
+
+    @abc.abstractmethod
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        route: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        cursor: tuple[float, str] | None = None,
+    ) -> RunPage: ...
+
+    @abc.abstractmethod
+    async def count_by_status(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def due(self, before: float, limit: int) -> list[tuple[float, str]]:
+        """(due_at, run id) of parked runs due before `before`, soonest first."""
+
+    # -- transactions --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_run(self, run: Run) -> None:
+        """Record a new run (raises DuplicateIdempotencyKey)."""
+
+    @abc.abstractmethod
+    async def recover(self, rule: InterruptRule) -> list[AfterAttempt]:
+        """Fence every attempt left running by a gateway that is gone, with `rule`."""
+
+    @abc.abstractmethod
+    async def claim(self, run_id: str, now: float) -> Run | None:
+        """Start the next attempt of a parked run that is due: its due sleeps and timed-out
+        waits complete, it becomes running with attempt + 1. None: not due, or not parked."""
+
+    @abc.abstractmethod
+    async def finish_attempt(self, run_id: str, outcome: Outcome,
+                             rule: AttemptRule) -> AfterAttempt:
+        """Record the end of an attempt and apply `rule` to the run as stored."""
+
+    @abc.abstractmethod
+    async def put_step(self, run_id: str, token: str, step_id: str, call: StepCall,
+                       *, now: float, lookback_since: float) -> StepWrite:
+        """Record a step for the attempt the token belongs to (raises UnknownRun, WrongToken,
+        AttemptFenced). A new wait is completed at once by a matching event of the look-back."""
+
+    @abc.abstractmethod
+    async def check_callback(self, run_id: str, token: str) -> Run:
+        """The run a read callback may see (raises like put_step)."""
+
+    @abc.abstractmethod
+    async def deliver_event(self, event_id: str, name: str, data: str,
+                            ts: float) -> list[str] | None:
+        """Store an event and complete every wait it matches; None if the id was seen before."""
+
+    @abc.abstractmethod
+    async def cancel(self, run_id: str, now: float) -> Run | None: ...
+
+    @abc.abstractmethod
+    async def retry_ended(self, run_id: str, now: float) -> Run | None: ...
+
+    @abc.abstractmethod
+    async def purge_ended(self, before: float) -> int: ...
+
+    @abc.abstractmethod
+    async def purge_events(self, before: float) -> int: ...

@@ -1,0 +1,117 @@
+"""The store's domain rules, pure: every dialect calls these inside its transaction, on the rows
+it just read, so the rules hold however writes interleave.
+
+- a step write comes only from the run's current attempt (attempt fencing);
+- first write wins: a completed step never changes, a parked one only by completing;
+- attempts count the failed and successful writes of a `run` step;
+- a wait is completed by the first matching event of the look-back window that no other wait
+  of the run took, or later by every matching event;
+- an event that completes a wait of a running run leaves a pending wake-up for when it parks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.events import event_object, matches_text
+from gateway.model import STEP_PARKED, Run, RunStatus, Step, StepKind, StepStatus
+
+
+@dataclass(frozen=True, slots=True)
+class StepCall:
+    """What a handler asked to record for one step (already validated)."""
+
+    kind: StepKind
+    status: StepStatus
+    seq: int | None = None
+    output: str | None = None  # JSON
+    error: str | None = None  # JSON
+    wake_at: float | None = None
+    event: str | None = None
+    match: str | None = None  # JSON
+    no_retry: bool = False  # a failed step with retriable: false
+
+
+@dataclass(frozen=True, slots=True)
+class StepWrite:
+    """What a step PUT stored: whether this call created the record, and the record after it."""
+
+    created: bool
+    step: Step
+    route: str = ""  # the run's route, for metrics and logs
+
+
+def fenced(run: Run, attempt: int) -> bool:
+    """Whether a callback from `attempt` must be refused: only the current attempt of a running
+    run may record steps. Every other one was given up on (crashed, timed out, cancelled)."""
+    return run.status != RunStatus.RUNNING or run.attempt != attempt
+
+
+def merge_step(current: Step | None, call: StepCall, run_id: str, step_id: str,
+               now: float) -> StepWrite:
+    """First write wins: a completed or parked record is kept as it is (a parked one changes
+    only when a wake-up completes it). A failed record takes the next write."""
+    if current is not None and (current.status != StepStatus.FAILED or current.kind != call.kind):
+        return StepWrite(created=False, step=current)  # the caller refuses a kind mismatch
+    attempts = (current.attempts if current else 0) + (1 if call.kind == StepKind.RUN else 0)
+    # A step that succeeds after failing keeps its last error, for the timeline.
+    last_error = call.error if call.error is not None or current is None else current.error
+    seq = call.seq if current is None or call.seq is not None else current.seq
+    step = Step(
+        run_id, step_id, seq, call.kind, call.status, call.output, last_error, attempts,
+        call.wake_at, call.event, call.match, current.created_at if current else now, now,
+    )
+    return StepWrite(created=True, step=step)
+
+
+def dump(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def taken_event_ids(outputs: Iterable[str]) -> set[str]:
+    """The ids of the events that already completed a wait of the run (from the waits' outputs)."""
+    taken: set[str] = set()
+    for output in outputs:
+        value = json.loads(output)
+        if isinstance(value, dict) and isinstance(value.get("id"), str):
+            taken.add(value["id"])
+    return taken
+
+
+def lookback_match(
+    name: str,
+    match: str,
+    events: Iterable[tuple[str, str, float]],
+    taken: set[str],
+) -> str | None:
+    """The output of a new wait completed from the look-back window, or None: the first event
+    (id, data JSON, ts) in time order that matches and that no other wait of the run took."""
+    for event_id, data, ts in events:
+        if event_id in taken:
+            continue
+        candidate = event_object(event_id, name, json.loads(data), ts)
+        if matches_text(match, candidate):
+            return dump(candidate)
+    return None
+
+
+def wait_is_completed_by(step: Step, event: dict[str, Any]) -> bool:
+    return (step.kind == StepKind.WAIT and step.status == StepStatus.WAITING
+            and matches_text(step.match, event))
+
+
+def woken(run: Run, now: float) -> Run:
+    """A parked step of `run` was completed: a parked run falls due now; a running one will be
+    re-invoked as soon as its current attempt parks."""
+    if run.status in (RunStatus.SLEEPING, RunStatus.WAITING):
+        return run.but(due_at=now)
+    if run.status == RunStatus.RUNNING:
+        return run.but(wake_pending=True)
+    return run
+
+
+def is_parked(step: Step) -> bool:
+    return step.status in STEP_PARKED

@@ -1,0 +1,763 @@
+"""The SQLite dialect: one file, one gateway, group commit.
+
+Writes go through one writer thread that owns its own connection and commits every write that
+queued up while the previous commit was on its way to disk in a single transaction (group
+commit). Each write waits for the commit that holds it, so an acknowledged write is always
+durable; concurrent writers share the fsync instead of queueing behind one each. Each
+transaction body below runs in that thread: it reads the rows it decides on and writes the
+result, and nothing can come between.
+
+Reads go through aiosqlite on a second connection, one whole statement (execute and fetch) at a
+time, so no read is left holding an old snapshot: WAL lets them run beside the writer and each
+sees every write committed before it started.
+
+The file is locked (`flock`) for as long as the gateway has it open: a second gateway on the
+same file stops before it touches anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from gateway.auth import token_attempt, token_valid
+from gateway.errors import StoreError
+from gateway.events import event_object
+from gateway.lifecycle import AfterAttempt, claim, retry_ended
+from gateway.lifecycle import cancel as cancel_run
+from gateway.model import Attempt, Headers, Outcome, Run, RunStatus, Step, StepKind, StepStatus
+from gateway.store import rules
+from gateway.store.base import (
+    AttemptFenced,
+    AttemptRule,
+    DuplicateIdempotencyKey,
+    InterruptRule,
+    RunPage,
+    Store,
+    StoreLocked,
+    UnknownRun,
+    WrongToken,
+)
+from gateway.store.rules import StepCall, StepWrite
+
+T = TypeVar("T")
+
+# Each entry moves the schema one version up; PRAGMA user_version records how far a file is.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        route TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL,          -- invocations started so far
+        failures INTEGER NOT NULL DEFAULT 0,
+        no_retry INTEGER NOT NULL DEFAULT 0,
+        token TEXT NOT NULL,
+        poll_token TEXT NOT NULL,
+        method TEXT NOT NULL,
+        target TEXT NOT NULL,              -- raw path and query, as received
+        headers TEXT NOT NULL,             -- JSON [[name, value], ...] as forwarded upstream
+        body BLOB NOT NULL,
+        idem_key TEXT,
+        request_hash TEXT,
+        trace_id TEXT,
+        due_at REAL,                       -- next timer: retry back-off, sleep or wait deadline
+        resp_status INTEGER,
+        resp_headers TEXT,
+        resp_body BLOB,
+        error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        ended_at REAL
+    );
+    CREATE INDEX runs_due ON runs (due_at) WHERE due_at IS NOT NULL;
+    CREATE UNIQUE INDEX runs_idem ON runs (route, idem_key) WHERE idem_key IS NOT NULL;
+    CREATE INDEX runs_created ON runs (created_at, id);
+    CREATE INDEX runs_open ON runs (status) WHERE ended_at IS NULL;
+    CREATE INDEX runs_ended ON runs (ended_at) WHERE ended_at IS NOT NULL;
+
+    CREATE TABLE steps (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        seq INTEGER,
+        kind TEXT NOT NULL,                -- run | sleep | wait
+        status TEXT NOT NULL,              -- completed | failed | sleeping | waiting
+        output TEXT,                       -- JSON
+        error TEXT,                        -- JSON
+        attempts INTEGER NOT NULL DEFAULT 0,
+        wake_at REAL,                      -- sleep deadline or wait timeout
+        event TEXT,
+        match TEXT,                        -- JSON
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (run_id, step_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX steps_waiting ON steps (event) WHERE status = 'waiting';
+
+    CREATE TABLE attempts (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        n INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL,
+        outcome TEXT NOT NULL,             -- response | suspended | connect | timeout | interrupted
+        status INTEGER,
+        error TEXT,
+        PRIMARY KEY (run_id, n)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        data TEXT NOT NULL,
+        ts REAL NOT NULL
+    );
+    CREATE INDEX events_name_ts ON events (name, ts);
+    """,
+    # wake_pending: a parked step completed while its run was running; re-invoke as soon as the
+    # attempt parks. resp_reason: the upstream's reason phrase, replayed as it was sent.
+    """
+    ALTER TABLE runs ADD COLUMN wake_pending INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN resp_reason TEXT;
+    """,
+)
+
+_RUN_COLUMNS = (
+    "id, route, status, attempt, token, poll_token, method, target, headers, body, created_at, "
+    "updated_at, failures, no_retry, wake_pending, idem_key, request_hash, trace_id, due_at, "
+    "resp_status, resp_reason, resp_headers, resp_body, error, ended_at"
+)
+_STEP_COLUMNS = (
+    "run_id, step_id, seq, kind, status, output, error, attempts, wake_at, event, match, "
+    "created_at, updated_at"
+)
+
+
+def _headers(text: str | None) -> Headers | None:
+    return None if text is None else [(name, value) for name, value in json.loads(text)]
+
+
+def _run_from_row(row: Sequence[Any]) -> Run:
+    return Run(
+        id=row[0], route=row[1], status=RunStatus(row[2]), attempt=row[3], token=row[4],
+        poll_token=row[5], method=row[6], target=row[7], headers=_headers(row[8]) or [],
+        body=bytes(row[9]), created_at=row[10], updated_at=row[11], failures=row[12],
+        no_retry=bool(row[13]), wake_pending=bool(row[14]), idem_key=row[15],
+        request_hash=row[16], trace_id=row[17], due_at=row[18], resp_status=row[19],
+        resp_reason=row[20], resp_headers=_headers(row[21]),
+        resp_body=bytes(row[22]) if row[22] is not None else None, error=row[23],
+        ended_at=row[24],
+    )
+
+
+def _step_from_row(row: Sequence[Any]) -> Step:
+    return Step(row[0], row[1], row[2], StepKind(row[3]), StepStatus(row[4]), *row[5:])
+
+
+def _dump_headers(headers: Headers | None) -> str | None:
+    return None if headers is None else json.dumps(headers, separators=(",", ":"))
+
+
+# -- transaction bodies (writer thread) ------------------------------------------------------
+
+
+def _read_run(conn: sqlite3.Connection, run_id: str) -> Run | None:
+    row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+    return _run_from_row(row) if row else None
+
+
+def _write_run(conn: sqlite3.Connection, run: Run) -> None:
+    conn.execute(
+        "UPDATE runs SET status = ?, attempt = ?, failures = ?, no_retry = ?, wake_pending = ?, "
+        "due_at = ?, resp_status = ?, resp_reason = ?, resp_headers = ?, resp_body = ?, "
+        "error = ?, updated_at = ?, ended_at = ? WHERE id = ?",
+        (str(run.status), run.attempt, run.failures, int(run.no_retry), int(run.wake_pending),
+         run.due_at, run.resp_status, run.resp_reason, _dump_headers(run.resp_headers),
+         run.resp_body, run.error, run.updated_at, run.ended_at, run.id),
+    )
+
+
+def _write_attempt(conn: sqlite3.Connection, run_id: str, attempt: Attempt) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO attempts (run_id, n, started_at, ended_at, outcome, status, "
+        "error) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (run_id, attempt.n, attempt.started_at, attempt.ended_at, attempt.outcome,
+         attempt.status, attempt.error),
+    )
+
+
+def _parked_steps(conn: sqlite3.Connection, run_id: str) -> list[Step]:
+    rows = conn.execute(
+        f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? "
+        "AND status IN ('sleeping', 'waiting')",
+        (run_id,),
+    ).fetchall()
+    return [_step_from_row(r) for r in rows]
+
+
+def _read_step(conn: sqlite3.Connection, run_id: str, step_id: str) -> Step | None:
+    row = conn.execute(
+        f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? AND step_id = ?", (run_id, step_id)
+    ).fetchone()
+    return _step_from_row(row) if row else None
+
+
+def _write_step(conn: sqlite3.Connection, step: Step) -> None:
+    conn.execute(
+        f"INSERT OR REPLACE INTO steps ({_STEP_COLUMNS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (step.run_id, step.id, step.seq, str(step.kind), str(step.status), step.output,
+         step.error, step.attempts, step.wake_at, step.event, step.match, step.created_at,
+         step.updated_at),
+    )
+
+
+def _authorized_run(conn: sqlite3.Connection, run_id: str, token: str) -> tuple[Run, int]:
+    attempt = token_attempt(token)
+    run = _read_run(conn, run_id)
+    if run is None:
+        raise UnknownRun(run_id)
+    if attempt is None or attempt > run.attempt or not token_valid(run.token, token, attempt):
+        raise WrongToken(run_id)
+    return run, attempt
+
+
+class _Writer:
+    """One thread, one connection, group commit (see the module docstring).
+
+    No task sits between a write and its commit: `submit` hands a batch to the thread at once
+    when none is in flight, and the thread, when it has committed, hands the results back with
+    `call_soon_threadsafe` and the loop starts the next batch from what queued up meanwhile.
+    """
+
+    def __init__(self, path: str, synchronous: str) -> None:
+        self._path = path
+        self._synchronous = synchronous
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="stepgate-store")
+        self._conn: sqlite3.Connection | None = None
+        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._busy = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(self._executor, self._connect)
+
+    def _connect(self) -> None:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per batch.
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        # WAL: readers never block the writer and a commit is one sequential append.
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL fsyncs the WAL at every commit (power-loss safe); NORMAL only at checkpoints, which
+        # still survives a process crash. This is the `durability` setting.
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        # Steps and attempts are deleted with their run (retention).
+        conn.execute("PRAGMA foreign_keys=ON")
+        # Another process (a CLI, a backup) may hold a lock for a moment; wait instead of failing.
+        # Longer locks fail the write, which its caller retries or answers 503.
+        conn.execute("PRAGMA busy_timeout=5000")
+        # After a checkpoint the WAL is cut back to this size instead of keeping its peak, so a
+        # burst does not keep a small volume full.
+        conn.execute("PRAGMA journal_size_limit=4194304")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the store {self._path} has schema version {version}, newer than this "
+                f"gateway understands ({len(MIGRATIONS)})"
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+
+    async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closing or self._loop is None:
+            raise StoreError("the store is closed")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.append((op, future))
+        if not self._busy:
+            self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        batch, self._queue = self._queue, []
+        self._busy = True
+        self._idle.clear()
+        self._executor.submit(self._commit_and_report, batch)
+
+    def _commit_and_report(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+    ) -> None:
+        """Runs in the writer thread."""
+        try:
+            results = self._commit(batch)
+        except BaseException as exc:  # never leave a writer waiting forever
+            error = StoreError(f"commit failed: {exc}")
+            results = [(False, error) for _ in batch]
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._committed, batch, results)
+
+    def _committed(
+        self,
+        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+        results: list[tuple[bool, Any]],
+    ) -> None:
+        for (_, future), (ok, value) in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        self._busy = False
+        if self._queue:
+            self._dispatch()
+        else:
+            self._idle.set()
+
+    def _commit(
+        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
+    ) -> list[tuple[bool, Any]]:
+        conn = self._conn
+        assert conn is not None
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op, _ in batch:
+                # A savepoint per write: one failing write (a duplicate key) is undone alone.
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, op(conn)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((False, _translate(exc)))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled back already (a full disk does that)
+            error = StoreError(f"commit failed: {exc}")
+            error.__cause__ = exc
+            return [(False, error) for _ in batch]
+        return results
+
+    async def close(self) -> None:
+        self._closing = True
+        await self._idle.wait()  # what was submitted before is committed and answered
+        loop = asyncio.get_running_loop()
+        if self._conn is not None:
+            await loop.run_in_executor(self._executor, self._conn.close)
+        self._executor.shutdown(wait=True)
+
+
+def _translate(exc: Exception) -> Exception:
+    """Foreign errors become ours, once, here; the store's own refusals pass as they are."""
+    if isinstance(exc, sqlite3.IntegrityError) and "idem_key" in str(exc):
+        error: Exception = DuplicateIdempotencyKey("idempotency key in use")
+    elif isinstance(exc, sqlite3.Error):
+        error = StoreError(str(exc))
+    elif isinstance(exc, OverflowError | ValueError) and not isinstance(exc, UnicodeError):
+        error = StoreError(f"a value cannot be stored: {exc}")
+    elif isinstance(exc, UnicodeError):
+        error = StoreError(f"a text cannot be stored: {exc}")
+    else:
+        return exc
+    error.__cause__ = exc
+    return error
+
+
+class SQLiteStore(Store):
+    """`open()` locks and migrates the file."""
+
+    def __init__(self, path: str, *, durability: str = "full") -> None:
+        super().__init__()
+        self.path = path
+        self._writer = _Writer(path, "FULL" if durability == "full" else "NORMAL")
+        self._reader: aiosqlite.Connection | None = None
+        self._lock_fd: int | None = None
+        self.write_observer: Callable[[float], None] | None = None
+        self.last_write_failed: float | None = None
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def _lock(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            try:  # a read-only file still gets its lock; its writes will fail and say so
+                fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise StoreError(f"cannot open the store {self.path}: {exc.strerror}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise StoreLocked(
+                f"the store {self.path} is in use by another gateway process; "
+                "one gateway serves one SQLite file (use PostgreSQL for several)"
+            ) from exc
+        self._lock_fd = fd
+
+    async def open(self) -> None:
+        self._lock()
+        try:
+            await self._writer.open()
+            self._reader = await aiosqlite.connect(self.path)
+            await self._reader.execute("PRAGMA busy_timeout=5000")
+        except sqlite3.Error as exc:
+            await self._unlock()
+            raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
+        except BaseException:
+            await self._unlock()
+            raise
+
+    async def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    async def close(self) -> None:
+        try:
+            await self._writer.close()
+            if self._reader is not None:
+                await self._reader.close()
+        finally:
+            await self._unlock()
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        started = time.perf_counter()
+        try:
+            result = await self._writer.submit(op)
+        except StoreError:
+            self.last_write_failed = time.monotonic()
+            raise
+        finally:
+            if self.write_observer is not None:
+                self.write_observer(time.perf_counter() - started)
+        self.last_write_failed = None
+        return result
+
+    async def writable(self) -> bool:
+        try:
+            await self._writer.submit(lambda conn: None)  # an empty BEGIN IMMEDIATE … COMMIT
+        except StoreError:
+            return False
+        return self.last_write_failed is None
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        assert self._reader is not None, "store not open"
+        try:
+            # One call into aiosqlite's thread: execute and fetch with nothing in between, so no
+            # other read can run while this one holds its snapshot.
+            return list(await self._reader.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> Run | None:
+        rows = await self._fetchall(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
+        return _run_from_row(rows[0]) if rows else None
+
+    async def find_idempotent(self, route: str, key: str) -> Run | None:
+        rows = await self._fetchall(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE route = ? AND idem_key = ?", (route, key)
+        )
+        return _run_from_row(rows[0]) if rows else None
+
+    async def count_by_status(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT status, count(*) FROM runs GROUP BY status")
+        return {status: n for status, n in rows}
+
+    async def due(self, before: float, limit: int) -> list[tuple[float, str]]:
+        rows = await self._fetchall(
+            "SELECT due_at, id FROM runs WHERE due_at IS NOT NULL AND due_at <= ? "
+            "ORDER BY due_at LIMIT ?",
+            (before, limit),
+        )
+        return [(due, run_id) for due, run_id in rows]
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        route: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        cursor: tuple[float, str] | None = None,
+    ) -> RunPage:
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("status = ?", status),
+            ("route = ?", route),
+            ("created_at >= ?", since),
+            ("created_at < ?", until),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if cursor is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [cursor[0], cursor[0], cursor[1]]
+        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params.append(limit + 1)
+        found = [_run_from_row(r) for r in await self._fetchall(sql, params)]
+        page = RunPage(runs=found[:limit])
+        if len(found) > limit:
+            last = found[limit - 1]
+            page.next_cursor = f"{last.created_at!r}~{last.id}"
+        return page
+
+    async def steps(self, run_id: str) -> list[Step]:
+        rows = await self._fetchall(
+            f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? "
+            "ORDER BY seq IS NULL, seq, created_at",
+            (run_id,),
+        )
+        return [_step_from_row(r) for r in rows]
+
+    async def count_steps(self, run_id: str) -> int:
+        rows = await self._fetchall("SELECT count(*) FROM steps WHERE run_id = ?", (run_id,))
+        return int(rows[0][0])
+
+    async def attempts(self, run_id: str) -> list[Attempt]:
+        rows = await self._fetchall(
+            "SELECT n, started_at, ended_at, outcome, status, error FROM attempts "
+            "WHERE run_id = ? ORDER BY n",
+            (run_id,),
+        )
+        return [Attempt(*r) for r in rows]
+
+    # -- transactions --------------------------------------------------------------------------
+
+    async def create_run(self, run: Run) -> None:
+        params = (
+            run.id, run.route, str(run.status), run.attempt, run.token, run.poll_token,
+            run.method, run.target, _dump_headers(run.headers), run.body, run.created_at,
+            run.updated_at, run.failures, int(run.no_retry), int(run.wake_pending), run.idem_key,
+            run.request_hash, run.trace_id, run.due_at, run.resp_status, run.resp_reason,
+            _dump_headers(run.resp_headers), run.resp_body, run.error, run.ended_at,
+        )
+        sql = f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES ({', '.join('?' * 25)})"
+        await self._write(lambda conn: conn.execute(sql, params))
+        self._changed(run)
+
+    async def recover(self, rule: InterruptRule) -> list[AfterAttempt]:
+        def op(conn: sqlite3.Connection) -> list[AfterAttempt]:
+            rows = conn.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'running'"
+            ).fetchall()
+            done = []
+            for row in rows:
+                after = rule(_run_from_row(row))
+                _write_run(conn, after.run)
+                _write_attempt(conn, after.run.id, after.attempt)
+                done.append(after)
+            return done
+
+        recovered = await self._write(op)
+        for after in recovered:
+            self._changed(after.run)
+        return recovered
+
+    async def claim(self, run_id: str, now: float) -> Run | None:
+        def op(conn: sqlite3.Connection) -> Run | None:
+            run = _read_run(conn, run_id)
+            claimed = None if run is None else claim(run, now)
+            if claimed is None:
+                return None
+            if run is not None and run.status in (RunStatus.SLEEPING, RunStatus.WAITING):
+                # Sleeps whose deadline passed complete with null; so do timed-out waits.
+                conn.execute(
+                    "UPDATE steps SET status = 'completed', output = 'null', updated_at = ? "
+                    "WHERE run_id = ? AND status IN ('sleeping', 'waiting') AND wake_at <= ?",
+                    (now, run_id, now),
+                )
+            _write_run(conn, claimed)
+            return claimed
+
+        claimed = await self._write(op)
+        if claimed is not None:
+            self._changed(claimed)
+        return claimed
+
+    async def finish_attempt(self, run_id: str, outcome: Outcome,
+                             rule: AttemptRule) -> AfterAttempt:
+        def op(conn: sqlite3.Connection) -> AfterAttempt:
+            run = _read_run(conn, run_id)
+            if run is None:
+                raise UnknownRun(run_id)
+            after = rule(run, _parked_steps(conn, run_id))
+            if after.decision is not None:
+                _write_run(conn, after.run)
+            _write_attempt(conn, run_id, after.attempt)
+            return after
+
+        after = await self._write(op)
+        if after.decision is not None:
+            self._changed(after.run)
+        return after
+
+    async def check_callback(self, run_id: str, token: str) -> Run:
+        run = await self.get_run(run_id)
+        if run is None:
+            raise UnknownRun(run_id)
+        attempt = token_attempt(token)
+        if attempt is None or attempt > run.attempt or not token_valid(run.token, token, attempt):
+            raise WrongToken(run_id)
+        if rules.fenced(run, attempt):
+            raise AttemptFenced(run, attempt)
+        return run
+
+    async def put_step(self, run_id: str, token: str, step_id: str, call: StepCall,
+                       *, now: float, lookback_since: float) -> StepWrite:
+        def op(conn: sqlite3.Connection) -> StepWrite:
+            run, attempt = _authorized_run(conn, run_id, token)
+            if rules.fenced(run, attempt):
+                raise AttemptFenced(run, attempt)
+            current = _read_step(conn, run_id, step_id)
+            if call.kind == StepKind.WAIT and (current is None
+                                                or current.status == StepStatus.FAILED):
+                call_now = self._lookback(conn, run_id, call, lookback_since)
+            else:
+                call_now = call
+            write = rules.merge_step(current, call_now, run_id, step_id, now)
+            if write.created:
+                if call.no_retry:
+                    conn.execute("UPDATE runs SET no_retry = 1 WHERE id = ?", (run_id,))
+                _write_step(conn, write.step)
+            return StepWrite(write.created, write.step, run.route)
+
+        return await self._write(op)
+
+    @staticmethod
+    def _lookback(conn: sqlite3.Connection, run_id: str, call: StepCall,
+                  since: float) -> StepCall:
+        """A new wait, completed at once by an early event if one matches (same transaction as
+        event delivery, so none slips between)."""
+        assert call.event is not None
+        taken = rules.taken_event_ids(
+            output for (output,) in conn.execute(
+                "SELECT output FROM steps WHERE run_id = ? AND kind = 'wait' "
+                "AND status = 'completed' AND output != 'null'",
+                (run_id,),
+            )
+        )
+        events = conn.execute(
+            "SELECT id, data, ts FROM events WHERE name = ? AND ts >= ? ORDER BY ts",
+            (call.event, since),
+        )
+        output = rules.lookback_match(call.event, call.match or "{}", events, taken)
+        if output is None:
+            return call
+        return StepCall(kind=call.kind, status=StepStatus.COMPLETED, seq=call.seq, output=output,
+                        wake_at=call.wake_at, event=call.event, match=call.match)
+
+    async def deliver_event(self, event_id: str, name: str, data: str,
+                            ts: float) -> list[str] | None:
+        def op(conn: sqlite3.Connection) -> list[Run] | None:
+            inserted = conn.execute(
+                "INSERT OR IGNORE INTO events (id, name, data, ts) VALUES (?, ?, ?, ?)",
+                (event_id, name, data, ts),
+            ).rowcount
+            if not inserted:
+                return None
+            obj = event_object(event_id, name, json.loads(data), ts)
+            output = rules.dump(obj)
+            woken: dict[str, Run] = {}
+            waiting = conn.execute(
+                f"SELECT {', '.join('s.' + c.strip() for c in _STEP_COLUMNS.split(','))} "
+                "FROM steps s JOIN runs r ON r.id = s.run_id "
+                "WHERE s.status = 'waiting' AND s.event = ? AND r.ended_at IS NULL",
+                (name,),
+            ).fetchall()
+            for row in waiting:
+                step = _step_from_row(row)
+                if not rules.wait_is_completed_by(step, obj):
+                    continue
+                conn.execute(
+                    "UPDATE steps SET status = 'completed', output = ?, updated_at = ? "
+                    "WHERE run_id = ? AND step_id = ?",
+                    (output, ts, step.run_id, step.id),
+                )
+                if step.run_id not in woken:
+                    run = _read_run(conn, step.run_id)
+                    assert run is not None
+                    after = rules.woken(run, ts)
+                    _write_run(conn, after)
+                    woken[step.run_id] = after
+            return list(woken.values())
+
+        woken = await self._write(op)
+        if woken is None:
+            return None
+        for run in woken:
+            self._changed(run)
+        return [run.id for run in woken]
+
+    async def _transition(self, run_id: str, rule: Callable[[Run], Run | None]) -> Run | None:
+        def op(conn: sqlite3.Connection) -> Run | None:
+            run = _read_run(conn, run_id)
+            changed = None if run is None else rule(run)
+            if changed is not None:
+                _write_run(conn, changed)
+            return changed
+
+        changed = await self._write(op)
+        if changed is not None:
+            self._changed(changed)
+        return changed
+
+    async def cancel(self, run_id: str, now: float) -> Run | None:
+        return await self._transition(run_id, lambda run: cancel_run(run, now))
+
+    async def retry_ended(self, run_id: str, now: float) -> Run | None:
+        return await self._transition(run_id, lambda run: retry_ended(run, now))
+
+    async def purge_ended(self, before: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE ended_at IS NOT NULL "
+                "AND ended_at < ? LIMIT 5000)",
+                (before,),
+            )
+            return cursor.rowcount
+
+        return await self._write(op)
+
+    async def purge_events(self, before: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount
+
+        return await self._write(op)
+
+    async def checkpoint(self) -> None:
+        """Fold the WAL back into the database and truncate it (housekeeping). A checkpoint
+        can't run inside the writer's transaction, so it goes through the reader's connection."""
+        await self._fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
