@@ -22,7 +22,7 @@ from stepgate._context import Invocation
 from stepgate._protocol import SUPERSEDED_TYPE
 from stepgate.errors import NonRetriableError, ReplayMismatchError, Superseded, Suspend
 
-__all__ = ["Reply", "failure", "reply_for", "superseded"]
+__all__ = ["Reply", "failure", "problem", "reply_for", "superseded"]
 
 
 @dataclass(frozen=True, slots=True)

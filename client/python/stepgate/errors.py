@@ -27,6 +27,8 @@ plain StepgateError.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 __all__ = [
     "CallbackError",
     "GatewayUnavailableError",
@@ -53,6 +55,13 @@ class StepgateError(Exception):
         return self.message
 
 
+# The NonRetriableErrors made while the WSGI adapter runs a request (None elsewhere): frameworks
+# such as Flask and Django catch a view's exception and answer their own 500 page, so the
+# adapter looks here for one that was raised (it has a traceback) to answer it after all.
+refusals: ContextVar[list[NonRetriableError] | None] = ContextVar("stepgate_refusals",
+                                                                  default=None)
+
+
 class NonRetriableError(StepgateError):
     """Raise to end the run: the adapter answers `status` with `Stepgate-No-Retry: true`.
 
@@ -66,6 +75,15 @@ class NonRetriableError(StepgateError):
             raise ValueError(f"NonRetriableError status must be 400-599, got {status}")
         super().__init__(message, run_id=run_id, step_id=step_id)
         self.status = status
+        noticed = refusals.get()
+        if noticed is not None:
+            noticed.append(self)
+
+
+def raised_refusal() -> NonRetriableError | None:
+    """The last NonRetriableError raised during the WSGI request being run, if any."""
+    noticed = refusals.get()
+    return next((e for e in reversed(noticed or ()) if e.__traceback__ is not None), None)
 
 
 class ReplayMismatchError(StepgateError):
