@@ -3,6 +3,9 @@
 Exit codes: 0 success; 1 the gateway answered with an error or could not be reached;
 2 bad usage or a bad config file (always one line on stderr, never a traceback).
 The admin commands use only the standard library (urllib): they run wherever Python does.
+
+Run ids are URL-safe base64, so one in 64 starts with "-": ``stepgate runs show -AbC...`` works
+when the id is the only word that is not an option, and ``stepgate runs show -- -AbC...`` always.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import asyncio
 import datetime as dt
 import ipaddress
 import json
+import math
 import os
 import sys
 import urllib.error
@@ -19,7 +23,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from gateway.config import ConfigError, Settings, load_settings, parse_duration
 
@@ -58,6 +62,18 @@ def _load(path: str) -> Settings:
         raise _Failure(str(err), code=2, bare=True) from None
 
 
+def _load_gateway(path: str) -> Settings:
+    """A config to serve: the admin commands may read one without routes, a gateway may not."""
+    settings = _load(path)
+    if not settings.routes:
+        message = (
+            "no routes: the gateway would answer 404 to every request; "
+            "add at least one (see config.example.yaml)"
+        )
+        raise _Failure(str(ConfigError(path, "routes", message)), code=2, bare=True)
+    return settings
+
+
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     try:
         import uvloop
@@ -67,7 +83,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _cmd_serve(args: argparse.Namespace, child: list[str] | None) -> int:
-    settings = _load(args.config)
+    settings = _load_gateway(args.config)
     # Imported here so `check` and the admin commands start fast and need no server code.
     from gateway.app import serve
 
@@ -83,7 +99,7 @@ def _cmd_serve(args: argparse.Namespace, child: list[str] | None) -> int:
 
 
 def _cmd_check(args: argparse.Namespace, child: list[str] | None) -> int:
-    settings = _load(args.config)
+    settings = _load_gateway(args.config)
     count = len(settings.routes)
     print(f"{args.config}: ok ({count} route{'' if count == 1 else 's'})")
     return 0
@@ -101,12 +117,17 @@ class _Admin:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> _Admin:
         settings = _load(args.config) if args.config else None
-        base = args.url or (settings.internal_url if settings else DEFAULT_INTERNAL_URL)
-        parts = urllib.parse.urlsplit(base)
-        if parts.scheme not in {"http", "https"} or not parts.hostname:
-            raise _Failure(f"--url must be an http:// or https:// URL, got {base!r}", 2)
-        token = args.token or os.environ.get(TOKEN_ENV) or (settings and settings.admin_token)
-        return cls(base.rstrip("/"), token or None)
+        if args.url:
+            base = _admin_url(args.url)
+        else:  # internal_url was checked with the config
+            base = settings.internal_url if settings else DEFAULT_INTERNAL_URL
+        if args.token:
+            token: str | None = _bearer(args.token, "--token")
+        elif os.environ.get(TOKEN_ENV):
+            token = _bearer(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
+        else:
+            token = settings.admin_token if settings else None
+        return cls(base.rstrip("/"), token)
 
     def _opener(self) -> urllib.request.OpenerDirector:
         host = urllib.parse.urlsplit(self.base).hostname or ""
@@ -122,8 +143,13 @@ class _Admin:
         *,
         query: dict[str, str] | None = None,
         body: object = None,
+        always_there: bool = False,
     ) -> tuple[str, object]:
-        """Returns the response text and its decoded JSON; every failure is a _Failure."""
+        """Returns the response text and its decoded JSON; every failure is a _Failure.
+
+        ``always_there``: the admin API never answers 404 for this path, so a 404 means that
+        the URL points elsewhere (most often at the public listener).
+        """
         url = self.base + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
@@ -139,7 +165,8 @@ class _Admin:
             with self._opener().open(request, timeout=self.timeout) as response:
                 text = response.read().decode("utf-8", errors="replace")
         except urllib.error.HTTPError as exc:
-            raise _Failure(f"{method} {url}: {_describe_http_error(exc)}") from None
+            hint = self._elsewhere() if exc.code == 404 and always_there else ""
+            raise _Failure(f"{method} {url}: {_describe_http_error(exc)}{hint}") from None
         except urllib.error.URLError as exc:
             reason = exc.reason.strerror if isinstance(exc.reason, OSError) else exc.reason
             raise _Failure(f"cannot reach {self.base}: {_one_line(str(reason or exc))}") from None
@@ -149,8 +176,45 @@ class _Admin:
             return text, json.loads(text) if text.strip() else None
         except json.JSONDecodeError:
             raise _Failure(
-                f"{method} {url}: the answer is not JSON: {_one_line(text, 80)}"
+                f"{method} {url}: the answer is not JSON: {_one_line(text, 80)}{self._elsewhere()}"
             ) from None
+
+    def _elsewhere(self) -> str:
+        return (
+            f" (is {self.base} the gateway's internal URL? "
+            "the admin API is served on internal_listen)"
+        )
+
+
+def _admin_url(text: str) -> str:
+    """``--url``, checked before any call: urllib's own complaints are tracebacks or misleading."""
+    if any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise _Failure(f"--url {text!r} must not contain spaces or control characters", 2)
+    authority = text.partition("://")[2].partition("/")[0].partition("?")[0].partition("#")[0]
+    if "@" in authority:  # said without echoing the URL: it holds a password
+        raise _Failure("--url must not carry credentials: pass --token", 2)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        raise _Failure(f"--url {text!r} is not a valid URL", 2) from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise _Failure(f"--url must be an http:// or https:// URL, got {text!r}", 2)
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise _Failure(f"--url {text!r} has an invalid port", 2) from None
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise _Failure(f"--url {text!r} must not have a query or fragment", 2)
+    return text
+
+
+def _bearer(token: str, source: str) -> str:
+    # What a header can carry and the gateway compares as sent (config checks admin_token alike).
+    if not all("!" <= ch <= "~" for ch in token):
+        raise _Failure(
+            f"{source} must be printable ASCII without spaces (it is sent as a bearer token)", 2
+        )
+    return token
 
 
 def _is_ip(text: str) -> bool:
@@ -219,6 +283,12 @@ def _error_text(error: object) -> str:
 
 
 def _step_result(step: dict[str, Any]) -> str:
+    if step.get("status") == "completed":
+        # The record keeps the last error for the timeline even once the step has succeeded.
+        result = "output: " + _brief_json(step.get("output"))
+        if step.get("error"):
+            result += "; earlier error: " + _one_line(_error_text(step["error"]), 60)
+        return result
     if step.get("error"):
         return "error: " + _error_text(step["error"])
     if step.get("status") == "sleeping":
@@ -226,8 +296,6 @@ def _step_result(step: dict[str, Any]) -> str:
     if step.get("status") == "waiting":
         deadline = f" (until {_when(step['wake_at'])})" if step.get("wake_at") else ""
         return f"event {step.get('event', '?')} {_brief_json(step.get('match') or {})}{deadline}"
-    if step.get("status") == "completed" and "output" in step:
-        return "output: " + _brief_json(step["output"])
     return ""
 
 
@@ -294,14 +362,35 @@ def _indent(text: str) -> str:
 # --- admin commands -------------------------------------------------------------------------
 
 
-def _moment(text: str) -> str:
-    """``--since 1h`` means an hour ago; anything else is passed on as written (RFC 3339)."""
+def _moment(text: str, flag: str) -> str:
+    """``--since 1h`` means an hour ago; RFC 3339 and Unix seconds are passed on as written."""
+    bad = _Failure(
+        f"{flag} {text!r}: expected an RFC 3339 time (2025-01-02T03:04:05Z), Unix seconds, "
+        "or a duration ago (1h)",
+        2,
+    )
     try:
         ago = parse_duration(text)
     except ValueError:
-        return text
-    moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=ago)
-    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+        pass
+    else:
+        try:
+            moment = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=ago)
+        except OverflowError:
+            raise _Failure(f"{flag} {text!r} reaches back before year 1", 2) from None
+        return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        if math.isfinite(float(text)):
+            return text
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise bad from None
+    if when.tzinfo is None:
+        raise _Failure(f"{flag} {text!r} needs a time zone, e.g. {text}Z", 2)
+    return text
 
 
 def _emit(args: argparse.Namespace, text: str, render: Callable[[], str]) -> int:
@@ -321,14 +410,14 @@ def _cmd_runs_list(args: argparse.Namespace, child: list[str] | None) -> int:
         for name, value in (
             ("status", args.status),
             ("route", args.route),
-            ("since", _moment(args.since) if args.since else None),
-            ("until", _moment(args.until) if args.until else None),
+            ("since", _moment(args.since, "--since") if args.since else None),
+            ("until", _moment(args.until, "--until") if args.until else None),
             ("limit", str(args.limit) if args.limit is not None else None),
             ("cursor", args.cursor),
         )
         if value is not None
     }
-    text, answer = _Admin.from_args(args).call("GET", "/v1/runs", query=query)
+    text, answer = _Admin.from_args(args).call("GET", "/v1/runs", query=query, always_there=True)
 
     def render() -> str:
         page = _expect_dict(answer, "runs list")
@@ -355,6 +444,8 @@ def _cmd_runs_list(args: argparse.Namespace, child: list[str] | None) -> int:
 
 
 def _run_path(run_id: str, action: str = "") -> str:
+    if not run_id:  # would be /v1/runs/, which is not a run
+        raise _Failure("the run ID must not be empty", 2)
     return f"/v1/runs/{urllib.parse.quote(run_id, safe='')}{action}"
 
 
@@ -374,15 +465,40 @@ def _run_action(action: str, done: str) -> Callable[[argparse.Namespace, list[st
     return command
 
 
-def _cmd_events_send(args: argparse.Namespace, child: list[str] | None) -> int:
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(name: str) -> float:
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJson(f"{text} is too large for a JSON number")
+    return value
+
+
+def _event_data(text: str) -> object:
+    """``--data``: strict JSON (Python's json also reads NaN and Infinity, which JSON has not)."""
     try:
-        data = json.loads(args.data)
+        data = json.loads(text, parse_constant=_not_json, parse_float=_finite)
+        json.dumps({"data": data})  # as deep as it will be sent
     except json.JSONDecodeError as exc:
         raise _Failure(f"--data is not valid JSON: {exc.msg} at column {exc.colno}", 2) from None
-    event: dict[str, object] = {"name": args.name, "data": data}
+    except _NotJson as exc:
+        raise _Failure(f"--data is not valid JSON: {exc}", 2) from None
+    except RecursionError:
+        raise _Failure("--data is nested too deeply", 2) from None
+    return data
+
+
+def _cmd_events_send(args: argparse.Namespace, child: list[str] | None) -> int:
+    event: dict[str, object] = {"name": args.name, "data": _event_data(args.data)}
     if args.id is not None:
         event["id"] = args.id
-    text, answer = _Admin.from_args(args).call("POST", "/v1/events", body=event)
+    text, answer = _Admin.from_args(args).call("POST", "/v1/events", body=event, always_there=True)
 
     def render() -> str:
         reply = _expect_dict(answer, "events send")
@@ -454,8 +570,15 @@ def _parser() -> argparse.ArgumentParser:
         ),
         ("cancel", _run_action("cancel", "cancel requested"), "cancel a run that has not ended"),
     ):
-        sub = run_commands.add_parser(action, parents=[common], help=help_text)
-        sub.add_argument("id", metavar="ID", help="the run id")
+        sub = run_commands.add_parser(
+            action,
+            parents=[common],
+            help=help_text,
+            usage=f"stepgate runs {action} [-h] [--url URL] [--config FILE] [--token TOKEN] "
+            "[--json] [--] ID",
+            epilog=f'An ID that starts with "-" can follow "--": stepgate runs {action} -- -AbC...',
+        )
+        sub.add_argument("id", metavar="ID", help='the run id (one that starts with "-" too)')
         sub.set_defaults(handler=handler)
 
     events = commands.add_parser("events", help="send events to waiting runs")
@@ -466,6 +589,50 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--id", help="an id for deduplication: a repeated id is accepted once")
     send.set_defaults(handler=_cmd_events_send)
     return parser
+
+
+_ID_ACTIONS: Final = ("show", "retry", "cancel")
+# The options of those commands (see _admin_options); argparse also takes unique abbreviations.
+_VALUED_OPTIONS: Final = ("--url", "--config", "--token")
+_FLAG_OPTIONS: Final = ("--json", "--help")
+
+
+def _option(word: str) -> str | None:
+    """The option ``word`` means (``--url=x``, ``--tok``), or None if it is not one of ours."""
+    if word == "-h":
+        return "--help"
+    name = word.partition("=")[0]
+    if len(name) < 3 or not name.startswith("--"):
+        return None
+    matches = [option for option in _VALUED_OPTIONS + _FLAG_OPTIONS if option.startswith(name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def _dashed_id_last(arguments: list[str]) -> list[str]:
+    """``runs show -AbC... --json`` -> ``runs show --json -- -AbC...``.
+
+    argparse reads any word that starts with "-" as an option, and one run id in 64 does. If the
+    one word that is no option of ours (nor an option's value) starts with "-", it is the id:
+    behind "--", argparse takes it as the ID. Anything else is left to argparse as it is.
+    """
+    head, rest = arguments[:2], arguments[2:]
+    plain: list[int] = []
+    dashed: list[int] = []
+    index = 0
+    while index < len(rest):
+        word = rest[index]
+        if word == "--":  # the user's own: argparse knows what to do
+            return arguments
+        option = _option(word)
+        if option is not None:
+            index += 2 if option in _VALUED_OPTIONS and "=" not in word else 1
+            continue
+        (dashed if word.startswith("-") and word != "-" else plain).append(index)
+        index += 1
+    if plain or len(dashed) != 1:
+        return arguments
+    (at,) = dashed
+    return [*head, *rest[:at], *rest[at + 1 :], "--", rest[at]]
 
 
 def _limit(text: str) -> int:
@@ -491,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (the entry point passes it to sys.exit)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     child: list[str] | None = None
-    if "--" in arguments:  # everything after `--` is the supervised command, verbatim
+    if arguments[:1] == ["runs"] and arguments[1:2] and arguments[1] in _ID_ACTIONS:
+        arguments = _dashed_id_last(arguments)  # `--` ends the options; the ID may follow it
+    elif "--" in arguments:  # everything after `--` is the supervised command, verbatim
         split = arguments.index("--")
         arguments, child = arguments[:split], arguments[split + 1 :]
     parser = _parser()
@@ -506,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         if child is not None and not child:
             raise _Failure("no command after `--`", 2)
         return handler(args, child)
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the gateway: no traceback
+        return 130
     except _Failure as failure:
         print(failure.message if failure.bare else f"stepgate: {failure.message}", file=sys.stderr)
         return failure.code

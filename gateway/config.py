@@ -585,7 +585,87 @@ def _events_lookback(value: object, key: str) -> float:
 
 
 def _admin_token(value: object, key: str) -> str | None:
-    return None if value is None else _string(value, key)
+    if value is None:
+        return None
+    token = _string(value, key)
+    if not all("!" <= ch <= "~" for ch in token):  # clients send it in an Authorization header
+        raise _Invalid(key, "must be printable ASCII without spaces (it is sent as a bearer token)")
+    return token
+
+
+_LISTENERS: Final = (
+    ("listen", DEFAULT_LISTEN), ("internal_listen", DEFAULT_INTERNAL_LISTEN),
+    ("metrics_listen", None),
+)  # fmt: skip
+
+
+def _takes(address: Address) -> frozenset[tuple[str, str]]:
+    """What binding ``address`` takes: (IP version, address or "*" for all), or ("name", host)."""
+    host = address.host.lower()
+    if host == "localhost":
+        return frozenset({("4", "127.0.0.1"), ("6", "::1")})
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return frozenset({("name", host)})
+    return frozenset({(str(ip.version), "*" if ip.is_unspecified else str(ip))})
+
+
+def _wildcard(text: str) -> str | None:
+    """``"IPv4"`` for 0.0.0.0:PORT, ``"IPv6"`` for [::]:PORT, else None."""
+    try:
+        ip = ipaddress.ip_address(parse_address(text).host)
+    except ValueError:
+        return None
+    return f"IPv{ip.version}" if ip.is_unspecified else None
+
+
+def _clash(a: Address, b: Address) -> bool:
+    """Whether two listeners would take one port. asyncio and uvloop make IPv6 sockets IPv6-only,
+    so 0.0.0.0 and :: do not clash; a host name may resolve to any address."""
+    if a.port == 0 or a.port != b.port:  # port 0: the OS picks a free one for each
+        return False
+    return any(
+        one == other
+        or ("*" in (one[1], other[1]) and (one[0] == other[0] or "name" in (one[0], other[0])))
+        for one in _takes(a)
+        for other in _takes(b)
+    )
+
+
+def _listeners_apart(section: _Section) -> None:
+    """Refuse two listeners on one port up front: `serve` would fail with "address in use"."""
+    given: list[tuple[str, str, bool]] = []  # (key, address as written, left at its default)
+    for name, fallback in _LISTENERS:
+        text = section.optional(name, lambda v, k: None if v is None else _address_text(v, k),
+                                fallback)  # fmt: skip
+        if text is not None:
+            given.append((name, text, section.raw(name) is _Section._MISSING))
+    for index, later in enumerate(given):
+        for earlier in given[:index]:
+            if not _clash(parse_address(later[1]), parse_address(earlier[1])):
+                continue
+            # Blame the later key, unless the user never wrote it.
+            (name, text, _), (other, other_text, other_default) = (
+                (earlier, later) if later[2] else (later, earlier)
+            )
+            raise _Invalid(
+                name,
+                f"{_show(text)} {_clash_detail(text, other, other_text, other_default)}; "
+                "give each listener its own port",
+            )
+
+
+def _clash_detail(text: str, other: str, other_text: str, other_default: bool) -> str:
+    mine, theirs = _wildcard(text), _wildcard(other_text)
+    default = ", the default" if other_default else ""
+    if theirs and not mine:
+        every = f"{': ' if default else ', '}every {theirs} address"
+        return f"is inside {other} ({_show(other_text)}{default}{every})"
+    if mine and not theirs:
+        return f"(every {mine} address) takes {other}'s port too ({_show(other_text)}{default})"
+    shown = f" ({_show(other_text)}{default})" if other_text != text or default else ""
+    return f"is also {other}'s address{shown}"
 
 
 def _durability(value: object, key: str) -> Literal["full", "relaxed"]:
@@ -602,6 +682,7 @@ def _settings(data: object) -> Settings:
     section = _Section(data, None, _TOP_KEYS, "a mapping of settings at the top level")
     internal_text = section.optional("internal_listen", _address_text, DEFAULT_INTERNAL_LISTEN)
     store, store_path = section.optional("store", _store, _store(DEFAULT_STORE, "store"))
+    _listeners_apart(section)
     return Settings(
         listen=section.optional("listen", _address, parse_address(DEFAULT_LISTEN)),
         internal_listen=parse_address(internal_text),

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,7 +19,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from .conftest import Outcome, RunCli, WriteConfig, run_process
+from .conftest import REPO, Outcome, RunCli, WriteConfig, run_process
 
 RUN_SUMMARY = {
     "id": "r-new",
@@ -82,6 +85,11 @@ class FakeAdmin:
             return web.json_response(RUN_SUMMARY | {"status": "running"}, status=202)
         if route == ("POST", "/v1/runs/r-done/cancel"):
             return problem(409, "Conflict", "the run has ended (completed)")
+        if request.path.startswith("/v1/runs/-"):  # ids that look like options
+            run_id, _, action = request.path.removeprefix("/v1/runs/").partition("/")
+            if request.method == "GET" and not action:
+                return web.json_response(RUN_DETAIL | {"id": run_id})
+            return web.json_response(RUN_SUMMARY | {"id": run_id, "status": "running"})
         if route == ("POST", "/v1/events"):
             return web.json_response({"id": body["id"], "woke": 2}, status=202)
         if request.path == "/v1/runs/secret":
@@ -304,3 +312,205 @@ def test_limit_is_checked_before_calling(limit: str, cli: RunCli) -> None:
     outcome = cli("runs", "list", "--limit", limit, "--url", "http://127.0.0.1:1")
     assert outcome.code == 2
     assert "--limit" in outcome.err
+
+
+# --- run ids that start with "-" (URL-safe base64: 1 id in 64) -----------------------------
+
+DASH_ID = "-Ab3_dEf-GhIjKlMnOpQrS"
+H_ID = "-hAb3_dEf-GhIjKlMnOpQr"  # would read as `-h` with an argument
+DOUBLE_ID = "--b3_dEf-GhIjKlMnOpQrS"  # would read as a long option
+
+
+@pytest.mark.parametrize(
+    ("args", "run_id"),
+    [
+        (["show", DASH_ID], DASH_ID),
+        (["show", "--json", DASH_ID], DASH_ID),
+        (["show", "--", DASH_ID], DASH_ID),
+        (["show", "--json", "--", DASH_ID], DASH_ID),
+        (["show", H_ID], H_ID),
+        (["show", DOUBLE_ID], DOUBLE_ID),
+        (["show", "--", DOUBLE_ID], DOUBLE_ID),
+    ],
+)
+async def test_runs_show_an_id_that_starts_with_a_dash(
+    args: list[str], run_id: str, admin: Any, run_cli: Cli
+) -> None:
+    action, *rest = args
+    outcome = await run_cli("runs", action, "--url", admin.url, *rest)
+
+    assert (outcome.code, outcome.err) == (0, "")
+    assert admin.requests[0][:2] == ("GET", f"/v1/runs/{run_id}")
+    assert run_id in outcome.out
+
+
+@pytest.mark.parametrize("action", ["retry", "cancel"])
+@pytest.mark.parametrize("where", ["first", "last", "after --"])
+async def test_retry_and_cancel_an_id_that_starts_with_a_dash(
+    action: str, where: str, admin: Any, run_cli: Cli
+) -> None:
+    args = {
+        "first": [DASH_ID, "--url", admin.url],
+        "last": [f"--url={admin.url}", DASH_ID],
+        "after --": ["--url", admin.url, "--", DASH_ID],
+    }[where]
+    outcome = await run_cli("runs", action, *args)
+
+    assert (outcome.code, outcome.err) == (0, "")
+    assert admin.requests[0][:2] == ("POST", f"/v1/runs/{DASH_ID}/{action}")
+    assert outcome.out == f"run {DASH_ID}: {action} requested (running)\n"
+
+
+@pytest.mark.parametrize("action", ["show", "retry", "cancel"])
+def test_help_says_how_to_pass_an_id_that_starts_with_a_dash(action: str, cli: RunCli) -> None:
+    outcome = cli("runs", action, "--help")
+    assert outcome.code == 0
+    text = " ".join(outcome.out.split())
+    assert "[--] ID" in text
+    assert f'An ID that starts with "-" can follow "--": stepgate runs {action} -- -AbC...' in text
+
+
+def test_an_unknown_option_next_to_an_id_is_still_a_usage_error(cli: RunCli) -> None:
+    outcome = cli("runs", "show", "r1", "--jsn", "--url", "http://127.0.0.1:1")
+    assert outcome.code == 2
+    assert "unrecognized arguments: --jsn" in outcome.err
+
+
+def test_only_serve_takes_a_command_after_dashes(cli: RunCli) -> None:
+    outcome = cli("runs", "list", "--url", "http://127.0.0.1:1", "--", "ls")
+    assert outcome.code == 2
+    assert outcome.err_lines == ["stepgate: `-- CMD ARGS` is only accepted by `stepgate serve`"]
+
+
+# --- bad input is one line and exit 2, checked before any call ------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "--url 'http://[::1' is not a valid URL"),
+        ("http://127.0.0.1:abc", "--url 'http://127.0.0.1:abc' has an invalid port"),
+        ("http://127.0.0.1:99999", "--url 'http://127.0.0.1:99999' has an invalid port"),
+        (
+            "http://a b:8081",
+            "--url 'http://a b:8081' must not contain spaces or control characters",
+        ),
+        ("http://user:pw@127.0.0.1:1", "--url must not carry credentials: pass --token"),
+        (
+            "http://127.0.0.1:1/x?y=1",
+            "--url 'http://127.0.0.1:1/x?y=1' must not have a query or fragment",
+        ),
+        (
+            "http://127.0.0.1:1/#top",
+            "--url 'http://127.0.0.1:1/#top' must not have a query or fragment",
+        ),
+    ],
+)
+def test_a_malformed_url_is_a_usage_error(url: str, message: str, cli: RunCli) -> None:
+    outcome = cli("runs", "list", "--url", url)
+    assert (outcome.code, outcome.out) == (2, "")
+    assert outcome.err_lines == [f"stepgate: {message}"]
+
+
+def test_credentials_in_the_url_are_not_echoed(cli: RunCli) -> None:
+    outcome = cli("runs", "list", "--url", "http://user:s3cret@127.0.0.1:1")
+    assert outcome.code == 2
+    assert "s3cret" not in outcome.err
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("[" * 100_000, "--data is nested too deeply"),
+        ("NaN", "--data is not valid JSON: NaN is not a JSON value"),
+        ("[1, -Infinity]", "--data is not valid JSON: -Infinity is not a JSON value"),
+        ('{"a": 1e999}', "--data is not valid JSON: 1e999 is too large for a JSON number"),
+    ],
+)
+def test_event_data_that_is_not_json_is_a_usage_error(data: str, message: str, cli: RunCli) -> None:
+    outcome = cli("events", "send", "x", "--data", data, "--url", "http://127.0.0.1:1")
+    assert (outcome.code, outcome.out) == (2, "")
+    assert outcome.err_lines == [f"stepgate: {message}"]
+
+
+@pytest.mark.parametrize("token", ["tök€n", "two words", "line\nbreak", "tab\there"])
+def test_a_token_that_cannot_travel_in_a_header_is_a_usage_error(
+    token: str, cli: RunCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    outcome = cli("runs", "list", "--url", "http://127.0.0.1:1", "--token", token)
+    assert (outcome.code, outcome.out) == (2, "")
+    assert outcome.err_lines == [
+        "stepgate: --token must be printable ASCII without spaces (it is sent as a bearer token)"
+    ]
+
+    monkeypatch.setenv("STEPGATE_ADMIN_TOKEN", token)
+    outcome = cli("runs", "list", "--url", "http://127.0.0.1:1")
+    assert outcome.code == 2
+    assert outcome.err_lines == [
+        "stepgate: $STEPGATE_ADMIN_TOKEN must be printable ASCII without spaces "
+        "(it is sent as a bearer token)"
+    ]
+
+
+@pytest.mark.parametrize("action", ["show", "retry", "cancel"])
+def test_an_empty_run_id_is_a_usage_error(action: str, cli: RunCli) -> None:
+    outcome = cli("runs", action, "", "--url", "http://127.0.0.1:1")
+    assert outcome.code == 2
+    assert outcome.err_lines == ["stepgate: the run ID must not be empty"]
+
+
+@pytest.mark.parametrize("flag", ["--since", "--until"])
+@pytest.mark.parametrize("value", ["yesterday", "2025-13-01T00:00:00Z", "1.5 days"])
+def test_a_bad_since_or_until_is_a_usage_error(flag: str, value: str, cli: RunCli) -> None:
+    outcome = cli("runs", "list", flag, value, "--url", "http://127.0.0.1:1")
+    assert (outcome.code, outcome.out) == (2, "")
+    assert outcome.err_lines == [
+        f"stepgate: {flag} {value!r}: expected an RFC 3339 time (2025-01-02T03:04:05Z), "
+        "Unix seconds, or a duration ago (1h)"
+    ]
+
+
+@pytest.mark.parametrize("value", ["999999d", "99999999999999999999d"])
+def test_a_duration_before_year_1_is_a_usage_error(value: str, cli: RunCli) -> None:
+    outcome = cli("runs", "list", "--until", value, "--url", "http://127.0.0.1:1")
+    assert outcome.code == 2
+    assert outcome.err_lines == [f"stepgate: --until {value!r} reaches back before year 1"]
+
+
+def test_a_time_without_a_zone_is_a_usage_error(cli: RunCli) -> None:
+    outcome = cli("runs", "list", "--since", "2025-01-02T03:04:05", "--url", "http://127.0.0.1:1")
+    assert outcome.code == 2
+    assert outcome.err_lines == [
+        "stepgate: --since '2025-01-02T03:04:05' needs a time zone, e.g. 2025-01-02T03:04:05Z"
+    ]
+
+
+@pytest.mark.parametrize(
+    "value", ["2025-01-02T03:04:05Z", "2025-01-02T03:04:05.5+02:00", "1735787045"]
+)
+async def test_since_passes_times_on_as_written(value: str, admin: Any, run_cli: Cli) -> None:
+    outcome = await run_cli("runs", "list", "--url", admin.url, "--since", value)
+    assert outcome.code == 0, outcome.err
+    assert admin.requests[0][2]["since"] == value
+
+
+def test_ctrl_c_while_waiting_for_the_gateway_is_exit_130_without_a_traceback() -> None:
+    with socket.socket() as silent:  # takes the connection, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        silent.settimeout(20)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "runs", "list", "--url", url],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            connection, _ = silent.accept()  # the CLI is now waiting for an answer
+            with connection:
+                connection.recv(4096)
+                proc.send_signal(signal.SIGINT)
+                out, err = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+    assert (proc.returncode, out) == (130, ""), err
+    assert "Traceback" not in err

@@ -131,3 +131,144 @@ def test_main_reads_sys_argv_when_no_args_given(
 
     assert main() == 0
     assert capsys.readouterr().out == f"{path}: ok (1 route)\n"
+
+
+# --- listeners that would take each other's port --------------------------------------------
+
+ROUTES = GOOD["routes"]
+CLASHES = {
+    "the same address": (
+        {"listen": "127.0.0.1:8080", "internal_listen": "127.0.0.1:8080"},
+        'internal_listen: "127.0.0.1:8080" is also listen\'s address',
+    ),
+    "any IPv4 address and loopback": (
+        {"listen": "0.0.0.0:8080", "internal_listen": "127.0.0.1:8080"},
+        'internal_listen: "127.0.0.1:8080" is inside listen ("0.0.0.0:8080", every IPv4 address)',
+    ),
+    "loopback and any IPv4 address": (
+        {"listen": "127.0.0.1:9000", "internal_listen": "0.0.0.0:9000"},
+        'internal_listen: "0.0.0.0:9000" (every IPv4 address) takes listen\'s port too '
+        '("127.0.0.1:9000")',
+    ),
+    "any IPv6 address and ::1": (
+        {"listen": "[::]:8080", "internal_listen": "[::1]:8080"},
+        'internal_listen: "[::1]:8080" is inside listen ("[::]:8080", every IPv6 address)',
+    ),
+    "localhost and loopback": (
+        {"listen": "localhost:8080", "internal_listen": "127.0.0.1:8080"},
+        'internal_listen: "127.0.0.1:8080" is also listen\'s address ("localhost:8080")',
+    ),
+    "one host name twice": (
+        {"listen": "gateway:8080", "internal_listen": "GATEWAY:8080"},
+        'internal_listen: "GATEWAY:8080" is also listen\'s address ("gateway:8080")',
+    ),
+    "listen on the default internal port": (
+        {"listen": "0.0.0.0:8081"},
+        'listen: "0.0.0.0:8081" (every IPv4 address) takes internal_listen\'s port too '
+        '("127.0.0.1:8081", the default)',
+    ),
+    "internal on the default public port": (
+        {"internal_listen": "127.0.0.1:8080"},
+        'internal_listen: "127.0.0.1:8080" is inside listen ("0.0.0.0:8080", the default: '
+        "every IPv4 address)",
+    ),
+    "metrics on the internal address": (
+        {"listen": "127.0.0.1:8080", "internal_listen": "127.0.0.1:8081",
+         "metrics_listen": "127.0.0.1:8081"},
+        'metrics_listen: "127.0.0.1:8081" is also internal_listen\'s address',
+    ),
+    "metrics on the public port": (
+        {"metrics_listen": "0.0.0.0:8080"},
+        'metrics_listen: "0.0.0.0:8080" is also listen\'s address ("0.0.0.0:8080", the default)',
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CLASHES.values(), ids=list(CLASHES))
+def test_check_refuses_listeners_on_one_port(
+    case: tuple[dict[str, str], str], write_config: WriteConfig, cli: RunCli
+) -> None:
+    listeners, message = case
+    path = write_config({**listeners, "routes": ROUTES})
+
+    outcome = cli("check", "--config", str(path))
+
+    assert (outcome.code, outcome.out) == (2, "")
+    assert len(outcome.err_lines) == 1, outcome.err
+    line = outcome.err_lines[0]
+    assert line.startswith(f"{path}: {message}"), line
+    assert line.endswith("; give each listener its own port"), line
+
+
+@pytest.mark.parametrize(
+    "listeners",
+    [
+        {"listen": "127.0.0.1:0", "internal_listen": "127.0.0.1:0", "metrics_listen": "[::1]:0"},
+        {"listen": "127.0.0.1:8080", "internal_listen": "127.0.0.2:8080"},
+        {"listen": "0.0.0.0:8080", "internal_listen": "[::1]:8080"},  # IPv4 and IPv6 are apart
+        {"listen": "[::]:8080", "internal_listen": "127.0.0.1:8080"},
+        {"listen": "gateway:8080", "internal_listen": "127.0.0.1:8080"},
+        {"listen": "0.0.0.0:8080", "internal_listen": "127.0.0.1:8081", "metrics_listen": None},
+        {"listen": "0.0.0.0:8080", "metrics_listen": "0.0.0.0:9090"},
+    ],
+)
+def test_check_accepts_listeners_that_can_all_bind(
+    listeners: dict[str, str], write_config: WriteConfig, cli: RunCli
+) -> None:
+    path = write_config({**listeners, "routes": ROUTES})
+    outcome = cli("check", "--config", str(path))
+    assert (outcome.code, outcome.err) == (0, ""), outcome.err
+
+
+def test_serve_refuses_listeners_on_one_port_before_binding(write_config: WriteConfig) -> None:
+    path = write_config({"listen": "127.0.0.1:8080", "internal_listen": "127.0.0.1:8080",
+                         "routes": ROUTES})  # fmt: skip
+
+    outcome = run_process("serve", "--config", str(path))
+
+    assert (outcome.code, outcome.out) == (2, "")
+    assert len(outcome.err_lines) == 1, outcome.err
+    assert outcome.err.startswith(f"{path}: internal_listen: ")
+    assert "in use" not in outcome.err
+
+
+# --- a gateway needs at least one route -----------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["routes: []\n", "routes:\n", "listen: 0.0.0.0:8080\n"])
+@pytest.mark.parametrize("command", ["check", "serve"])
+def test_a_config_without_routes_is_refused(
+    text: str, command: str, fake_app: FakeApp, write_config: WriteConfig, cli: RunCli
+) -> None:
+    path = write_config(text)
+
+    outcome = cli(command, "--config", str(path))
+
+    assert (outcome.code, outcome.out) == (2, "")
+    assert outcome.err_lines == [
+        f"{path}: routes: no routes: the gateway would answer 404 to every request; "
+        "add at least one (see config.example.yaml)"
+    ]
+    assert fake_app.calls == []
+
+
+def test_admin_commands_may_read_a_config_without_routes(
+    write_config: WriteConfig, cli: RunCli
+) -> None:
+    """`--config` there only gives internal_url and admin_token."""
+    path = write_config({"internal_url": "http://127.0.0.1:1", "routes": []})
+    outcome = cli("runs", "list", "--config", str(path))
+    assert outcome.err == "stepgate: cannot reach http://127.0.0.1:1: Connection refused\n"
+
+
+@pytest.mark.parametrize("token", ["two words", "tök€n", "tab\there"])
+def test_check_refuses_an_admin_token_no_header_can_carry(
+    token: str, write_config: WriteConfig, cli: RunCli
+) -> None:
+    path = write_config({"admin_token": token, "routes": ROUTES})
+    outcome = cli("check", "--config", str(path))
+    assert outcome.code == 2
+    assert outcome.err_lines == [
+        f"{path}: admin_token: must be printable ASCII without spaces "
+        "(it is sent as a bearer token)"
+    ]
