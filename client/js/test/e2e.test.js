@@ -20,7 +20,7 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import { STEPS, createTripService } from '../../../examples/js/trip_service.mjs';
-import { step, wrapNodeHandler } from '../src/index.js';
+import { isSuperseded, step, wrapNodeHandler } from '../src/index.js';
 
 const COMMAND = process.env.STEPGATE_E2E_CMD?.trim() ?? '';
 const SKIP = COMMAND === ''
@@ -41,6 +41,13 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
   /** @type {Record<string, number>} */
   let executions;
   const flowRuns = { start: 0 };
+  // The fenced route: how often each step ran, and what each attempt's handler went through.
+  /** @type {Record<string, number>} */
+  const fenceRan = { first: 0, second: 0, third: 0 };
+  /** @type {Map<number, string>} */
+  const fenceEnded = new Map();
+  /** @type {Map<number, () => void>} */
+  const fenceWaiters = new Map();
 
   before(async () => {
     directory = await mkdtemp(join(tmpdir(), 'stepgate-js-e2e-'));
@@ -59,9 +66,37 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ started, approval }));
     }, { onError: () => {} }));
-    servers.push(trips.server, flow);
-    const [tripsPort, flowPort, publicPort, internalPort] = [
-      await listen(trips.server), await listen(flow), await freePort(), await freePort(),
+    // The second step takes 2 s the first time it runs, against the route's 1 s timeout.
+    const fence = createServer(wrapNodeHandler(async (req, res) => {
+      const attempt = Number(req.headers['stepgate-attempt']);
+      /** @type {Record<string, unknown>} */
+      const outputs = {};
+      try {
+        for (const name of ['first', 'second', 'third']) {
+          outputs[name] = await step.run(name, async () => {
+            fenceRan[name] += 1;
+            if (name === 'second' && fenceRan[name] === 1) await new Promise((resolve) => setTimeout(resolve, 2_000));
+            return `${name} by attempt ${attempt}`;
+          });
+        }
+        fenceEnded.set(attempt, 'answered');
+      } catch (err) {
+        if (err instanceof Error) {   // an ordinary error filter must not see the signal
+          fenceEnded.set(attempt, `caught ${err.message}`);
+        } else {
+          fenceEnded.set(attempt, isSuperseded(err) ? 'superseded' : 'other signal');
+          throw err;
+        }
+      } finally {
+        fenceWaiters.get(attempt)?.();
+      }
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify(outputs));
+    }, { onError: () => {} }));
+    servers.push(trips.server, flow, fence);
+    const [tripsPort, flowPort, fencePort, publicPort, internalPort] = [
+      await listen(trips.server), await listen(flow), await listen(fence), await freePort(),
+      await freePort(),
     ];
     publicUrl = `http://127.0.0.1:${publicPort}`;
     internalUrl = `http://127.0.0.1:${internalPort}`;
@@ -84,6 +119,13 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       `    upstream: http://127.0.0.1:${flowPort}`,
       '    durable: true',
       '    hold: 15s',
+      '  - name: fence',
+      '    path: /fence',
+      `    upstream: http://127.0.0.1:${fencePort}`,
+      '    durable: true',
+      '    timeout: 1s',
+      '    hold: 15s',
+      '    retry: {attempts: 3, initial: 50ms, max: 50ms}',
       '',
     ].join('\n'));
     const command = COMMAND.includes('{config}')
@@ -166,6 +208,29 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       assert.ok(Date.now() < deadline, 'the flow did not finish in 30s');
     }
     assert.equal(flowRuns.start, 1, 'the first step ran once across all invocations');
+  });
+
+  test('a timed-out attempt\'s handler is fenced: it never runs a step the next one recorded', { timeout: 60_000 }, async () => {
+    const attemptOneDone = new Promise((resolve) => fenceWaiters.set(1, () => resolve(undefined)));
+    const started = Date.now();
+    const response = await fetch(`${publicUrl}/fence`, { method: 'POST', body: '{}' });
+    const text = await response.text();
+    assert.equal(response.status, 200, `${text}\n${gatewayOutput}`);
+    assert.ok(Date.now() - started < 2_000, 'attempt 2 answered while attempt 1 was still in its slow step');
+    assert.deepEqual(JSON.parse(text), {
+      first: 'first by attempt 1', second: 'second by attempt 2', third: 'third by attempt 2',
+    });
+    await attemptOneDone;
+    assert.equal(fenceEnded.get(1), 'superseded');
+    assert.equal(fenceEnded.get(2), 'answered');
+    assert.deepEqual(fenceRan, { first: 1, second: 2, third: 1 },
+      'only the step attempt 1 never recorded ran twice');
+    const runId = response.headers.get('stepgate-run-id');
+    const run = await (await fetch(`${internalUrl}/v1/runs/${runId}`)).json();
+    assert.equal(run.status, 'completed');
+    assert.deepEqual(run.attempts.map((/** @type {any} */ a) => a.outcome), ['timeout', 'response']);
+    const second = run.steps.find((/** @type {any} */ s) => s.id === 'second');
+    assert.equal(second.output, 'second by attempt 2');
   });
 });
 
