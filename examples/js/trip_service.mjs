@@ -15,6 +15,11 @@
 //                           once); the two run concurrently
 //        ?drift=1           from attempt 2 on, charge-card is called charge-card-v2, as if the
 //                           code changed under the run: the SDK refuses the replay (500, no retry)
+//        ?stall=STEP:SECONDS
+//                           STEP takes SECONDS the first time it runs in a run (repeatable):
+//                           longer than the route's timeout, the gateway gives up on the attempt
+//                           and starts the next; the stalled handler's late step is refused
+//                           (the attempt is fenced) and it stops there
 //   GET  /stats  how many times each step's function ran: a retried run re-runs only the
 //                failed step, so with ?fail=charge-card every count is 1 except charge-card's 2
 //
@@ -48,6 +53,8 @@ export function createTripService(options = {}) {
   const executions = Object.fromEntries(STEPS.map((name) => [name, 0]));
   // "runId:step" pairs that already failed once, for ?fail=STEP.
   const failedOnce = new Set();
+  // "runId:step" pairs that already stalled once, for ?stall=STEP:SECONDS.
+  const stalledOnce = new Set();
 
   /**
    * @param {import('node:http').IncomingMessage} req
@@ -66,6 +73,7 @@ export function createTripService(options = {}) {
     const paymentTimeout = parseAwait(url.searchParams.get('await'));
     const latency = parseSeconds('latency', url.searchParams.get('latency') ?? '0', 60);
     const drift = parseDrift(url.searchParams.get('drift') ?? '0');
+    const stalls = parseStalls(url.searchParams.getAll('stall'));
     // Outside the gateway there is no run: every request is its own.
     const runKey = String(req.headers['stepgate-run-id'] ?? randomUUID());
     const attempt = Number(req.headers['stepgate-attempt'] ?? 1);
@@ -94,6 +102,11 @@ export function createTripService(options = {}) {
         }
         // After the failures: a failing call fails fast, as they tend to.
         if (takes > 0) await delay(takes * 1000);
+        const stall = stalls.get(name);
+        if (stall !== undefined && !stalledOnce.has(`${runKey}:${name}`)) {
+          stalledOnce.add(`${runKey}:${name}`);
+          await delay(stall * 1000);
+        }
         return work();
       });
     };
@@ -221,6 +234,24 @@ function parseDrift(value) {
     throw new NonRetriableError(`drift=${value}: expected 0 or 1`, { status: 400 });
   }
   return value === '1';
+}
+
+/**
+ * @param {string[]} values ?stall=STEP:SECONDS, repeatable
+ * @returns {Map<string, number>} which steps stall on their first run, for how many seconds
+ */
+function parseStalls(values) {
+  const stalls = new Map();
+  for (const value of values) {
+    const colon = value.indexOf(':');
+    const name = colon < 0 ? value : value.slice(0, colon);
+    if (!STEPS.includes(name) || colon < 0) {
+      throw new NonRetriableError(`stall=${value}: expected STEP:SECONDS, STEP one of ${STEPS.join(', ')}`,
+        { status: 400 });
+    }
+    stalls.set(name, parseSeconds('stall', value.slice(colon + 1), 60));
+  }
+  return stalls;
 }
 
 /** @param {string} prefix */

@@ -14,6 +14,10 @@
                              once); the two run concurrently
          ?drift=1            from attempt 2 on, charge-card is called charge-card-v2, as if the
                              code changed under the run: the SDK refuses the replay (500, no retry)
+         ?stall=STEP:SECONDS STEP takes SECONDS the first time it runs in a run (repeatable):
+                             longer than the route's timeout, the gateway gives up on the attempt
+                             and starts the next; the stalled handler's late step is refused
+                             (the attempt is fenced) and it stops there
     GET  /stats  how many times each step's function ran: a retried run re-runs only the
                  failed step, so with ?fail=charge-card every count is 1 except charge-card's 2
 
@@ -52,6 +56,7 @@ FATAL_STATUS = 422   # ?fail=STEP:fatal
 
 executions: Counter[str] = Counter(dict.fromkeys(STEPS, 0))   # behind GET /stats
 failed_once: set[tuple[str, str]] = set()   # (run, step) pairs that already failed, for ?fail
+stalled_once: set[tuple[str, str]] = set()   # (run, step) pairs that already stalled, for ?stall
 
 T = TypeVar("T")
 
@@ -64,6 +69,7 @@ async def create_trip(request: web.Request) -> web.Response:
     payment_timeout = parse_await(request.query.get("await"))
     latency = parse_seconds("latency", request.query.get("latency", "0"), 60)
     drift = parse_drift(request.query.get("drift", "0"))
+    stalls = parse_stalls(request.query.getall("stall", []))
     # Outside the gateway there is no run: every request is its own.
     run = request.headers.get("Stepgate-Run-Id") or uuid.uuid4().hex
     attempt = int(request.headers.get("Stepgate-Attempt", "1"))
@@ -86,6 +92,9 @@ async def create_trip(request: web.Request) -> web.Response:
                 raise RuntimeError(f"{name} failed once for this run (fail={name})")
             if takes:   # after the failures: a failing call fails fast, as they tend to
                 await asyncio.sleep(takes)
+            if name in stalls and (run, name) not in stalled_once:
+                stalled_once.add((run, name))
+                await asyncio.sleep(stalls[name])
             return work()
 
         return step.run(f"{name}-v2" if name == drifted else name, execute)
@@ -176,6 +185,18 @@ def parse_drift(value: str) -> bool:
     if value not in ("0", "1"):
         raise NonRetriableError(f"drift={value}: expected 0 or 1", status=400)
     return value == "1"
+
+
+def parse_stalls(values: list[str]) -> dict[str, float]:
+    """?stall=STEP:SECONDS, repeatable: which steps stall on their first run, for how long."""
+    stalls: dict[str, float] = {}
+    for value in values:
+        name, colon, seconds = value.partition(":")
+        if name not in STEPS or not colon:
+            raise NonRetriableError(f"stall={value}: expected STEP:SECONDS, STEP one of "
+                                    + ", ".join(STEPS), status=400)
+        stalls[name] = parse_seconds("stall", seconds, 60)
+    return stalls
 
 
 def reference(prefix: str) -> str:

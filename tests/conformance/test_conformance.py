@@ -46,6 +46,8 @@ EXPECT_KEYS: Final = frozenset({"status", "headers", "body", "elapsed", "stats",
                                 "attempts", "steps"})
 ACTION_KEYS: Final = frozenset({"wait_for_run", "run_status", "pause", "event"})
 EVENT_KEYS: Final = frozenset({"name", "data", "woke"})
+# What a scenario may set on the durable route for itself (the rest stays as in routes()).
+ROUTE_KEYS: Final = frozenset({"timeout", "hold", "retry"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,7 @@ class Scenario:
     actions: tuple[Mapping[str, Any], ...]
     expect: Mapping[str, Any]
     known_gaps: Mapping[str, str]
+    route: Mapping[str, Any]
 
 
 def _only(keys: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
@@ -73,8 +76,10 @@ def load_scenarios(path: Path = SCENARIOS_FILE) -> list[Scenario]:
     scenarios = []
     for raw in data["scenarios"]:
         name = raw["name"]
-        _only(raw, frozenset({"name", "about", "known_gaps", "request", "actions", "expect"}),
-              name)
+        _only(raw, frozenset({"name", "about", "known_gaps", "route", "request", "actions",
+                              "expect"}), name)
+        route = raw.get("route", {})
+        _only(route, ROUTE_KEYS, f"{name}.route")
         request = raw.get("request", {})
         _only(request, REQUEST_KEYS, f"{name}.request")
         actions = tuple(raw.get("actions", ()))
@@ -89,7 +94,7 @@ def load_scenarios(path: Path = SCENARIOS_FILE) -> list[Scenario]:
         _only(gaps, frozenset(LANGUAGES), f"{name}.known_gaps")
         scenarios.append(Scenario(name, raw.get("about", "").strip(), defaults | request,
                                   actions, raw["expect"],
-                                  {lang: why.strip() for lang, why in gaps.items()}))
+                                  {lang: why.strip() for lang, why in gaps.items()}, route))
     names = [s.name for s in scenarios]
     if len(set(names)) != len(names):
         raise ScenarioError(f"{path.name}: scenario names repeat")
@@ -181,10 +186,10 @@ def service(request: pytest.FixtureRequest,
             proc.wait()
 
 
-def routes(upstream: str) -> list[dict[str, Any]]:
+def routes(upstream: str, durable: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     return [
         {"name": "trips", "path": "/trips", "upstream": upstream, "durable": True, "hold": "10s",
-         "retry": {"attempts": 3, "initial": "50ms"}},
+         "retry": {"attempts": 3, "initial": "50ms"}, **(durable or {})},
         {"name": "stats", "path": "/stats", "methods": ["GET"], "upstream": upstream},
     ]
 
@@ -312,7 +317,7 @@ async def test_scenario(scenario: Scenario, service: Service, gateway: GatewayFa
     if (gap := scenario.known_gaps.get(service.language)) is not None:
         # Strict: once the SDK is fixed the suite fails until the gap is struck from the data.
         request.applymarker(pytest.mark.xfail(reason=f"known gap: {gap}", strict=True))
-    gw = await gateway(routes(service.url))
+    gw = await gateway(routes(service.url, scenario.route))
     logged = service.log_size()
     problems = await run_scenario(scenario, gw)
     assert not problems, (f"{service.language}: {scenario.name} — {scenario.about}\n  "
