@@ -4,8 +4,14 @@ What crosses the gateway, in both directions (RFC 9110 §7.6.1):
 
 - hop-by-hop fields never do: Connection and every field it names, Proxy-Connection,
   Keep-Alive, TE, Transfer-Encoding, Upgrade, and Trailer (trailers are not relayed, so
-  announcing them would be a lie); every `Stepgate-*` field from the other side is dropped,
-  because only the gateway may speak that protocol;
+  announcing them would be a lie); nor do Proxy-Authorization and Proxy-Authenticate, the
+  credentials of the client's hop to a proxy (Go's ReverseProxy drops both the same way);
+- every `Stepgate-*` field from the other side is dropped, because only the gateway may speak
+  that protocol, and so is anything that reads as one once `_` is taken for `-`;
+- request fields whose names contain `_` are dropped, as nginx does by default
+  (`underscores_in_headers off`): CGI, WSGI, PHP and Rack turn `-` and `_` into the same
+  variable, so `Stepgate_Token` would arrive as `HTTP_STEPGATE_TOKEN`, indistinguishable from
+  the gateway's own `Stepgate-Token`;
 - requests also lose `Expect`: the gateway's server already answered `100-continue` before
   the handler ran, and repeating the expectation upstream would only stall the body;
 - requests gain `X-Forwarded-For` (peer appended), `X-Forwarded-Proto`, `X-Forwarded-Host`
@@ -50,6 +56,8 @@ HOP_BY_HOP: Final = frozenset(
         "transfer-encoding",
         "upgrade",
         "trailer",
+        "proxy-authorization",
+        "proxy-authenticate",
     }
 )
 _REQUEST_DROP: Final = HOP_BY_HOP | {"expect"}
@@ -107,6 +115,13 @@ def _new_traceparent() -> tuple[str, str]:
     return f"00-{trace_id}-{_rng.getrandbits(64) or 1:016x}-01", trace_id
 
 
+def _is_stepgate(lower: str) -> bool:
+    """`lower` (a lower-cased field name) is, or would pass for, one of the protocol's fields."""
+    return lower.startswith(_STEPGATE_PREFIX) or (
+        "_" in lower and lower.replace("_", "-").startswith(_STEPGATE_PREFIX)
+    )
+
+
 def header_true(value: str | None) -> bool:
     """A Stepgate flag header (`Stepgate-No-Retry`, `Stepgate-Suspend`) is set: `true`."""
     return value is not None and value.strip().lower() == "true"
@@ -133,7 +148,7 @@ def forward_request_headers(
     tracestates: list[str] = []
     for name, value in headers.items():
         lower = name.lower()
-        if lower in drop or lower.startswith(_STEPGATE_PREFIX):
+        if lower in drop or lower.startswith(_STEPGATE_PREFIX) or "_" in lower:
             continue
         if lower in _REWRITTEN:
             if lower == "x-forwarded-for":
@@ -183,7 +198,7 @@ def _copy_response_headers(headers: Mapping[str, str], out: CIMultiDict[str]) ->
     drop = HOP_BY_HOP | named if named else HOP_BY_HOP
     for name, value in headers.items():
         lower = name.lower()
-        if lower in drop or lower.startswith(_STEPGATE_PREFIX):
+        if lower in drop or _is_stepgate(lower):
             continue
         out.add(name, value)
 

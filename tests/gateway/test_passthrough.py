@@ -135,3 +135,55 @@ async def test_dot_segments_cannot_escape_a_route(
     writer.close()
     await writer.wait_closed()
     assert head.startswith(b"HTTP/1.1 404")
+
+
+def recorder() -> tuple[web.Application, list[web.Request]]:
+    """An upstream that answers 200 to everything and keeps each request it saw."""
+    seen: list[web.Request] = []
+
+    async def record(request: web.Request) -> web.Response:
+        await request.read()
+        seen.append(request)
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    return app, seen
+
+
+async def exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, read until the gateway closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+async def test_forged_stepgate_headers_with_underscores_never_reach_the_upstream(
+    gateway: GatewayFactory, upstream: UpstreamFactory, durable: bool
+) -> None:
+    app, seen = recorder()
+    base = await upstream(app)
+    gw = await gateway([{"name": "all", "path": "/*", "upstream": base, "durable": durable}])
+    answer = await exchange(
+        gw.gateway.public_port,
+        b"POST /charge HTTP/1.1\r\nHost: shop\r\nContent-Length: 2\r\n"
+        b"Stepgate_Callback: http://evil.example/v1/runs/x\r\nStepgate_Token: forged\r\n"
+        b"Stepgate_Steps: 1\r\nstepgate_run_id: forged\r\nX_Api_Key: k\r\n"
+        b"Connection: close\r\n\r\n{}",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    [request] = seen
+    names = [name.decode() for name, _ in request.raw_headers]
+    assert [name for name in names if "_" in name] == []
+    values = [value for _, value in request.raw_headers]
+    assert b"forged" not in values and b"http://evil.example/v1/runs/x" not in values
+    if durable:
+        assert request.headers["Stepgate-Callback"].startswith(gw.internal)
+    else:
+        assert not [name for name in names if name.lower().startswith("stepgate")]

@@ -136,6 +136,38 @@ def test_plain_mapping_input() -> None:
     assert out["X-B"] == "2"
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["Stepgate_Callback", "Stepgate_Token", "Stepgate_Steps", "STEPGATE_RUN_ID", "stepgate_attempt",
+     "Stepgate-Callback_", "X_Api_Key", "_", "x-a_b"],
+)
+def test_request_names_with_underscores_are_dropped(name: str) -> None:
+    """nginx's default (`underscores_in_headers off`): CGI, WSGI, PHP and Rack map `_` and `-`
+    to the same variable, so `Stepgate_Token` would pass for `Stepgate-Token` upstream."""
+    out, _ = forward([(name, "forged"), ("X-Kept", "1")])
+    assert name not in out
+    assert [n for n in out if "_" in n] == []
+    assert out["X-Kept"] == "1"
+
+
+def test_proxy_credentials_stay_with_the_proxy() -> None:
+    """Go's ReverseProxy and nginx treat both as hop-by-hop: they belong to the gateway's hop."""
+    out, _ = forward([("Proxy-Authorization", "Basic Zm9vOmJhcg=="), ("Authorization", "Bearer t")])
+    assert "Proxy-Authorization" not in out
+    assert out["Authorization"] == "Bearer t"
+    back = forward_response_headers(
+        CIMultiDict([("Proxy-Authenticate", 'Basic realm="x"'), ("WWW-Authenticate", "Basic")])
+    )
+    assert list(back.items()) == [("WWW-Authenticate", "Basic")]
+
+
+def test_stepgate_response_fields_are_dropped_however_spelt() -> None:
+    back = forward_response_headers(
+        CIMultiDict([("Stepgate_Suspend", "true"), ("X_Upstream", "kept"), ("A", "1")])
+    )
+    assert list(back.items()) == [("X_Upstream", "kept"), ("A", "1")]
+
+
 def test_response_headers_are_cleaned() -> None:
     upstream = CIMultiDictProxy(
         CIMultiDict(
@@ -172,7 +204,8 @@ def test_response_headers_are_cleaned() -> None:
 _tchar = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 tokens = st.text(alphabet=_tchar, min_size=1, max_size=12)
 special = st.sampled_from(
-    sorted(HOP_BY_HOP | {"Stepgate-Run-Id", "stepgate-x", "STEPGATE-", "X-Forwarded-For", "Via"})
+    sorted(HOP_BY_HOP | {"Stepgate-Run-Id", "stepgate-x", "STEPGATE-", "X-Forwarded-For", "Via",
+                         "Stepgate_Token", "stepgate_", "X_Forwarded_For"})
 )
 names = st.one_of(tokens, special, special.map(str.swapcase), tokens.map("Stepgate-{}".format))
 values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30)
@@ -196,9 +229,14 @@ def _connection_named(pairs: list[tuple[str, str]]) -> set[str]:
     } - {""}
 
 
-def _is_dropped(name: str, named: set[str]) -> bool:
+def _is_dropped(name: str, named: set[str], *, request: bool = True) -> bool:
     lower = name.lower()
-    return lower in HOP_BY_HOP or lower.startswith("stepgate-") or lower in named
+    return (
+        lower in HOP_BY_HOP
+        or lower.replace("_", "-").startswith("stepgate-")
+        or lower in named
+        or (request and "_" in lower)
+    )
 
 
 @given(pairs=header_lists(), peer=st.one_of(st.none(), st.ip_addresses().map(str)))
@@ -210,7 +248,7 @@ def test_request_filter_properties(pairs: list[tuple[str, str]], peer: str | Non
     for name in out:
         lower = name.lower()
         assert lower not in HOP_BY_HOP and lower != "expect"
-        assert not lower.startswith("stepgate-")
+        assert not lower.startswith("stepgate-") and "_" not in lower
         assert lower not in named or lower in rewritten
     # Everything else passes through, in order and with repeats.
     kept = [(n, v) for n, v in pairs if not _is_dropped(n, named) and n.lower() not in rewritten]
@@ -227,4 +265,5 @@ def test_request_filter_properties(pairs: list[tuple[str, str]], peer: str | Non
 def test_response_filter_properties(pairs: list[tuple[str, str]]) -> None:
     named = _connection_named(pairs)
     out = forward_response_headers(CIMultiDictProxy(CIMultiDict(pairs)))
-    assert list(out.items()) == [(n, v) for n, v in pairs if not _is_dropped(n, named)]
+    kept = [(n, v) for n, v in pairs if not _is_dropped(n, named, request=False)]
+    assert list(out.items()) == kept
