@@ -104,11 +104,9 @@ async def test_on_a_durable_route_the_forgery_never_reaches_the_attackers_server
     assert len(ran) <= 1
 
 
-# The gateway's part (dropping header names with underscores) is a colleague's change to
-# gateway/proxy.py; until it lands the SDK's refusal answers 400 on the durable route and the
-# plain route still passes the forged headers on.
-@pytest.mark.xfail(reason="needs the gateway to drop client header names with underscores"
-                          " (issue 10, gateway/proxy.py)", strict=False)
+# The gateway's part: it drops client header names with underscores (gateway/proxy.py), so the
+# forged headers never arrive; without that the SDK's refusal answers 400 on the durable route
+# and the plain route passes the forged headers on.
 @pytest.mark.parametrize("path", ["/pay", "/plain-pay"])
 async def test_forged_underscore_headers_never_reach_the_service(
     gateway: GatewayFactory, upstream: UpstreamFactory, shop: tuple[str, list[str]], path: str,
