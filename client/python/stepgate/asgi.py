@@ -5,7 +5,8 @@ the response starts still becomes its problem answer). Requests from the gateway
 step context set, and their response is held until the app returns: a framework's error
 middleware may already have "sent" a 500 for an exception it re-raises, and the gateway needs
 202 + `Stepgate-Suspend` or the no-retry problem instead. The gateway records durable responses
-whole anyway, so holding one costs no streaming the client would have seen.
+whole anyway, so holding one costs no streaming the client would have seen. A fenced attempt
+(Superseded, protocol v1.1) is answered 409 problem+json, even if the app swallowed the signal.
 """
 
 from __future__ import annotations
