@@ -21,7 +21,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
+from yarl import URL
 
 from gateway import admin, callbacks, ui
 from gateway.config import Address, Settings
@@ -33,7 +34,7 @@ from gateway.metrics import Metrics
 from gateway.poll import poll
 from gateway.problem import problem, problems
 from gateway.proxy import create_upstream_session, proxy_plain
-from gateway.routing import MethodNotAllowed, Router, normalize_path
+from gateway.routing import BadTarget, MethodNotAllowed, Router, read_target
 from gateway.store import StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
 
@@ -48,29 +49,36 @@ INTERNAL_MAX_BODY = 16 * 1024 * 1024  # step outputs and events
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    """Every public request that is not a poll: route it, then proxy or run it durably."""
+    """Every public request that is not a poll: check its target, route it, then proxy or run
+    it durably. A refused target never reaches a route, so no run is ever made of it."""
     started = time.perf_counter()
-    app = request.app
-    path = normalize_path(request.path)
-    match = app[ROUTER].match(request.method, path)
-    if path.startswith(RESERVED_PREFIX):
-        match = None
-    if match is None:
-        response: web.StreamResponse = problem(404, detail="no route matches this path")
-        label = "none"
-    elif isinstance(match, MethodNotAllowed):
-        response = problem(405, detail=f"this path takes {match.allow_header}",
-                           headers={"Allow": match.allow_header})
-        label = "none"
-    else:
-        label = match.name
-        if match.durable:
-            response = await app[ENGINE].handle(request, match)
-        else:
-            response = await proxy_plain(request, match, app[SESSION],
-                                         on_attempt=app[METRICS].plain_attempt(match.name))
-    app[METRICS].request(label, request.method, response.status, time.perf_counter() - started)
+    label, response = await _dispatch(request)
+    request.app[METRICS].request(label, request.method, response.status,
+                                 time.perf_counter() - started)
     return response
+
+
+async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
+    app = request.app
+    target = read_target(request.method, request.raw_path, request.headers.get(hdrs.HOST))
+    if isinstance(target, BadTarget):
+        return "none", problem(target.status, detail=target.detail)
+    if target.path == "*":
+        # `OPTIONS *` asks about the server itself; Go's server answers it the same way.
+        return "none", web.Response(headers={hdrs.CONTENT_LENGTH: "0"})
+    if target.forward != request.raw_path:
+        # Absolute-form for this very host: from here on it is the origin-form request.
+        request = request.clone(rel_url=URL(target.forward, encoded=True))
+    match = app[ROUTER].match(request.method, target.path)
+    if match is None or target.path.startswith(RESERVED_PREFIX):
+        return "none", problem(404, detail="no route matches this path")
+    if isinstance(match, MethodNotAllowed):
+        return "none", problem(405, detail=f"this path takes {match.allow_header}",
+                               headers={"Allow": match.allow_header})
+    if match.durable:
+        return match.name, await app[ENGINE].handle(request, match)
+    return match.name, await proxy_plain(request, match, app[SESSION],
+                                         on_attempt=app[METRICS].plain_attempt(match.name))
 
 
 async def poll_any_method(request: web.Request) -> web.StreamResponse:

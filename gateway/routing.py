@@ -11,15 +11,36 @@ Routes are tried in the order they are configured and `methods` is part of the m
 A route that allows GET also allows HEAD: RFC 9110 §9.3.2 expects HEAD wherever GET is
 served, and aiohttp's own router does the same.
 
-Match against the decoded request path (`request.path`); the upstream still receives the
-raw, undecoded target.
+Before any of that, `read_target` decides whether a request target is acceptable at all, and
+what is routed and what is forwarded. The two must never disagree: a proxy that routes one path
+and forwards another lets a client reach what no route allows (`/admin/..%2f..%2fpub/x` routed
+as `/pub/x`, forwarded raw, resolved by the upstream as `/admin`). nginx and Envoy normalise
+and forward the normalised path; the gateway instead *refuses* every target whose meaning
+depends on who resolves it, with 400, and forwards everything else exactly as the client wrote
+it (a path signature, such as AWS SigV4's or a webhook's HMAC, keeps working):
+
+- dot segments in any spelling: `.` and `..`, percent-encoded (`%2e`, `%2E%2e`, `.%2e`),
+  formed with an encoded slash or a backslash, raw or encoded (`..%2f`, `..%5c`), or with a path
+  parameter (`..;`, which Tomcat reads as `..`). Clients resolve dot segments before they
+  send (RFC 3986 §5.2.4; browsers, curl, fetch), so only probes and attacks carry them;
+- malformed percent-escapes (`%zz`, a lone `%`) and an encoded NUL (`%00`);
+- absolute-form targets for another host (RFC 9112 §3.2.2: the gateway is not a forward
+  proxy). One that names the Host it arrives with is taken as origin-form;
+- authority-form (`CONNECT host:port`) and the asterisk-form, except `OPTIONS *`.
+
+Routes match the percent-decoded path, except that an encoded slash (`%2F`) stays encoded:
+it does not separate segments for the gateway, as it does not for the upstreams that keep
+`a%2Fb` as one segment. An upstream that does decode it sees a path no route granted, which
+fails closed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from gateway.config import Route
@@ -96,23 +117,96 @@ def match_route(routes: Sequence[Route], method: str, path: str) -> Route | Meth
     return Router(routes).match(method, path)
 
 
-def normalize_path(path: str) -> str:
-    """Remove dot segments (RFC 3986 §5.2.4) so `/public/../admin` is routed as `/admin`,
-    the way the upstream will resolve it. Only matching uses this; the target is sent as is."""
-    if "." not in path:
-        return path  # the common case costs one scan
-    output: list[str] = []
-    segments = path.split("/")
-    for index, segment in enumerate(segments[1:], start=1):
-        last = index == len(segments) - 1
-        if segment == "..":
-            if output:
-                output.pop()
-            if last:
-                output.append("")
-        elif segment == ".":
-            if last:
-                output.append("")
-        else:
-            output.append(segment)
-    return "/" + "/".join(output)
+@dataclass(frozen=True, slots=True)
+class Target:
+    """An accepted request target: what to forward, and the path to route on."""
+
+    forward: str  # origin-form path and query, byte for byte as the client sent them
+    path: str  # percent-decoded, with %2F kept; "*" for `OPTIONS *`
+
+
+@dataclass(frozen=True, slots=True)
+class BadTarget:
+    """A request target the gateway refuses; `detail` says why, for the problem answer."""
+
+    status: int
+    detail: str
+
+
+_ABSOLUTE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ENCODED_SLASH: Final = re.compile(r"%2[Ff]")
+_DOTS: Final = frozenset({".", ".."})
+_DEFAULT_PORT: Final = {"http": ":80", "https": ":443"}
+# RFC 3986 §3.2.2 host (reg-name or a bracketed IP literal), then an optional port.
+_AUTHORITY: Final = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::([0-9]{1,5}))?"
+)
+
+
+def read_target(method: str, raw: str, host: str | None) -> Target | BadTarget:
+    """Accept or refuse the request target `raw` (as on the request line), given the Host
+    header; see the module docstring for the rules."""
+    if raw.startswith("/"):
+        return _origin(raw)
+    if raw == "*":
+        if method == "OPTIONS":
+            return Target(forward="*", path="*")
+        return BadTarget(400, "the asterisk-form target is only for OPTIONS")
+    if _ABSOLUTE.match(raw):
+        return _absolute(raw, host)
+    return BadTarget(400, "the request target must be a path (origin-form)")
+
+
+def _absolute(raw: str, host: str | None) -> Target | BadTarget:
+    foreign = BadTarget(400, "an absolute-form target for another host: this gateway is not "
+                             "a forward proxy")
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # an unbalanced "[" in the authority
+        return foreign
+    scheme = parts.scheme.lower()
+    valid = _AUTHORITY.fullmatch(parts.netloc)
+    if scheme not in _DEFAULT_PORT or valid is None or host is None:
+        return foreign
+    if valid.group(1) is not None and int(valid.group(1)) > 65535:
+        return foreign
+    if _authority(parts.netloc, scheme) != _authority(host, scheme):
+        return foreign
+    path = raw[len(parts.scheme) + 3 + len(parts.netloc):] or "/"
+    if path.startswith("?"):
+        path = "/" + path
+    if not path.startswith("/"):
+        return foreign
+    return _origin(path)
+
+
+def _authority(authority: str, scheme: str) -> str:
+    lower = authority.strip().lower()
+    return lower.removesuffix(_DEFAULT_PORT[scheme])
+
+
+def _origin(raw: str) -> Target | BadTarget:
+    raw_path = raw.partition("?")[0]
+    if "%" in raw_path and _ESCAPE.search(raw_path):
+        return BadTarget(400, "the path has a malformed percent-escape")
+    if "." in raw_path or "%" in raw_path or "\\" in raw_path:
+        for segment in raw_path.split("/"):
+            decoded = unquote(segment, errors="surrogateescape")
+            if "\x00" in decoded:
+                return BadTarget(400, "the path has an encoded NUL (%00)")
+            if "." not in decoded:
+                continue
+            for piece in decoded.replace("\\", "/").split("/"):
+                if piece.partition(";")[0] in _DOTS:
+                    return BadTarget(
+                        400, "the path has a dot segment ('.' or '..', maybe percent-encoded); "
+                             "resolve it before sending (RFC 3986 §5.2.4)"
+                    )
+    if "%" not in raw_path:
+        return Target(forward=raw, path=raw_path)
+    # Decode everything but %2F, which must go on separating nothing.
+    path = "%2F".join(
+        unquote(part, errors="surrogateescape") for part in _ENCODED_SLASH.split(raw_path)
+    )
+    return Target(forward=raw, path=path)

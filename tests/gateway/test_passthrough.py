@@ -123,18 +123,23 @@ async def test_unknown_paths_and_methods_are_problems(
         assert resp.status == 404
 
 
+@pytest.mark.parametrize(
+    "target",
+    [b"/public/../binary", b"/admin/..%2f..%2fpublic/x", b"/admin/%2e%2e/%2e%2e/public/x",
+     b"/admin/%2E%2E/%2E%2E/public/x", b"/admin/..%2F..%2Fpublic/x", b"/public/x%2F..%2F..%2Fadmin",
+     b"/public/..;/admin"],
+)
 async def test_dot_segments_cannot_escape_a_route(
-    gateway: GatewayFactory, upstream: UpstreamFactory
+    gateway: GatewayFactory, upstream: UpstreamFactory, target: bytes
 ) -> None:
-    base = await upstream(upstream_app())
+    app, seen = recorder()
+    base = await upstream(app)
     gw = await gateway([{"name": "pub", "path": "/public/*", "upstream": base}])
-    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
-    writer.write(b"GET /public/../binary HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    await writer.drain()
-    head = await reader.readline()
-    writer.close()
-    await writer.wait_closed()
-    assert head.startswith(b"HTTP/1.1 404")
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answer = await exchange(gw.gateway.public_port, request)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"application/problem+json" in answer
+    assert seen == []
 
 
 def recorder() -> tuple[web.Application, list[web.Request]]:
@@ -187,3 +192,37 @@ async def test_forged_stepgate_headers_with_underscores_never_reach_the_upstream
         assert request.headers["Stepgate-Callback"].startswith(gw.internal)
     else:
         assert not [name for name in names if name.lower().startswith("stepgate")]
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+async def test_absolute_form_for_another_host_is_400_and_records_nothing(
+    gateway: GatewayFactory, upstream: UpstreamFactory, durable: bool
+) -> None:
+    app, seen = recorder()
+    base = await upstream(app)
+    gw = await gateway([{"name": "d", "path": "/d/*", "upstream": base, "durable": durable}])
+    answer = await exchange(
+        gw.gateway.public_port,
+        b"GET http://evil.example/d/echo HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"application/problem+json" in answer
+    assert seen == []
+    assert sum((await gw.store.count_by_status()).values()) == 0
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+async def test_absolute_form_for_this_host_is_forwarded_in_origin_form(
+    gateway: GatewayFactory, upstream: UpstreamFactory, durable: bool
+) -> None:
+    app, seen = recorder()
+    base = await upstream(app)
+    gw = await gateway([{"name": "d", "path": "/d/*", "upstream": base, "durable": durable}])
+    answer = await exchange(
+        gw.gateway.public_port,
+        b"GET http://shop/d/echo?x=%2F HTTP/1.1\r\nHost: shop\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    [request] = seen
+    assert request.raw_path == "/d/echo?x=%2F"
+    assert request.headers["Host"] == "shop"
