@@ -33,7 +33,7 @@ from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.poll import poll
 from gateway.problem import problem, problems
-from gateway.proxy import create_upstream_session, proxy_plain
+from gateway.proxy import create_upstream_session, no_server_banner, proxy_plain
 from gateway.routing import BadTarget, MethodNotAllowed, Router, read_target
 from gateway.store import StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
@@ -156,6 +156,7 @@ class Gateway:
         return public, internal
 
     async def _listen(self, app: web.Application, address: Address) -> web.AppRunner:
+        app.on_response_prepare.append(no_server_banner)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)

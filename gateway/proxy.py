@@ -34,10 +34,12 @@ import random
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Final, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias, cast
 
 import aiohttp
 from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion, HttpVersion11, StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -80,7 +82,6 @@ _SKIP_AUTO_HEADERS: Final = frozenset(
     {hdrs.USER_AGENT, hdrs.ACCEPT, hdrs.ACCEPT_ENCODING, hdrs.CONTENT_TYPE}
 )
 # aiohttp warns (ResourceWarning) when a bytes body exceeds 1 MiB; BytesIO is sent in slices.
-_SMALL_BODY: Final = 64 * 1024  # read whole before answering; larger answers stream
 _BYTES_BODY_LIMIT: Final = 1 << 20
 # Statuses whose responses never carry content (RFC 9110 §6.4.1).
 _NO_CONTENT: Final = frozenset({204, 304})
@@ -201,6 +202,20 @@ def _copy_response_headers(headers: Mapping[str, str], out: CIMultiDict[str]) ->
         if lower in drop or _is_stepgate(lower):
             continue
         out.add(name, value)
+
+
+def _copy_upstream_headers(upstream: aiohttp.ClientResponse, out: CIMultiDict[str]) -> None:
+    """`_copy_response_headers`, keeping each name as the upstream spelt it (`etag`, `ETag`):
+    aiohttp's parser gives known names its own canonical case."""
+    headers = upstream.headers
+    named = _connection_tokens(headers)
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
+    # raw_headers and headers come from one parse, field by field, in the same order.
+    for (raw_name, _), (name, value) in zip(upstream.raw_headers, headers.items(), strict=True):
+        lower = name.lower()
+        if lower in drop or _is_stepgate(lower):
+            continue
+        out.add(raw_name.decode("latin-1"), value)
 
 
 def create_upstream_session(*, connection_limit: int = 0) -> aiohttp.ClientSession:
@@ -340,34 +355,97 @@ async def proxy_plain(
 
 
 class RelayedResponse(web.StreamResponse):
-    """A response whose head waits for the first piece of body, so that a small answer leaves
-    in one write instead of two or three (aiohttp's own `web.Response` does the same)."""
+    """An upstream's answer, as the upstream gave it.
+
+    - The head waits for the first piece of body, so that a small answer leaves in one write
+      instead of two or three (aiohttp's own `web.Response` does the same); `_relay` writes
+      as soon as anything arrives, so the head is never held back longer than the upstream
+      holds it back itself.
+    - Nothing is invented: aiohttp would add `Content-Type: application/octet-stream` to a
+      body that came without one, and its `Server: Python/… aiohttp/…` banner.
+    - Field values keep their bytes. aiohttp's parser keeps bytes that are not UTF-8 as
+      surrogate escapes, but its writer drops them, so a latin-1 file name in a
+      Content-Disposition would lose its letters; such a head is written here instead.
+    """
 
     _send_headers_immediately = False
+    _http_version: HttpVersion = HttpVersion11
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        self._http_version = request.version
+        return await super().prepare(request)
+
+    async def _prepare_headers(self) -> None:
+        headers = self.headers
+        invented = [name for name in (hdrs.CONTENT_TYPE, hdrs.SERVER) if name not in headers]
+        await super()._prepare_headers()
+        for name in invented:
+            headers.popall(name, None)
+
+    async def _write_headers(self) -> None:
+        await super()._write_headers()  # also the check for control characters (ValueError)
+        if all(value.isascii() for value in self.headers.values()):
+            return
+        version = self._http_version
+        status_line = f"HTTP/{version.major}.{version.minor} {self.status} {self.reason}"
+        head = _serialize_head(status_line, self.headers)
+        if head is not None:
+            # aiohttp has serialised the head into its writer without sending it (the head
+            # waits for the body, see above); put the byte-exact one in its place.
+            writer = cast(StreamWriter, self._payload_writer)
+            writer._headers_buf = head
+
+
+async def no_server_banner(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """An `on_response_prepare` signal: the gateway's own answers carry no `Server` field
+    (aiohttp's default names its version); relayed answers keep the upstream's, if any."""
+    if not isinstance(response, RelayedResponse):
+        response.headers.popall(hdrs.SERVER, None)
+
+
+def _serialize_head(status_line: str, headers: CIMultiDict[str]) -> bytes | None:
+    """The head with every value's original bytes, or None when every value is UTF-8 (and
+    aiohttp's serialisation is already exact)."""
+    raw = False
+    lines = [status_line.encode("utf-8", "surrogateescape")]
+    for name, value in headers.items():
+        try:
+            encoded = value.encode("utf-8")
+        except UnicodeEncodeError:
+            encoded = value.encode("utf-8", "surrogateescape")
+            raw = True
+        lines.append(name.encode("latin-1") + b": " + encoded)
+    if not raw:
+        return None
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines)
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     """Stream `upstream` to the client; the caller must not touch `upstream` afterwards."""
     response = RelayedResponse(status=upstream.status, reason=upstream.reason)
     # Straight into the response's own multidict: no intermediate copy per request.
-    _copy_response_headers(upstream.headers, response.headers)
+    _copy_upstream_headers(upstream, response.headers)
     completed = False
     try:
-        if request.method == hdrs.METH_HEAD or upstream.status in _NO_CONTENT:
-            await response.prepare(request)
-        elif (upstream.content_length or _SMALL_BODY + 1) <= _SMALL_BODY:
-            # Small and of known length: head, body and end in one write.
+        try:
+            await response.prepare(request)  # serialised now; sent with the first write
+        except ValueError:
+            # A control character in a field or the reason phrase: nginx's "upstream sent
+            # invalid header" 502. Nothing has been sent yet.
+            return problem(502, detail="the upstream sent a header that cannot be relayed")
+        if request.method != hdrs.METH_HEAD and upstream.status not in _NO_CONTENT:
+            content = upstream.content
             try:
-                body = await upstream.read()
+                first = content.read_nowait()
             except (aiohttp.ClientError, TimeoutError):
-                upstream.close()
                 return problem(502, detail="the upstream broke off its answer")
-            await response.prepare(request)
-            await response.write_eof(body)
-        else:
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            if content.at_eof():
+                await response.write_eof(first)  # complete already: head, body, end at once
+            else:
+                await response.write(first)  # the head (and what came with it) now
+                async for chunk in content.iter_any():
+                    await response.write(chunk)
         completed = True
     except (aiohttp.ClientError, OSError, TimeoutError):
         # The upstream broke off mid-body, or the client went away. The status line is out, so

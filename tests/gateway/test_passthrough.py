@@ -151,8 +151,12 @@ def recorder() -> tuple[web.Application, list[web.Request]]:
         seen.append(request)
         return web.Response(text="ok")
 
+    async def anonymous(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.popall("Server", None)  # so that any Server field is the gateway's
+
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", record)
+    app.on_response_prepare.append(anonymous)
     return app, seen
 
 
@@ -226,3 +230,18 @@ async def test_absolute_form_for_this_host_is_forwarded_in_origin_form(
     [request] = seen
     assert request.raw_path == "/d/echo?x=%2F"
     assert request.headers["Host"] == "shop"
+
+
+async def test_the_gateway_never_announces_its_software(
+    gateway: GatewayFactory, upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    """aiohttp adds `Server: Python/3.x aiohttp/3.x` to every answer: a version leak, and on
+    a relayed answer a header the service never sent."""
+    app, _ = recorder()
+    base = await upstream(app)
+    gw = await gateway([{"name": "p", "path": "/p", "upstream": base},
+                        {"name": "d", "path": "/d", "upstream": base, "durable": True}])
+    for url in (gw.url + "/p", gw.url + "/d", gw.url + "/nowhere", gw.url + "/_stepgate/runs/x",
+                gw.internal + "/healthz", gw.internal + "/nowhere"):
+        async with session.get(url) as resp:
+            assert "Server" not in resp.headers, url

@@ -131,6 +131,7 @@ def upstream_app() -> web.Application:
         response = web.StreamResponse(headers={"Content-Length": str(size)})
         await response.prepare(request)
         await response.write(b"x" * 100)
+        await asyncio.sleep(0.1)  # the head and the first piece are with the client by now
         assert request.transport is not None
         request.transport.close()
         return response
@@ -493,25 +494,16 @@ async def test_long_retry_after_is_passed_to_the_client(
     assert seen.flaky == 1
 
 
+@pytest.mark.parametrize("size", [1000, 1000000])
 async def test_upstream_failing_mid_body_cuts_the_client_off(
-    start_gateway: Start, base: str, client: aiohttp.ClientSession
+    start_gateway: Start, base: str, client: aiohttp.ClientSession, size: int
 ) -> None:
     gateway = await start_gateway(make_route(base))
-    # A large answer is streamed: the head is out when the upstream breaks off.
-    async with client.get(gateway + "/truncated?size=1000000") as response:
+    # The head is out when the upstream breaks off, small answer or large.
+    async with client.get(gateway + f"/truncated?size={size}") as response:
         assert response.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await response.read()
-
-
-async def test_upstream_failing_in_a_small_body_is_a_502(
-    start_gateway: Start, base: str, client: aiohttp.ClientSession
-) -> None:
-    gateway = await start_gateway(make_route(base))
-    # A small answer is read whole before anything is sent, so there is still time to say so.
-    async with client.get(gateway + "/truncated?size=1000") as response:
-        assert response.status == 502
-        assert response.content_type == "application/problem+json"
 
 
 async def test_stepgate_no_retry_is_honoured_and_not_relayed(
@@ -532,3 +524,151 @@ async def test_upstream_connections_are_reused(
         assert (await fetch(client, "GET", gateway + "/echo")).status == 200
         assert (await fetch(client, "GET", gateway + "/chunked")).status == 200
     assert len({request["peer"] for request in seen.requests}) == 1
+
+
+# --- the answer as the service sent it --------------------------------------------------------
+
+
+@dataclass
+class Canned:
+    """A raw upstream: answers every request with `parts`, written with `pause` s between."""
+
+    parts: list[bytes]
+    pause: float = 0.0
+    close: bool = False
+    requests: list[bytes] = field(default_factory=list)
+
+
+async def start_canned(canned: Canned) -> tuple[str, asyncio.Server]:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                canned.requests.append(await reader.readuntil(b"\r\n\r\n"))
+                for index, part in enumerate(canned.parts):
+                    if index and canned.pause:
+                        await asyncio.sleep(canned.pause)
+                    writer.write(part)
+                    await writer.drain()
+                if canned.close:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return f"http://127.0.0.1:{port}", server
+
+
+@pytest.fixture
+async def canned_upstream() -> AsyncIterator[Callable[[Canned], Awaitable[str]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(canned: Canned) -> str:
+        url, server = await start_canned(canned)
+        servers.append(server)
+        return url
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def raw_exchange(url: str, request: bytes, *, until: bytes | None = None) -> bytes:
+    target = URL(url)
+    reader, writer = await asyncio.open_connection(target.host, target.port)
+    writer.write(request)
+    await writer.drain()
+    try:
+        if until is not None:
+            return await asyncio.wait_for(reader.readuntil(until), 10)
+        return await asyncio.wait_for(reader.read(-1), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+def head_of(answer: bytes) -> list[bytes]:
+    return answer.partition(b"\r\n\r\n")[0].split(b"\r\n")
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2048\r\n\r\n" + b"a" * 1024, b"b" * 1024],
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 2048\r\n\r\n", b"a" * 2048],
+        [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"4\r\nabcd\r\n0\r\n\r\n"],
+    ],
+    ids=["first-piece-then-rest", "head-then-body", "chunked"],
+)
+async def test_the_head_leaves_when_it_arrives_not_with_the_whole_body(
+    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    client: aiohttp.ClientSession, parts: list[bytes],
+) -> None:
+    """Service alone: the head at once, the rest later. Behind the gateway: the same."""
+    base = await canned_upstream(Canned(parts, pause=1.0))
+    gateway = await start_gateway(make_route(base))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with client.get(gateway + "/slow-body") as response:
+        head_at = loop.time() - started
+        body = await response.read()
+    assert response.status == 200
+    assert head_at < 0.5
+    assert len(body) in (2048, 4)
+
+
+async def test_no_content_type_or_server_is_invented(
+    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+) -> None:
+    base = await canned_upstream(Canned([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]))
+    gateway = await start_gateway(make_route(base))
+    answer = await raw_exchange(gateway, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    names = {line.partition(b":")[0].lower() for line in head_of(answer)[1:]}
+    assert answer.endswith(b"\r\n\r\nok")
+    assert b"content-type" not in names and b"server" not in names
+
+
+async def test_the_upstreams_server_header_passes_as_it_is(
+    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+) -> None:
+    base = await canned_upstream(
+        Canned([b"HTTP/1.1 200 OK\r\nServer: shop/1.0\r\nContent-Length: 2\r\n\r\nok"])
+    )
+    gateway = await start_gateway(make_route(base))
+    answer = await raw_exchange(gateway, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert [line for line in head_of(answer) if line.lower().startswith(b"server:")] == [
+        b"Server: shop/1.0"
+    ]
+
+
+async def test_header_names_and_value_bytes_pass_as_they_are(
+    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+) -> None:
+    """Field names keep their case (as nginx keeps them) and a value that is not UTF-8 (a
+    latin-1 file name, say) keeps its bytes."""
+    fields = [b"etag: \"v1\"", b"x-lower: 1", b"Content-Type: text/plain",
+              b"Content-Disposition: attachment; filename=\"caf\xe9.txt\"", b"X-Raw: \xff\xfe"]
+    base = await canned_upstream(
+        Canned([b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(fields) + b"\r\nContent-Length: 2\r\n\r\nok"])
+    )
+    gateway = await start_gateway(make_route(base))
+    answer = await raw_exchange(gateway, b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    head = head_of(answer)
+    for line in fields:
+        assert line in head
+
+
+async def test_an_upstream_header_that_cannot_be_relayed_is_a_502(
+    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    client: aiohttp.ClientSession,
+) -> None:
+    base = await canned_upstream(
+        Canned([b"HTTP/1.1 200 OK\r\nX-Ctl: a\x01b\r\nContent-Length: 2\r\n\r\nok"])
+    )
+    gateway = await start_gateway(make_route(base))
+    answer = await fetch(client, "GET", gateway + "/x")
+    assert answer.status == 502
+    assert problem_body(answer)["status"] == 502
