@@ -33,7 +33,15 @@ from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.poll import poll
 from gateway.problem import problem, problems
-from gateway.proxy import create_upstream_session, no_server_banner, proxy_plain
+from gateway.proxy import (
+    create_upstream_session,
+    defer_continue,
+    expects_continue,
+    no_server_banner,
+    proxy_plain,
+    send_continue,
+    undecodable_field,
+)
 from gateway.routing import BadTarget, MethodNotAllowed, Router, read_target
 from gateway.store import StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
@@ -53,6 +61,10 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     it durably. A refused target never reaches a route, so no run is ever made of it."""
     started = time.perf_counter()
     label, response = await _dispatch(request)
+    if expects_continue(request) and not request.content.is_eof():
+        # Refused before the body was asked for: a client may then skip sending it, so the
+        # connection cannot carry another request (RFC 9110 §10.1.1).
+        response.force_close()
     request.app[METRICS].request(label, request.method, response.status,
                                  time.perf_counter() - started)
     return response
@@ -63,6 +75,10 @@ async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
     target = read_target(request.method, request.raw_path, request.headers.get(hdrs.HOST))
     if isinstance(target, BadTarget):
         return "none", problem(target.status, detail=target.detail)
+    undecodable = undecodable_field(request.headers)
+    if undecodable is not None:
+        return "none", problem(400, detail=f"the value of {undecodable} is not UTF-8, and the "
+                                            "gateway cannot forward its bytes unchanged")
     if target.path == "*":
         # `OPTIONS *` asks about the server itself; Go's server answers it the same way.
         return "none", web.Response(headers={hdrs.CONTENT_LENGTH: "0"})
@@ -75,6 +91,8 @@ async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
     if isinstance(match, MethodNotAllowed):
         return "none", problem(405, detail=f"this path takes {match.allow_header}",
                                headers={"Allow": match.allow_header})
+    if not match.durable or (request.content_length or 0) <= match.max_body:
+        await send_continue(request)  # else the engine answers 413 without wanting the body
     if match.durable:
         return match.name, await app[ENGINE].handle(request, match)
     return match.name, await proxy_plain(request, match, app[SESSION],
@@ -142,7 +160,7 @@ class Gateway:
         public[ROUTER] = Router(self.settings.routes)
         public[METRICS] = self.metrics
         public.router.add_route("*", RESERVED_PREFIX + "runs/{run_id}", poll_any_method)
-        public.router.add_route("*", "/{tail:.*}", dispatch)
+        public.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=defer_continue)
 
         internal = web.Application(client_max_size=INTERNAL_MAX_BODY, middlewares=[problems])
         internal[ENGINE] = engine

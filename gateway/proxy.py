@@ -12,8 +12,9 @@ What crosses the gateway, in both directions (RFC 9110 §7.6.1):
   (`underscores_in_headers off`): CGI, WSGI, PHP and Rack turn `-` and `_` into the same
   variable, so `Stepgate_Token` would arrive as `HTTP_STEPGATE_TOKEN`, indistinguishable from
   the gateway's own `Stepgate-Token`;
-- requests also lose `Expect`: the gateway's server already answered `100-continue` before
-  the handler ran, and repeating the expectation upstream would only stall the body;
+- requests also lose `Expect`: the gateway answers `100-continue` itself, once it has
+  decided to forward the body (`send_continue`), and repeating the expectation upstream
+  would only stall it;
 - requests gain `X-Forwarded-For` (peer appended), `X-Forwarded-Proto`, `X-Forwarded-Host`
   (the client's Host, replacing any client-sent value), `Via: 1.1 stepgate`, and a W3C
   `traceparent` (kept when valid, otherwise started afresh). `Host` and `Content-Length` pass
@@ -121,6 +122,47 @@ def _is_stepgate(lower: str) -> bool:
     return lower.startswith(_STEPGATE_PREFIX) or (
         "_" in lower and lower.replace("_", "-").startswith(_STEPGATE_PREFIX)
     )
+
+
+def undecodable_field(headers: Mapping[str, str]) -> str | None:
+    """The name of the first field whose value is not UTF-8, or None.
+
+    aiohttp's parser keeps such bytes as surrogate escapes, but its client writes field values
+    as UTF-8 and drops what it cannot encode: forwarded, `caf\\xe9` would arrive as `caf`.
+    The gateway refuses the request instead (400) of changing it silently."""
+    for name, value in headers.items():
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return name
+    return None
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """The client waits for `100 Continue` before it sends the body (HTTP/1.1 only)."""
+    return (
+        request.version == HttpVersion11
+        and request.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+    )
+
+
+async def defer_continue(request: web.Request) -> web.StreamResponse | None:
+    """An `expect_handler` for aiohttp's router: check the expectation, but send no `100`.
+
+    aiohttp's default sends `100 Continue` before the handler has looked at the request, so a
+    client would upload a body only to be told 404 or 413. Like Go's server, the gateway sends
+    it when the body is actually wanted (`send_continue`)."""
+    if request.version != HttpVersion11 or expects_continue(request):
+        return None
+    return problem(417, detail="the only expectation the gateway knows is 100-continue")
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Send `100 Continue` if the client waits for it: the body is wanted now."""
+    if expects_continue(request):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp does: the answer proper has not begun
 
 
 def header_true(value: str | None) -> bool:

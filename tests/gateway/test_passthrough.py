@@ -245,3 +245,83 @@ async def test_the_gateway_never_announces_its_software(
                 gw.internal + "/healthz", gw.internal + "/nowhere"):
         async with session.get(url) as resp:
             assert "Server" not in resp.headers, url
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+async def test_a_header_value_that_is_not_utf8_is_refused_not_emptied(
+    gateway: GatewayFactory, upstream: UpstreamFactory, durable: bool
+) -> None:
+    """aiohttp's client writes field values as UTF-8 and drops what it cannot encode, so the
+    bytes cannot be relayed as they are; the gateway says so instead of sending `ab`."""
+    app, seen = recorder()
+    base = await upstream(app)
+    gw = await gateway([{"name": "all", "path": "/*", "upstream": base, "durable": durable}])
+    answer = await exchange(
+        gw.gateway.public_port,
+        b"GET /x HTTP/1.1\r\nHost: h\r\nX-Name: caf\xe9\r\nConnection: close\r\n\r\n",
+    )
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b"X-Name" in answer.partition(b"\r\n\r\n")[2]
+    assert seen == []
+    assert sum((await gw.store.count_by_status()).values()) == 0
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+
+
+@pytest.mark.parametrize(
+    ("route", "path", "status"),
+    [({"durable": True, "max_body": 10}, b"/d", b"413"), ({}, b"/elsewhere", b"404"),
+     ({"methods": ["GET"]}, b"/d", b"405")],
+    ids=["durable-over-max_body", "no-route", "wrong-method"],
+)
+async def test_expect_continue_gets_the_refusal_without_a_100(
+    gateway: GatewayFactory, upstream: UpstreamFactory, route: dict[str, object], path: bytes,
+    status: bytes,
+) -> None:
+    app, seen = recorder()
+    base = await upstream(app)
+    gw = await gateway([{"name": "d", "path": "/d", "upstream": base, **route}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
+    writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n"
+                 b"Expect: 100-continue\r\n\r\n")
+    head = await read_head(reader)
+    writer.close()
+    await writer.wait_closed()
+    assert head.startswith(b"HTTP/1.1 " + status + b" ")
+    # The body was never asked for: the connection cannot be reused (RFC 9110 §10.1.1).
+    assert b"Connection: close" in head
+    assert seen == []
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+async def test_expect_continue_gets_the_100_when_the_body_is_wanted(
+    gateway: GatewayFactory, upstream: UpstreamFactory, durable: bool
+) -> None:
+    app, seen = recorder()
+    base = await upstream(app)
+    gw = await gateway([{"name": "d", "path": "/d", "upstream": base, "durable": durable}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
+    writer.write(b"POST /d HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
+                 b"Expect: 100-continue\r\n\r\n")
+    assert await read_head(reader) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"abc")
+    final = await read_head(reader)
+    writer.close()
+    await writer.wait_closed()
+    assert final.startswith(b"HTTP/1.1 200 ")
+    assert [await request.read() for request in seen] == [b"abc"]
+
+
+async def test_an_unknown_expectation_is_417(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    app, seen = recorder()
+    base = await upstream(app)
+    gw = await gateway([{"name": "d", "path": "/d", "upstream": base}])
+    answer = await exchange(gw.gateway.public_port, b"POST /d HTTP/1.1\r\nHost: h\r\n"
+                            b"Content-Length: 0\r\nExpect: teapot\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 417 ")
+    assert b"application/problem+json" in answer
+    assert seen == []
