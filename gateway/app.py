@@ -45,6 +45,7 @@ from gateway.proxy import (
 from gateway.routing import BadTarget, MethodNotAllowed, Router, read_target
 from gateway.store import StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
+from gateway.upgrade import relay_upgrade, wants_websocket
 
 log = structlog.get_logger("stepgate")
 
@@ -95,8 +96,10 @@ async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
         await send_continue(request)  # else the engine answers 413 without wanting the body
     if match.durable:
         return match.name, await app[ENGINE].handle(request, match)
-    return match.name, await proxy_plain(request, match, app[SESSION],
-                                         on_attempt=app[METRICS].plain_attempt(match.name))
+    on_attempt = app[METRICS].plain_attempt(match.name)
+    if wants_websocket(request):
+        return match.name, await relay_upgrade(request, match, on_attempt=on_attempt)
+    return match.name, await proxy_plain(request, match, app[SESSION], on_attempt=on_attempt)
 
 
 async def poll_any_method(request: web.Request) -> web.StreamResponse:

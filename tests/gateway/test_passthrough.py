@@ -325,3 +325,101 @@ async def test_an_unknown_expectation_is_417(
     assert answer.startswith(b"HTTP/1.1 417 ")
     assert b"application/problem+json" in answer
     assert seen == []
+
+
+def websocket_app() -> tuple[web.Application, list[web.Request]]:
+    """A WebSocket service: echoes text and binary, says `chat` as its subprotocol, sets a
+    cookie on the handshake, and declines upgrades on /private with a 403."""
+    seen: list[web.Request] = []
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        seen.append(request)
+        if request.path == "/private":
+            return web.Response(status=403, text="no sockets here")
+        ws = web.WebSocketResponse(protocols=["chat"])
+        ws.headers["Set-Cookie"] = "s=1"
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                if message.data == "bye":
+                    await ws.close(code=4001, message=b"asked to")
+                else:
+                    await ws.send_str("echo " + message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(message.data[::-1])
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", echo)
+    return app, seen
+
+
+async def test_websocket_upgrades_are_relayed_on_plain_routes(
+    gateway: GatewayFactory, upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    app, seen = websocket_app()
+    base = await upstream(app)
+    gw = await gateway([{"name": "ws", "path": "/*", "upstream": base, "timeout": "2s"}])
+    async with session.ws_connect(gw.url + "/socket?room=1", protocols=["other", "chat"]) as ws:
+        assert ws.protocol == "chat"
+        await ws.send_str("hello")
+        assert await ws.receive_str() == "echo hello"
+        payload = bytes(range(256)) * 300  # larger than any one read
+        await ws.send_bytes(payload)
+        assert await ws.receive_bytes() == payload[::-1]
+        await asyncio.sleep(2.5)  # idle for longer than the route's timeout: still open
+        await ws.send_str("bye")
+        closing = await ws.receive()
+        assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 4001
+    [request] = seen
+    assert request.raw_path == "/socket?room=1"
+    assert request.headers["X-Forwarded-For"] == "127.0.0.1"
+    assert request.headers["Via"] == "1.1 stepgate"
+
+
+async def test_a_websocket_handshake_answer_keeps_its_headers(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    app, _ = websocket_app()
+    base = await upstream(app)
+    gw = await gateway([{"name": "ws", "path": "/*", "upstream": base}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
+    writer.write(b"GET /socket HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    head = await read_head(reader)
+    writer.close()
+    await writer.wait_closed()
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 101 Switching Protocols"
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in lines
+    assert b"Set-Cookie: s=1" in lines
+    assert {line.lower() for line in lines} >= {b"upgrade: websocket", b"connection: upgrade"}
+
+
+async def test_a_declined_websocket_upgrade_is_relayed(
+    gateway: GatewayFactory, upstream: UpstreamFactory, session: aiohttp.ClientSession
+) -> None:
+    app, _ = websocket_app()
+    base = await upstream(app)
+    gw = await gateway([{"name": "ws", "path": "/*", "upstream": base}])
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await session.ws_connect(gw.url + "/private")
+    assert refused.value.status == 403
+    # And the connection still serves plain requests.
+    async with session.get(gw.url + "/private") as resp:
+        assert resp.status == 403 and await resp.text() == "no sockets here"
+
+
+async def test_a_websocket_upstream_that_is_down_is_a_502(
+    gateway: GatewayFactory, session: aiohttp.ClientSession
+) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    gw = await gateway([{"name": "ws", "path": "/*", "upstream": f"http://127.0.0.1:{port}"}])
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await session.ws_connect(gw.url + "/socket")
+    assert refused.value.status == 502
