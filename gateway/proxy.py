@@ -20,10 +20,17 @@ What crosses the gateway, in both directions (RFC 9110 §7.6.1):
   `traceparent` (kept when valid, otherwise started afresh). `Host` and `Content-Length` pass
   through untouched.
 
-Timeouts of a plain attempt: `route.timeout` bounds connecting, sending the request (body
-included) and receiving the response head. Once the head has arrived the body may stream for
-as long as it keeps moving; it is cut only after `route.timeout` without a byte (aiohttp's
-`sock_read`), so downloads and event streams are not killed by a wall clock.
+Time-outs, as nginx's `proxy_read_timeout` works:
+
+- `route.timeout` bounds each attempt's connecting, sending the request (body included) and
+  receiving the response head. It is per attempt: with `retry.attempts: 4`, a head that never
+  comes holds the client for four time-outs plus the back-off between them (20 s and more for
+  a 5 s timeout) before the 504;
+- once the head has arrived, the body may stream for as long as it keeps moving; it is cut
+  only after `route.timeout` without a byte (aiohttp's `sock_read`), so downloads and event
+  streams are not killed by a wall clock. Cut means the client's connection is closed: the
+  status line is out, and a clean end would pass for a complete answer;
+- a WebSocket, once switched, has no time-out at all (`gateway.upgrade`).
 """
 
 from __future__ import annotations

@@ -672,3 +672,58 @@ async def test_an_upstream_header_that_cannot_be_relayed_is_a_502(
     answer = await fetch(client, "GET", gateway + "/x")
     assert answer.status == 502
     assert problem_body(answer)["status"] == 502
+
+
+# --- the time-out rule (module docstring of gateway/proxy.py) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc",
+     b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\nabc",
+     b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc"],
+    ids=["chunked", "small", "large", "until-close"],
+)
+async def test_a_body_that_stops_moving_is_cut_after_the_route_timeout(
+    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    client: aiohttp.ClientSession, head: bytes,
+) -> None:
+    base = await canned_upstream(Canned([head, b""], pause=30.0))
+    gateway = await start_gateway(make_route(base, timeout=0.5))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with client.get(gateway + "/stalls") as response:
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.read()
+    assert 0.4 < loop.time() - started < 2.0
+
+
+async def test_a_body_that_keeps_moving_is_never_cut(
+    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    client: aiohttp.ClientSession,
+) -> None:
+    drip = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"]
+    drip += [b"1\r\nx\r\n"] * 12 + [b"0\r\n\r\n"]
+    base = await canned_upstream(Canned(drip, pause=0.25))
+    gateway = await start_gateway(make_route(base, timeout=0.5))
+    async with client.get(gateway + "/drip") as response:
+        assert await response.read() == b"x" * 12  # 3 s in all, 6 route time-outs
+
+
+async def test_each_attempt_gets_the_route_timeout_for_its_head(
+    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    client: aiohttp.ClientSession,
+) -> None:
+    """A head that never comes: with retry.attempts: 3 the client waits for three time-outs
+    (and the back-off between them), not one."""
+    canned = Canned([b"", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"], pause=30.0)
+    base = await canned_upstream(canned)
+    gateway = await start_gateway(make_route(base, timeout=0.3, retry=RETRY))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await fetch(client, "GET", gateway + "/never")
+    assert answer.status == 504
+    assert len(canned.requests) == 3
+    assert 0.9 < loop.time() - started < 1.5
