@@ -178,7 +178,8 @@ class Gateway:
 
     async def _listen(self, app: web.Application, address: Address) -> web.AppRunner:
         app.on_response_prepare.append(no_server_banner)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # auto_decompress=False: a request body is forwarded (and stored) as the client sent it.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
         await runner.setup()
         self._runners.append(runner)
         site = web.TCPSite(runner, address.host, address.port, backlog=1024)

@@ -423,3 +423,34 @@ async def test_a_websocket_upstream_that_is_down_is_a_502(
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await session.ws_connect(gw.url + "/socket")
     assert refused.value.status == 502
+
+
+@pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
+async def test_a_compressed_request_body_is_forwarded_as_it_is(
+    gateway: GatewayFactory, durable: bool
+) -> None:
+    """aiohttp's server inflates request bodies by default: forwarded with the client's
+    Content-Encoding and Content-Length, the upstream got a cut, uncompressed body (and a
+    small gzip bomb became a large buffer in the gateway)."""
+    import gzip
+
+    from aiohttp.test_utils import TestServer
+
+    app, seen = recorder()
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(auto_decompress=False)  # so that it sees the bytes sent
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        gw = await gateway([{"name": "all", "path": "/*", "upstream": base, "durable": durable}])
+        body = gzip.compress(b"hello world" * 100)
+        answer = await exchange(
+            gw.gateway.public_port,
+            b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Encoding: gzip\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body,
+        )
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        [request] = seen
+        assert request.headers["Content-Encoding"] == "gzip"
+        assert await request.read() == body
+    finally:
+        await server.close()
