@@ -28,6 +28,7 @@ from gateway import admin, callbacks, ui
 from gateway.config import Address, Settings
 from gateway.engine import ENGINE, Engine
 from gateway.errors import GatewayError
+from gateway.limits import BodyTimeout, GuardedSite, body_timeout_problem, raise_open_file_limit
 from gateway.logging import configure as configure_logging
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
@@ -95,7 +96,10 @@ async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
     if not match.durable or (request.content_length or 0) <= match.max_body:
         await send_continue(request)  # else the engine answers 413 without wanting the body
     if match.durable:
-        return match.name, await app[ENGINE].handle(request, match)
+        try:
+            return match.name, await app[ENGINE].handle(request, match)
+        except BodyTimeout as exc:  # nothing is recorded of a body that never arrived
+            return match.name, body_timeout_problem(exc)
     on_attempt = app[METRICS].plain_attempt(match.name)
     if wants_websocket(request):
         return match.name, await relay_upgrade(request, match, on_attempt=on_attempt)
@@ -178,11 +182,12 @@ class Gateway:
 
     async def _listen(self, app: web.Application, address: Address) -> web.AppRunner:
         app.on_response_prepare.append(no_server_banner)
-        # auto_decompress=False: a request body is forwarded (and stored) as the client sent it.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+        runner = web.AppRunner(app, handle_signals=False)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, address.host, address.port, backlog=1024)
+        # Connections are served by GuardedHandler: time-outs, a connection cap, a bound on
+        # header bytes, problem+json for malformed requests (gateway.limits).
+        site = GuardedSite(runner, address, limits=self.settings.limits, backlog=1024)
         try:
             await site.start()
         except OSError as exc:
@@ -240,6 +245,8 @@ class Gateway:
 async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
     """Run until SIGTERM or SIGINT (or until the child exits); return the exit code."""
     configure_logging(settings.log_level, settings.log_format)
+    was, now = raise_open_file_limit()
+    log.info("gateway.open_files", limit=now, raised_from=was if was != now else None)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -32,6 +32,7 @@ from gateway.errors import GatewayError
 __all__ = [
     "Address",
     "ConfigError",
+    "Limits",
     "RetryPolicy",
     "Route",
     "Settings",
@@ -79,6 +80,17 @@ class Route:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What a client may hold of a listener (`limits:`); enforced by gateway/limits.py."""
+
+    header_timeout: float = 10.0  # seconds for a whole request head, from its first byte
+    body_timeout: float = 60.0  # seconds a request body may go without a byte
+    idle_timeout: float = 75.0  # seconds a kept-alive connection may wait for a request
+    max_connections: int = 10_000  # open connections per listener
+    max_header_size: int = 64 * 1024  # bytes of request line and header fields together
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen: Address
     internal_listen: Address
@@ -94,6 +106,7 @@ class Settings:
     metrics_listen: Address | None
     shutdown_grace: float  # seconds
     routes: tuple[Route, ...]
+    limits: Limits = Limits()
 
 
 class ConfigError(GatewayError):
@@ -125,13 +138,17 @@ PLAIN_ATTEMPTS: Final = 1
 _TOP_KEYS: Final = (
     "listen", "internal_listen", "internal_url", "store", "durability", "retention",
     "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-    "routes",
+    "routes", "limits",
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
     "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body", "retry",
 )  # fmt: skip
 _RETRY_KEYS: Final = ("attempts", "initial", "max", "multiplier", "on", "non_idempotent")
 _EVENTS_KEYS: Final = ("lookback",)
+_LIMITS_KEYS: Final = (
+    "header_timeout", "body_timeout", "idle_timeout", "max_connections", "max_header_size",
+)  # fmt: skip
+_MIN_HEADER_SIZE: Final = 1024
 
 # --- scalar parsers (public: also used outside config files) --------------------------------
 
@@ -584,6 +601,35 @@ def _events_lookback(value: object, key: str) -> float:
     return section.optional("lookback", _duration(allow_zero=True), 60.0)
 
 
+def _limits(value: object, key: str) -> Limits:
+    section = _Section(value, key, _LIMITS_KEYS, "a mapping such as {header_timeout: 10s}")
+    default = Limits()
+    header_size = section.optional("max_header_size", _size, default.max_header_size)
+    if header_size < _MIN_HEADER_SIZE:
+        raise _Invalid(section.key("max_header_size"),
+                       f"must be at least {_MIN_HEADER_SIZE} bytes (1KiB): an ordinary browser "
+                       "request is larger")
+    return Limits(
+        header_timeout=section.optional("header_timeout", _duration(allow_zero=False),
+                                        default.header_timeout),
+        body_timeout=section.optional("body_timeout", _duration(allow_zero=False),
+                                      default.body_timeout),
+        idle_timeout=section.optional("idle_timeout", _duration(allow_zero=False),
+                                      default.idle_timeout),
+        max_connections=section.optional("max_connections", _connections,
+                                         default.max_connections),
+        max_header_size=header_size,
+    )  # fmt: skip
+
+
+def _connections(value: object, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(key, f"expected a whole number, got {_kind(value)}")
+    if value < 1:
+        raise _Invalid(key, "must be at least 1")
+    return value
+
+
 def _admin_token(value: object, key: str) -> str | None:
     if value is None:
         return None
@@ -702,6 +748,7 @@ def _settings(data: object) -> Settings:
         metrics_listen=section.optional("metrics_listen", _optional_address, None),
         shutdown_grace=section.optional("shutdown_grace", _duration(allow_zero=True), 10.0),
         routes=section.optional("routes", _routes, ()),
+        limits=section.optional("limits", _limits, Limits()),
     )
 
 

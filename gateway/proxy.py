@@ -51,6 +51,7 @@ from aiohttp.http import HttpVersion, HttpVersion11, StreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from gateway.limits import BodyTimeout, body_timeout_problem
 from gateway.problem import problem
 from gateway.retry import FailureKind, Outcome, is_retriable, method_may_retry, next_delay
 
@@ -398,6 +399,9 @@ async def proxy_plain(
             continue
         if upstream is not None:
             return await _relay(request, upstream)
+        stalled = request.content.exception()
+        if isinstance(stalled, BodyTimeout):  # the client's body stopped, not the upstream
+            return body_timeout_problem(stalled)
         if failure == "timeout":
             return problem(504, detail=f"upstream of route {route.name!r} did not answer in time")
         return problem(502, detail=f"upstream of route {route.name!r} could not be reached")
