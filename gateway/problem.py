@@ -7,10 +7,13 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Final
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StoreError
+
+log = structlog.get_logger("stepgate")
 
 CONTENT_TYPE: Final = "application/problem+json"
 
@@ -80,11 +83,16 @@ class Problem(GatewayError):
 
 @web.middleware
 async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error answer as problem+json: our own `Problem`s, and aiohttp's 404s and 405s."""
+    """Every error answer as problem+json: our own `Problem`s, a store that refuses a write
+    (503, try again), and aiohttp's 404s and 405s."""
     try:
         return await handler(request)
     except Problem as exc:
         return exc.response()
+    except StoreError as exc:
+        log.warning("store.unavailable", path=request.path, error=str(exc))
+        return problem(503, detail="the run store is not available; nothing was recorded, "
+                       "try again", headers={"Retry-After": "1"})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -89,14 +89,21 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
     if prefer.respond_async:
         invoker.spawn(run.id, invoker.in_background(run))
         return answers.accepted(run)
-    task = invoker.spawn(run.id, invoker.invoke(run))
-    # The first invocation is always awaited. Shielded: a client that goes away does not cut
-    # it short. Bounded: if its record cannot be written (a store that refuses writes), the
-    # client is not kept beyond the route's timeout and hold.
-    done, _ = await asyncio.wait({task}, timeout=route.timeout + route.hold + 1.0)
+    replied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = invoker.spawn(run.id, invoker.invoke(run, replied))
+    # The first invocation is always awaited (it is bounded by the route's timeout), and a
+    # client that goes away does not cut it short. Its record is awaited only until the hold
+    # is over: a store that refuses writes keeps the client no longer than that.
+    await asyncio.wait({task, replied}, return_when=asyncio.FIRST_COMPLETED)
+    hold_left = arrival + _hold(route, prefer) - time.monotonic()
+    done, _ = await asyncio.wait({task}, timeout=max(hold_left, 0.0))
     if done:
         run = task.result() or run
     return await answer(engine, run, route, arrival, prefer)
+
+
+def _hold(route: Route, prefer: Preferences) -> float:
+    return route.hold if prefer.wait is None else min(prefer.wait, route.hold)
 
 
 async def _attach(
@@ -120,8 +127,7 @@ async def answer(
     engine: Engine, run: Run, route: Route, arrival: float, prefer: Preferences
 ) -> web.StreamResponse:
     if not run.ended:
-        hold = route.hold if prefer.wait is None else min(prefer.wait, route.hold)
-        remaining = arrival + hold - time.monotonic()
+        remaining = arrival + _hold(route, prefer) - time.monotonic()
         if remaining > 0:
             try:
                 run = await engine.waiters.wait_end(run, remaining)

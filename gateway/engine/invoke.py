@@ -99,8 +99,9 @@ class Invoker:
 
     # -- one invocation ------------------------------------------------------------------------
 
-    async def invoke(self, run: Run) -> Run:
-        """One invocation of the upstream and its record; returns the run as committed."""
+    async def invoke(self, run: Run, replied: asyncio.Future[None] | None = None) -> Run:
+        """One invocation of the upstream and its record; returns the run as committed.
+        `replied` is set once the upstream's outcome is in, before it is recorded."""
         # Each invocation is its own task, so these bindings end with it.
         structlog.contextvars.bind_contextvars(
             run_id=run.id, route=run.route, attempt=run.attempt, trace_id=run.trace_id
@@ -117,6 +118,8 @@ class Invoker:
                 route.name, RetryOutcome(outcome.reply.status if outcome.reply else None,
                                          outcome.failure).label  # type: ignore[arg-type]
             )
+        if replied is not None and not replied.done():
+            replied.set_result(None)
         after = await self._finish(run, outcome, route)
         if after is None:
             return run
@@ -137,7 +140,7 @@ class Invoker:
             ("Stepgate-Steps", str(steps)),
         ]
         call = Invocation(run.attempt, run.method, route.upstream + run.target, headers,
-                          run.body, route.timeout)
+                          run.body, route.timeout, route.max_response)
         return await self.transport.send(call)
 
     async def _finish(self, run: Run, outcome: Outcome, route: Route | None) -> AfterAttempt | None:
