@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import structlog
 from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler
 from yarl import URL
 
 from gateway import admin, callbacks, ui
@@ -58,15 +59,43 @@ RESERVED_PREFIX = "/_stepgate/"
 INTERNAL_MAX_BODY = 16 * 1024 * 1024  # step outputs and events
 
 
+@web.middleware
+async def before_routes(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """What every public request must pass before any route, poll URLs included: its target
+    and Host (gateway.routing.read_target) and field values the gateway can forward. An
+    absolute-form target for this host goes on as the origin-form request it stands for."""
+    started = time.perf_counter()
+    target = read_target(request.method, request.raw_path, request.headers.get(hdrs.HOST))
+    undecodable = undecodable_field(request.headers)
+    if isinstance(target, BadTarget):
+        response: web.StreamResponse = problem(target.status, detail=target.detail)
+    elif undecodable is not None:
+        response = problem(400, detail=f"the value of {undecodable} is not UTF-8, and the "
+                                       "gateway cannot forward its bytes unchanged")
+    elif target.path == "*":
+        # `OPTIONS *` asks about the server itself; Go's server answers it the same way.
+        response = web.Response(headers={hdrs.CONTENT_LENGTH: "0"})
+    else:
+        if target.forward != request.raw_path:
+            request = request.clone(rel_url=URL(target.forward, encoded=True))
+        response = await handler(request)
+        if expects_continue(request) and not request.content.is_eof():
+            # Refused before the body was asked for: a client may then skip sending it, so
+            # the connection cannot carry another request (RFC 9110 §10.1.1).
+            response.force_close()
+        return response
+    if expects_continue(request):
+        response.force_close()
+    request.app[METRICS].request("none", request.method, response.status,
+                                 time.perf_counter() - started)
+    return response
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    """Every public request that is not a poll: check its target, route it, then proxy or run
-    it durably. A refused target never reaches a route, so no run is ever made of it."""
+    """Every public request that is not a poll, once `before_routes` has passed it: route it,
+    then proxy or run it durably."""
     started = time.perf_counter()
     label, response = await _dispatch(request)
-    if expects_continue(request) and not request.content.is_eof():
-        # Refused before the body was asked for: a client may then skip sending it, so the
-        # connection cannot carry another request (RFC 9110 §10.1.1).
-        response.force_close()
     request.app[METRICS].request(label, request.method, response.status,
                                  time.perf_counter() - started)
     return response
@@ -75,18 +104,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
     app = request.app
     target = read_target(request.method, request.raw_path, request.headers.get(hdrs.HOST))
-    if isinstance(target, BadTarget):
+    if isinstance(target, BadTarget):  # not through before_routes: still never routed
         return "none", problem(target.status, detail=target.detail)
-    undecodable = undecodable_field(request.headers)
-    if undecodable is not None:
-        return "none", problem(400, detail=f"the value of {undecodable} is not UTF-8, and the "
-                                            "gateway cannot forward its bytes unchanged")
-    if target.path == "*":
-        # `OPTIONS *` asks about the server itself; Go's server answers it the same way.
-        return "none", web.Response(headers={hdrs.CONTENT_LENGTH: "0"})
-    if target.forward != request.raw_path:
-        # Absolute-form for this very host: from here on it is the origin-form request.
-        request = request.clone(rel_url=URL(target.forward, encoded=True))
     match = app[ROUTER].match(request.method, target.path)
     if match is None or target.path.startswith(RESERVED_PREFIX):
         return "none", problem(404, detail="no route matches this path")
@@ -161,7 +180,7 @@ class Gateway:
     def _apps(self, engine: Engine, session: aiohttp.ClientSession) -> tuple[
         web.Application, web.Application
     ]:
-        public = web.Application()
+        public = web.Application(middlewares=[before_routes])
         public[ENGINE] = engine
         public[SESSION] = session
         public[ROUTER] = Router(self.settings.routes)

@@ -40,7 +40,8 @@ import resource
 from typing import Final
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
@@ -158,12 +159,37 @@ class GuardedSite(web.BaseSite):
             guard.name = f"{address.host}:{self._server.sockets[0].getsockname()[1]}"
 
 
+class _ErrorAnswer(web.Response):
+    """An answer made before any application saw the request, so no `on_response_prepare`
+    signal strips aiohttp's `Server` banner from it (gateway.proxy.no_server_banner): done
+    here instead."""
+
+    async def _prepare_headers(self) -> None:
+        await super()._prepare_headers()
+        self.headers.popall(hdrs.SERVER, None)
+
+
 def _head_size(message: RawRequestMessage) -> int:
     """The bytes of a parsed head: request line and fields with their separators."""
     size = len(message.method) + len(message.path) + len("  HTTP/1.1\r\n\r\n")
     for name, value in message.raw_headers:
         size += len(name) + len(value) + 4  # ": " and CRLF
     return size
+
+
+def _framing(message: RawRequestMessage) -> tuple[int, str] | None:
+    """What aiohttp's parser lets through but HTTP/1.1 does not: another HTTP version, and
+    Transfer-Encoding in an HTTP/1.0 request (RFC 9112 §6.1: faulty framing, as nginx says)."""
+    version = message.version
+    if version == HttpVersion11:
+        return None
+    if version == HttpVersion10:
+        if hdrs.TRANSFER_ENCODING in message.headers:
+            return 400, "Transfer-Encoding in an HTTP/1.0 request"
+        return None
+    if version.major >= 2:
+        return 505, f"HTTP/{version.major}.{version.minor} is not spoken here: use HTTP/1.1"
+    return 400, "HTTP/0.9 requests are not served"
 
 
 class GuardedHandler(RequestHandler):
@@ -269,10 +295,13 @@ class GuardedHandler(RequestHandler):
             if isinstance(message, _ErrInfo):
                 self._refused = True  # aiohttp's parser cannot go on after an error
                 return
-            if _head_size(message) > limit:
+            refusal = _framing(message) or (
+                self._oversize() if _head_size(message) > limit else None
+            )
+            if refusal is not None:
                 for _ in new[index:]:
                     self._messages.pop()
-                self._refuse(*self._oversize())
+                self._refuse(*refusal)
                 return
         payload = new[-1][1]
         if not payload.is_eof():
@@ -366,7 +395,8 @@ class GuardedHandler(RequestHandler):
             raise ConnectionError("an answer was under way; cannot send an error answer")
         # The connection ends after this answer, but not at once (`finish_response`).
         self._refused = self._lingering = True
-        return problem(status, detail=detail, headers={"Connection": "close"})
+        answer = problem(status, detail=detail, headers={"Connection": "close"})
+        return _ErrorAnswer(status=status, body=answer.body, headers=answer.headers)
 
     async def finish_response(
         self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None

@@ -26,6 +26,8 @@ it (a path signature, such as AWS SigV4's or a webhook's HMAC, keeps working):
 - malformed percent-escapes (`%zz`, a lone `%`) and an encoded NUL (`%00`);
 - absolute-form targets for another host (RFC 9112 §3.2.2: the gateway is not a forward
   proxy). One that names the Host it arrives with is taken as origin-form;
+- a fragment (`#`), which is never part of a request target, and a Host header that is not
+  `host[:port]` (RFC 9112 §3.2);
 - authority-form (`CONNECT host:port`) and the asterisk-form, except `OPTIONS *`.
 
 Routes match the percent-decoded path, except that an encoded slash (`%2F`) stays encoded:
@@ -147,6 +149,12 @@ _AUTHORITY: Final = re.compile(
 def read_target(method: str, raw: str, host: str | None) -> Target | BadTarget:
     """Accept or refuse the request target `raw` (as on the request line), given the Host
     header; see the module docstring for the rules."""
+    if host and not _valid_authority(host):
+        # RFC 9112 §3.2: a Host that is not host[:port] is a 400, as is a second Host (which
+        # aiohttp's parser refuses already).
+        return BadTarget(400, "the Host header is not a host name or address with a port")
+    if "#" in raw:
+        return BadTarget(400, "a request target has no fragment (#)")
     if raw.startswith("/"):
         return _origin(raw)
     if raw == "*":
@@ -166,10 +174,7 @@ def _absolute(raw: str, host: str | None) -> Target | BadTarget:
     except ValueError:  # an unbalanced "[" in the authority
         return foreign
     scheme = parts.scheme.lower()
-    valid = _AUTHORITY.fullmatch(parts.netloc)
-    if scheme not in _DEFAULT_PORT or valid is None or host is None:
-        return foreign
-    if valid.group(1) is not None and int(valid.group(1)) > 65535:
+    if scheme not in _DEFAULT_PORT or not _valid_authority(parts.netloc) or host is None:
         return foreign
     if _authority(parts.netloc, scheme) != _authority(host, scheme):
         return foreign
@@ -179,6 +184,11 @@ def _absolute(raw: str, host: str | None) -> Target | BadTarget:
     if not path.startswith("/"):
         return foreign
     return _origin(path)
+
+
+def _valid_authority(authority: str) -> bool:
+    valid = _AUTHORITY.fullmatch(authority)
+    return valid is not None and (valid.group(1) is None or int(valid.group(1)) <= 65535)
 
 
 def _authority(authority: str, scheme: str) -> str:

@@ -24,8 +24,12 @@ class Recorder:
                                   list(request.raw_headers), body))
             return web.Response(text="ok")
 
+        async def anonymous(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers.popall("Server", None)  # any Server field seen is the gateway's
+
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", record)
+        app.on_response_prepare.append(anonymous)
         return app
 
     @property
@@ -61,10 +65,38 @@ async def send(port: int, data: bytes, *, timeout: float = 10.0) -> bytes:
             pass
 
 
-def statuses(answer: bytes) -> list[int]:
-    """The status codes of every response in `answer` (pipelined answers, 100 Continue)."""
-    found = []
-    for line in answer.split(b"\r\n"):
-        if line.startswith(b"HTTP/1.") and line[8:9] == b" " and line[9:12].isdigit():
-            found.append(int(line[9:12]))
+def responses(answer: bytes) -> list[tuple[int, bytes, bytes]]:
+    """Split what came back on one connection into (status, head, body) answers, by their
+    framing: 1xx and 204/304 have no body, then Content-Length, chunked, or the rest."""
+    found: list[tuple[int, bytes, bytes]] = []
+    rest = answer
+    while rest:
+        head, sep, rest = rest.partition(b"\r\n\r\n")
+        if not sep or not head.startswith(b"HTTP/1.") or not head[9:12].isdigit():
+            raise AssertionError(f"not an HTTP/1 answer: {head[:80]!r}")
+        status = int(head[9:12])
+        fields = {name.strip().lower(): value.strip() for name, _, value in
+                  (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+        if status < 200 or status in (204, 304):
+            body = b""
+        elif b"content-length" in fields:
+            length = int(fields[b"content-length"])
+            body, rest = rest[:length], rest[length:]
+        elif fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+            body = b""
+            while True:
+                size_line, _, rest = rest.partition(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                if size == 0:
+                    rest = rest.partition(b"\r\n")[2]
+                    break
+                body, rest = body + rest[:size], rest[size + 2:]
+        else:
+            body, rest = rest, b""
+        found.append((status, head, body))
     return found
+
+
+def statuses(answer: bytes) -> list[int]:
+    """The status of every answer on the connection, in order (100 Continue included)."""
+    return [status for status, _, _ in responses(answer)]

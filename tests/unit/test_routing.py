@@ -179,12 +179,22 @@ def test_ambiguous_paths_are_400(raw: str) -> None:
         ("*", "shop.example"),
         ("http://shop.example/../admin", "shop.example"),
         ("http://[::1/x", "[::1"),
+        ("/a#b", "shop.example"),
+        ("/x", "shop evil"),
+        ("/x", "shop/x"),
+        ("/x", "shop:99999"),
+        ("/x", "user@shop"),
         ("http://shop.example:99999/x", "shop.example:99999"),
     ],
 )
 def test_other_targets_are_400(raw: str, host: str | None) -> None:
     refused = read_target("GET", raw, host)
     assert isinstance(refused, BadTarget) and refused.status == 400
+
+
+@pytest.mark.parametrize("host", [None, "", "shop", "shop:8080", "[::1]:8080", "10.0.0.1"])
+def test_any_valid_host_or_none_passes(host: str | None) -> None:
+    assert read_target("GET", "/x", host) == Target("/x", "/x")
 
 
 def test_asterisk_form_is_for_options_only() -> None:
