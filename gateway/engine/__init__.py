@@ -13,6 +13,8 @@ notifications, which is where runs' ends are logged and timers are set.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 import aiohttp
@@ -24,6 +26,7 @@ from gateway.engine import intake
 from gateway.engine.invoke import Invoker
 from gateway.engine.upstream import AiohttpTransport, Transport
 from gateway.engine.waiters import EndWaiters
+from gateway.errors import StoreError
 from gateway.metrics import Metrics
 from gateway.model import PARKED, Run
 from gateway.scheduler import Scheduler
@@ -55,6 +58,7 @@ class Engine:
                                self.routes)
         self.scheduler = Scheduler(store, self.invoker.fire, housekeeping=self.housekeeping)
         self.invoker.on_retry_timer = self.scheduler.add
+        self._recovering: asyncio.Task[None] | None = None
         store.subscribe(self._changed)
 
     @property
@@ -80,14 +84,36 @@ class Engine:
     # -- lifetime ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Fence every attempt a crash left running (they resume at once), start the timers."""
-        interrupted = await self.invoker.recover(crashed=True)
+        """Fence every attempt a crash left running (they resume at once), start the timers.
+        A store that refuses the write now gets it again every few seconds."""
+        started = time.time()
+        try:
+            interrupted = await self.invoker.recover(crashed=True, before=started)
+        except StoreError as exc:
+            log.warning("store.write_failed", during="resume", error=str(exc), retrying=True)
+            self._recovering = asyncio.create_task(self._recover_later(started),
+                                                   name="stepgate-recover")
+        else:
+            log.info("gateway.resumed", interrupted=interrupted)
         self.scheduler.start()
-        log.info("gateway.resumed", interrupted=interrupted)
+
+    async def _recover_later(self, started: float) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                interrupted = await self.invoker.recover(crashed=True, before=started)
+            except StoreError:
+                continue
+            log.info("gateway.resumed", interrupted=interrupted)
+            return
 
     async def close(self) -> None:
         """Graceful stop: let invocations in flight finish for `shutdown_grace`, leave the rest
         to be resumed at the next start."""
+        if self._recovering is not None:
+            self._recovering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovering
         await self.scheduler.stop()
         await self.invoker.drain(self.settings.shutdown_grace)
         self.waiters.release_all()

@@ -8,7 +8,7 @@ import asyncio
 import hashlib
 import secrets
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -94,7 +94,8 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
     # The first invocation is always awaited (it is bounded by the route's timeout), and a
     # client that goes away does not cut it short. Its record is awaited only until the hold
     # is over: a store that refuses writes keeps the client no longer than that.
-    await asyncio.wait({task, replied}, return_when=asyncio.FIRST_COMPLETED)
+    first: set[asyncio.Future[Any]] = {task, replied}
+    await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
     hold_left = arrival + _hold(route, prefer) - time.monotonic()
     done, _ = await asyncio.wait({task}, timeout=max(hold_left, 0.0))
     if done:

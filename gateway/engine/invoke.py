@@ -14,6 +14,7 @@ meanwhile, and finishes once the store takes writes again, without a restart.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Coroutine, Sequence
@@ -181,16 +182,17 @@ class Invoker:
 
     # -- lifetime ------------------------------------------------------------------------------
 
-    async def recover(self, *, crashed: bool) -> int:
-        """Fence every attempt the store still has running: at start-up they were cut short by a
-        crash (a failed attempt); at shutdown, by us (not counted)."""
+    async def recover(self, *, crashed: bool, before: float = math.inf) -> int:
+        """Fence every attempt the store still has running that started before `before`: at
+        start-up they were cut short by a crash (a failed attempt); at shutdown, by us (not
+        counted)."""
         now = time.time()
 
         def rule(run: Run) -> AfterAttempt:
             return lifecycle.after_interruption(run, self.routes.get(run.route), now,
                                                 crashed=crashed)
 
-        return len(await self.store.recover(rule))
+        return len(await self.store.recover(rule, before=before))
 
     async def drain(self, grace: float) -> None:
         """Let invocations in flight finish for `grace` seconds, cut the rest short, and fence

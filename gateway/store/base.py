@@ -143,8 +143,9 @@ class Store(abc.ABC):
         """Record a new run (raises DuplicateIdempotencyKey)."""
 
     @abc.abstractmethod
-    async def recover(self, rule: InterruptRule) -> list[AfterAttempt]:
-        """Fence every attempt left running by a gateway that is gone, with `rule`."""
+    async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
+        """Fence, with `rule`, every attempt still running that started before `before` (a
+        gateway that is gone left it so)."""
 
     @abc.abstractmethod
     async def claim(self, run_id: str, now: float) -> Run | None:

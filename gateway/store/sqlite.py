@@ -18,6 +18,7 @@ same file stops before it touches anything.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -28,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import aiosqlite
+import structlog
 
 from gateway.auth import token_attempt, token_valid
 from gateway.errors import StoreError
@@ -50,6 +52,10 @@ from gateway.store.base import (
 from gateway.store.rules import StepCall, StepWrite
 
 T = TypeVar("T")
+
+log = structlog.get_logger("stepgate.store")
+
+_RESERVE = 256 * 1024  # bytes kept free beside the store, released when the volume is full
 
 # Each entry moves the schema one version up; PRAGMA user_version records how far a file is.
 MIGRATIONS: tuple[str, ...] = (
@@ -419,10 +425,40 @@ class SQLiteStore(Store):
             ) from exc
         self._lock_fd = fd
 
+    def _reserve(self) -> None:
+        """Keep a little room on the volume: SQLite needs some to open a WAL database at all
+        (its -shm file), so a gateway stopped on a full volume could not start again."""
+        reserve = self.path + ".reserve"
+        if os.path.exists(reserve):
+            return
+        try:
+            with open(reserve, "wb") as out:
+                out.write(b"\0" * _RESERVE)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(reserve)
+
+    def _release_reserve(self) -> bool:
+        try:
+            os.unlink(self.path + ".reserve")
+        except OSError:
+            return False
+        log.warning("store.reserve_released", path=self.path,
+                    why="the volume is full; writes will fail until there is room")
+        return True
+
     async def open(self) -> None:
         self._lock()
         try:
-            await self._writer.open()
+            try:
+                await self._writer.open()
+            except sqlite3.OperationalError:
+                if not self._release_reserve():
+                    raise
+                await self._writer.open()
+            self._reserve()
             self._reader = await aiosqlite.connect(self.path)
             await self._reader.execute("PRAGMA busy_timeout=5000")
         except sqlite3.Error as exc:
@@ -568,10 +604,11 @@ class SQLiteStore(Store):
         await self._write(lambda conn: conn.execute(sql, params))
         self._changed(run)
 
-    async def recover(self, rule: InterruptRule) -> list[AfterAttempt]:
+    async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
         def op(conn: sqlite3.Connection) -> list[AfterAttempt]:
             rows = conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'running'"
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'running' AND updated_at < ?",
+                (before,),
             ).fetchall()
             done = []
             for row in rows:

@@ -152,21 +152,43 @@ async def test_a_full_volume(
     filler = small_volume / "filler"
 
     async def refuse() -> None:
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-        try:  # fill the volume to the last byte
-            for size in (65536, 4096, 1):
-                try:
-                    while True:
-                        os.write(fd, b"\0" * size)
-                except OSError:
-                    pass
-        finally:
-            os.close(fd)
+        fill(filler)
 
     async def allow() -> None:
         filler.unlink()
 
     await the_store_refuses_then_recovers(gw, gate, refuse, allow)
+
+
+def fill(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:  # fill the volume to the last byte
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+@needs_root
+async def test_a_gateway_stopped_on_a_full_volume_starts_again(
+    gateway: GatewayFactory, upstream: UpstreamFactory, small_volume: Path
+) -> None:
+    gate = Gate()
+    gate.release.set()
+    db = small_volume / "stepgate.db"
+    first = await gateway([route(await upstream(gate.app()))], db=db)
+    assert (await post(first))[0] == 200
+    await first.gateway.stop()
+    fill(small_volume / "filler")
+    gw = await gateway([route(await upstream(gate.app()))], db=db)  # used to fail to open
+    assert await ready(gw) == 200  # the reserve it kept gave SQLite the room it needs
+    (small_volume / "filler").unlink()
+    status, _, body = await post(gw)
+    assert (status, body) == (200, b"done after 2")
 
 
 @needs_root
