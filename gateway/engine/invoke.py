@@ -17,7 +17,7 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final
 
 import structlog
@@ -56,7 +56,8 @@ class Invoker:
         self._slots = asyncio.Semaphore(BACKGROUND_CONCURRENCY)
         self._rng = random.Random()
         self.closing = False
-        self.on_retry_timer: Any = None  # set by the engine: schedule(run_id, due)
+        # How to try a claim again later (the engine hands in its scheduler's `add`).
+        self.on_retry_timer: Callable[[str, float], None] = lambda run_id, due: None
 
     # -- tasks ---------------------------------------------------------------------------------
 
