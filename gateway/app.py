@@ -44,7 +44,7 @@ from gateway.proxy import (
     send_continue,
     undecodable_field,
 )
-from gateway.routing import BadTarget, MethodNotAllowed, Router, read_target
+from gateway.routing import BadTarget, MethodNotAllowed, Router, Target, read_target
 from gateway.store import StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
 from gateway.upgrade import relay_upgrade, wants_websocket
@@ -54,6 +54,7 @@ log = structlog.get_logger("stepgate")
 SESSION = web.AppKey("stepgate.session", aiohttp.ClientSession)
 ROUTER = web.AppKey("stepgate.router", Router)
 METRICS = web.AppKey("stepgate.metrics", Metrics)
+TARGET = web.RequestKey("stepgate.target", Target)  # set by before_routes
 
 RESERVED_PREFIX = "/_stepgate/"
 INTERNAL_MAX_BODY = 16 * 1024 * 1024  # step outputs and events
@@ -78,6 +79,7 @@ async def before_routes(request: web.Request, handler: Handler) -> web.StreamRes
     else:
         if target.forward != request.raw_path:
             request = request.clone(rel_url=URL(target.forward, encoded=True))
+        request[TARGET] = target
         response = await handler(request)
         if expects_continue(request) and not request.content.is_eof():
             # Refused before the body was asked for: a client may then skip sending it, so
@@ -103,7 +105,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
     app = request.app
-    target = read_target(request.method, request.raw_path, request.headers.get(hdrs.HOST))
+    target = request.get(TARGET) or read_target(
+        request.method, request.raw_path, request.headers.get(hdrs.HOST)
+    )
     if isinstance(target, BadTarget):  # not through before_routes: still never routed
         return "none", problem(target.status, detail=target.detail)
     match = app[ROUTER].match(request.method, target.path)
