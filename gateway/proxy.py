@@ -19,6 +19,10 @@ What crosses the gateway, in both directions (RFC 9110 §7.6.1):
   (the client's Host, replacing any client-sent value), `Via: 1.1 stepgate`, and a W3C
   `traceparent` (kept when valid, otherwise started afresh). `Host` and `Content-Length` pass
   through untouched.
+- values keep their bytes. A response value that is not UTF-8 (a latin-1 file name) is
+  written as received (`RelayedResponse`); a request value that is not UTF-8 cannot be, since
+  aiohttp's client writes values as UTF-8 and drops the rest, so the request is refused with
+  400 before it is routed (`undecodable_field`), never forwarded changed.
 
 Time-outs, as nginx's `proxy_read_timeout` works:
 
