@@ -1,0 +1,77 @@
+"""A durable route answers like the service behind it, down to the bytes of the head: the reason
+phrase as sent, header names in the service's case, a HEAD answer's Content-Length."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from tests.conftest import GatewayFactory, UpstreamFactory
+
+
+async def raw_head(port: int, request: bytes) -> tuple[bytes, dict[bytes, bytes], list[bytes]]:
+    """Send `request` over a fresh socket; the status line, the fields, and the names as sent."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    lines = head.split(b"\r\n")[:-2]
+    names = [line.split(b":", 1)[0] for line in lines[1:]]
+    fields = {name.lower(): line.split(b":", 1)[1].strip()
+              for name, line in zip(names, lines[1:], strict=True)}
+    return lines[0], fields, names
+
+
+async def service(request: web.Request) -> web.StreamResponse:
+    if request.method == "HEAD":
+        response = web.StreamResponse(status=200)
+        response.headers["Content-Length"] = "1000"
+        response.headers["ETag"] = '"v1"'
+        return response
+    return web.Response(status=204, reason="NO CONTENT", headers={"ETag": '"v1"',
+                                                                  "X-Custom-CASE": "kept"})
+
+
+async def test_reason_phrase_header_case_and_head_length_pass_through(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    app = web.Application()
+    app.router.add_route("*", "/thing", service)
+    base = await upstream(app)
+    gw = await gateway([{"name": "thing", "path": "/thing", "upstream": base, "durable": True}])
+    port = gw.gateway.public_port
+    status, fields, names = await raw_head(
+        port, b"POST /thing HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    assert status == b"HTTP/1.1 204 NO CONTENT"
+    assert b"ETag" in names and b"X-Custom-CASE" in names
+    status, fields, _ = await raw_head(port, b"HEAD /thing HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == b"HTTP/1.1 200 OK"
+    assert fields[b"content-length"] == b"1000"  # the service's, not the empty body's
+
+
+async def test_a_retry_logs_its_attempt_at_debug(
+    gateway: GatewayFactory, upstream: UpstreamFactory, capsys: object
+) -> None:
+    calls: list[int] = []
+
+    async def flaky(request: web.Request) -> web.Response:
+        calls.append(1)
+        return web.Response(status=503 if len(calls) == 1 else 200)
+
+    app = web.Application()
+    app.router.add_post("/work", flaky)
+    gw = await gateway([{"name": "work", "path": "/work", "upstream": await upstream(app),
+                         "durable": True, "retry": {"initial": "10ms"}}],
+                       log_level="info", log_format="json")
+    from gateway.logging import configure
+
+    configure("info", "json")
+    async with gw.session.post(gw.url + "/work") as resp:
+        assert resp.status == 200
+    out = capsys.readouterr().out  # type: ignore[attr-defined]
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+    assert "run.retry_scheduled" in events and "run.completed" in events
+    assert "run.attempt" not in events  # the README: attempts show at debug
