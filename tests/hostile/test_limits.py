@@ -12,7 +12,7 @@ import pytest
 
 from gateway.config import ConfigError, Limits, parse_settings
 from gateway.limits import raise_open_file_limit
-from tests.conftest import GatewayFactory
+from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.hostile.conftest import Recorder, send, statuses
 
 # --- config --------------------------------------------------------------------------------
@@ -280,3 +280,35 @@ def test_the_soft_open_file_limit_is_raised_to_the_hard_one() -> None:
         assert after == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_a_body_held_back_by_a_slow_upstream_is_not_the_clients_fault(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    """The body time-out measures the client's silence, not the time the gateway itself holds
+    the client back because the upstream takes the body slowly."""
+    from aiohttp import web
+
+    received: list[int] = []
+
+    async def slow_reader(request: web.Request) -> web.Response:
+        size = 0
+        while chunk := await request.content.read(65536):
+            size += len(chunk)
+            if size >= 512 * 1024 and not received:
+                received.append(size)
+                await asyncio.sleep(2.5)  # longer than the body time-out, once
+        received.append(size)
+        return web.Response(text=str(size))
+
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app.router.add_post("/upload", slow_reader)
+    base = await upstream(app)
+    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
+                       limits={"body_timeout": "1s"})
+    body = b"x" * (8 * 1024 * 1024)
+    answer = await send(gw.gateway.public_port,
+                        b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    assert statuses(answer) == [200]
+    assert received[-1] == len(body)
