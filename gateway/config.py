@@ -77,6 +77,7 @@ class Route:
     hold: float  # seconds
     max_body: int  # bytes
     retry: RetryPolicy
+    max_response: int = 10 * 1024 * 1024  # bytes of an upstream's answer a durable route keeps
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +133,10 @@ DEFAULT_INTERNAL_LISTEN: Final = "127.0.0.1:8081"
 DEFAULT_STORE: Final = "sqlite:///stepgate.db"
 DEFAULT_RETRY_ON: Final = frozenset({"5xx", "connect", "timeout", "429"})
 DEFAULT_MAX_BODY: Final = 1024 * 1024
+DEFAULT_MAX_RESPONSE: Final = 10 * 1024 * 1024
+# A recorded answer is one SQLite value (at most 1e9 bytes) and is held in memory while it is
+# written; far below that, so a setting can never make the record of an attempt impossible.
+MAX_MAX_RESPONSE: Final = 512 * 1024 * 1024
 DURABLE_ATTEMPTS: Final = 4
 PLAIN_ATTEMPTS: Final = 1
 
@@ -141,7 +146,8 @@ _TOP_KEYS: Final = (
     "routes", "limits",
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
-    "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body", "retry",
+    "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
+    "max_response", "retry",
 )  # fmt: skip
 _RETRY_KEYS: Final = ("attempts", "initial", "max", "multiplier", "on", "non_idempotent")
 _EVENTS_KEYS: Final = ("lookback",)
@@ -363,6 +369,13 @@ def _size(value: object, key: str) -> int:
         raise _Invalid(key, str(exc)) from None
 
 
+def _max_response(value: object, key: str) -> int:
+    size = _size(value, key)
+    if size > MAX_MAX_RESPONSE:
+        raise _Invalid(key, "must be at most 512MiB: a durable route stores the whole answer")
+    return size
+
+
 def _address_text(value: object, key: str) -> str:
     """The address as written (internal_url's default reuses it), once it is known to parse."""
     if not isinstance(value, str):
@@ -574,6 +587,7 @@ def _route(data: object, key: str) -> Route:
         hold=section.optional("hold", _duration(allow_zero=True), 5.0),
         max_body=section.optional("max_body", _size, DEFAULT_MAX_BODY),
         retry=_retry(section.raw("retry"), section.key("retry"), durable=durable),
+        max_response=section.optional("max_response", _max_response, DEFAULT_MAX_RESPONSE),
     )
 
 

@@ -201,7 +201,9 @@ def after_attempt(
     else:
         error = f"no response from the upstream ({outcome.failure})"
     if decision.reason is not None:
-        error = decision.reason.replace("_", " ")
+        # Keep the cause: "attempts exhausted" alone does not say what went wrong.
+        why = decision.reason.replace("_", " ")
+        error = why if error is None else f"{why}: {error}"
     return AfterAttempt(_ended(current, decision.status, now, error), record, decision)
 
 

@@ -58,10 +58,13 @@ def is_retriable(policy: RetryPolicy, status: int | None, failure: str | None) -
     """The reason to retry (a metrics label from `policy.on`), or None when the outcome is final.
 
     `failure` is a `FailureKind` when no response arrived; any other label retries only if the
-    policy names it. A configured exact code ("429") wins over its class ("4xx"), so the label
-    says what happened.
+    policy names it. An answer over `max_response` ("too_large") is answered to the client as a
+    502, so it is retried as a 502 would be. A configured exact code ("429") wins over its class
+    ("4xx"), so the label says what happened.
     """
     on = policy.on
+    if failure == "too_large":
+        status, failure = 502, None
     if failure is not None:
         return failure if failure in on else None
     if status is None:

@@ -2,6 +2,12 @@
 
 `Transport` is what the loop needs; `AiohttpTransport` is the real one. Tests of the loop pass
 their own (a function from request to reply), so its decisions are tested without sockets.
+
+An answer is kept whole (it is recorded for replay), so it is read with a bound, the route's
+`max_response`: a Content-Length over it fails the attempt before any of the body is read, and
+a body without one is counted as it arrives and cut at the bound. Either way the connection is
+closed, nothing of the answer is kept, and the outcome is `too_large`, which the run's policy
+treats as a 502 (`gateway.retry.is_retriable`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.config import DEFAULT_MAX_RESPONSE
 from gateway.model import Headers, Outcome, UpstreamReply
 from gateway.proxy import forward_response_headers, header_true
 
@@ -31,6 +38,34 @@ class Invocation:
     headers: Headers
     body: bytes
     timeout: float
+    max_response: int = DEFAULT_MAX_RESPONSE  # bytes of the answer's body that may be kept
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def too_large_error(limit: int) -> str:
+    return f"the upstream's answer is larger than max_response ({limit} bytes)"
+
+
+def _bodiless(method: str, status: int) -> bool:
+    """An answer whose Content-Length does not announce a body that follows (RFC 9110 §8.6)."""
+    return method == "HEAD" or status in (204, 304) or 100 <= status < 200
+
+
+async def _read_bounded(upstream: aiohttp.ClientResponse, method: str, limit: int) -> bytes:
+    declared = upstream.content_length
+    if declared is not None and declared > limit and not _bodiless(method, upstream.status):
+        raise _TooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class Transport(Protocol):
@@ -69,7 +104,12 @@ class AiohttpTransport:
                 data=call.body or None, timeout=aiohttp.ClientTimeout(total=call.timeout),
                 allow_redirects=False,
             ) as upstream:
-                body = await upstream.read()
+                try:
+                    body = await _read_bounded(upstream, call.method, call.max_response)
+                except _TooLarge:
+                    upstream.close()  # the rest is not wanted: drop the connection, unread
+                    return Outcome(call.attempt, started, time.time(), None, "too_large",
+                                   too_large_error(call.max_response))
                 # raw_headers keep the names as the service wrote them (ETag, not Etag).
                 raw = [(name.decode("latin-1"), value.decode("latin-1"))
                        for name, value in upstream.raw_headers]

@@ -232,10 +232,11 @@ def test_example_config_shows_every_option_at_its_default() -> None:
         assert route.upstream == "http://127.0.0.1:3000"
         assert route.retry == RetryPolicy(attempts, 0.5, 30.0, 2.0, DEFAULT_ON, False)
         assert (route.timeout, route.hold, route.max_body) == (30.0, 5.0, 1024 * 1024)
+        assert route.max_response == 10 * 1024 * 1024
         # every route option is spelled out
         assert set(next(r for r in raw["routes"] if r["name"] == route.name)) == {
             "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
-            "retry",
+            "max_response", "retry",
         }  # fmt: skip
 
 
