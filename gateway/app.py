@@ -45,7 +45,7 @@ from gateway.proxy import (
     undecodable_field,
 )
 from gateway.routing import BadTarget, MethodNotAllowed, Router, Target, read_target
-from gateway.store import StoreLocked, open_store
+from gateway.store import StoreKeyError, StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
 from gateway.upgrade import relay_upgrade, wants_websocket
 
@@ -299,7 +299,7 @@ async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
             code = process.returncode
             log.warning("child.exited", code=code)
         log.info("gateway.stopping")
-    except StoreLocked as exc:
+    except (StoreLocked, StoreKeyError) as exc:  # a store this gateway must not serve
         print(f"stepgate: {exc}", file=sys.stderr)
         code = 2
     except (GatewayError, SupervisorError) as exc:

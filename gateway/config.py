@@ -13,6 +13,8 @@ Errors::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import ipaddress
 import json
@@ -21,7 +23,7 @@ import os
 import re
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final, Literal, TypeVar
 
@@ -36,6 +38,7 @@ __all__ = [
     "RetryPolicy",
     "Route",
     "Settings",
+    "StoreKey",
     "load_settings",
     "parse_address",
     "parse_duration",
@@ -92,6 +95,15 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreKey:
+    """The key that seals stored requests and answers (`store_key`), read from where the config
+    points; the config file itself never holds it. Its bytes are never shown."""
+
+    source: str  # "env:NAME" or "file:PATH", as written
+    secret: bytes = field(repr=False)  # 32 bytes: AES-256
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen: Address
     internal_listen: Address
@@ -108,6 +120,7 @@ class Settings:
     shutdown_grace: float  # seconds
     routes: tuple[Route, ...]
     limits: Limits = Limits()
+    store_key: StoreKey | None = None
 
 
 class ConfigError(GatewayError):
@@ -143,7 +156,7 @@ PLAIN_ATTEMPTS: Final = 1
 _TOP_KEYS: Final = (
     "listen", "internal_listen", "internal_url", "store", "durability", "retention",
     "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-    "routes", "limits",
+    "routes", "limits", "store_key",
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
     "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
@@ -728,6 +741,69 @@ def _clash_detail(text: str, other: str, other_text: str, other_default: bool) -
     return f"is also {other}'s address{shown}"
 
 
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_KEY_BYTES: Final = 32
+_KEY_HINT: Final = "32 random bytes in base64 or hex, e.g. from `openssl rand -base64 32`"
+
+
+def _store_key(value: object, key: str) -> StoreKey | None:
+    """`env:NAME` or `file:PATH`; the key is read now, so `check` and `serve` report a missing
+    or malformed one with this key path. Messages never repeat the value: it may be a key
+    pasted in by mistake."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(key, f"expected env:NAME or file:PATH, got {type(value).__name__}")
+    kind, colon, where = value.strip().partition(":")
+    if not colon or kind not in ("env", "file"):
+        raise _Invalid(key, "expected env:NAME or file:PATH (the key itself never goes in the "
+                            "config file)")
+    if kind == "env":
+        if not _ENV_NAME.fullmatch(where):
+            raise _Invalid(key, "env: needs an environment variable name, e.g. "
+                                "env:STEPGATE_STORE_KEY")
+        text = os.environ.get(where)
+        if not text:
+            raise _Invalid(key, f"the environment variable {where} is not set")
+        origin = f"the environment variable {where}"
+    else:
+        path = os.path.expanduser(where)
+        if not where:
+            raise _Invalid(key, "file: needs a path, e.g. file:/run/secrets/stepgate_store_key")
+        try:
+            with open(path, "rb") as file:
+                raw = file.read(1024)
+        except FileNotFoundError:
+            raise _Invalid(key, f"{_show(path)}: file not found") from None
+        except IsADirectoryError:
+            raise _Invalid(key, f"{_show(path)} is a directory, not a key file") from None
+        except PermissionError:
+            raise _Invalid(key, f"{_show(path)}: permission denied") from None
+        except OSError as exc:
+            raise _Invalid(key, f"{_show(path)}: cannot read: {exc.strerror or exc}") from None
+        text = raw.decode("ascii", "replace")
+        origin = f"the file {_show(path)}"
+    secret = _decode_key(text)
+    if secret is None:
+        raise _Invalid(key, f"{origin} does not hold a key: expected {_KEY_HINT}")
+    return StoreKey(value.strip(), secret)
+
+
+def _decode_key(text: str) -> bytes | None:
+    text = text.strip()
+    try:
+        if len(text) == 2 * _KEY_BYTES:
+            secret = bytes.fromhex(text)
+        else:
+            url_safe = "-" in text or "_" in text
+            padded = text + "=" * (-len(text) % 4)
+            secret = base64.b64decode(padded, altchars=b"-_" if url_safe else None,
+                                      validate=True)
+    except (ValueError, binascii.Error):
+        return None
+    return secret if len(secret) == _KEY_BYTES else None
+
+
 def _durability(value: object, key: str) -> Literal["full", "relaxed"]:
     return "relaxed" if _choice("full", "relaxed")(value, key) == "relaxed" else "full"
 
@@ -763,6 +839,7 @@ def _settings(data: object) -> Settings:
         shutdown_grace=section.optional("shutdown_grace", _duration(allow_zero=True), 10.0),
         routes=section.optional("routes", _routes, ()),
         limits=section.optional("limits", _limits, Limits()),
+        store_key=section.optional("store_key", _store_key, None),
     )
 
 

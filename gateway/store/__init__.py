@@ -19,6 +19,7 @@ from gateway.store.base import (
     WrongToken,
 )
 from gateway.store.rules import StepCall, StepWrite
+from gateway.store.sealing import StoreKeyError
 from gateway.store.sqlite import SQLiteStore
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "StepCall",
     "StepWrite",
     "Store",
+    "StoreKeyError",
     "StoreLocked",
     "UnknownRun",
     "WrongToken",
@@ -39,4 +41,7 @@ __all__ = [
 
 def open_store(settings: Settings) -> SQLiteStore:
     """The store the settings name (not yet opened)."""
-    return SQLiteStore(settings.store_path, durability=settings.durability)
+    key = settings.store_key
+    return SQLiteStore(settings.store_path, durability=settings.durability,
+                       key=key.secret if key else None,
+                       key_source=key.source if key else "store_key")

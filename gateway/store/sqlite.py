@@ -50,6 +50,7 @@ from gateway.store.base import (
     WrongToken,
 )
 from gateway.store.rules import StepCall, StepWrite
+from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
 
 T = TypeVar("T")
 
@@ -134,12 +135,18 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN wake_pending INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE runs ADD COLUMN resp_reason TEXT;
     """,
+    # sealed: which of a run's values are sealed with the store key (_SEALED_*); meta: the key's
+    # check value (gateway.store.sealing).
+    """
+    ALTER TABLE runs ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+    """,
 )
 
 _RUN_COLUMNS = (
     "id, route, status, attempt, token, poll_token, method, target, headers, body, created_at, "
     "updated_at, failures, no_retry, wake_pending, idem_key, request_hash, trace_id, due_at, "
-    "resp_status, resp_reason, resp_headers, resp_body, error, ended_at"
+    "resp_status, resp_reason, resp_headers, resp_body, error, ended_at, sealed"
 )
 _STEP_COLUMNS = (
     "run_id, step_id, seq, kind, status, output, error, attempts, wake_at, event, match, "
@@ -149,19 +156,6 @@ _STEP_COLUMNS = (
 
 def _headers(text: str | None) -> Headers | None:
     return None if text is None else [(name, value) for name, value in json.loads(text)]
-
-
-def _run_from_row(row: Sequence[Any]) -> Run:
-    return Run(
-        id=row[0], route=row[1], status=RunStatus(row[2]), attempt=row[3], token=row[4],
-        poll_token=row[5], method=row[6], target=row[7], headers=_headers(row[8]) or [],
-        body=bytes(row[9]), created_at=row[10], updated_at=row[11], failures=row[12],
-        no_retry=bool(row[13]), wake_pending=bool(row[14]), idem_key=row[15],
-        request_hash=row[16], trace_id=row[17], due_at=row[18], resp_status=row[19],
-        resp_reason=row[20], resp_headers=_headers(row[21]),
-        resp_body=bytes(row[22]) if row[22] is not None else None, error=row[23],
-        ended_at=row[24],
-    )
 
 
 def _step_from_row(row: Sequence[Any]) -> Step:
@@ -175,20 +169,96 @@ def _dump_headers(headers: Headers | None) -> str | None:
 # -- transaction bodies (writer thread) ------------------------------------------------------
 
 
-def _read_run(conn: sqlite3.Connection, run_id: str) -> Run | None:
-    row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
-    return _run_from_row(row) if row else None
+# Bits of runs.sealed: the request (target, headers, body, request_hash), the recorded answer
+# (resp_headers, resp_body).
+_SEALED_REQUEST = 1
+_SEALED_ANSWER = 2
 
 
-def _write_run(conn: sqlite3.Connection, run: Run) -> None:
-    conn.execute(
-        "UPDATE runs SET status = ?, attempt = ?, failures = ?, no_retry = ?, wake_pending = ?, "
-        "due_at = ?, resp_status = ?, resp_reason = ?, resp_headers = ?, resp_body = ?, "
-        "error = ?, updated_at = ?, ended_at = ? WHERE id = ?",
-        (str(run.status), run.attempt, run.failures, int(run.no_retry), int(run.wake_pending),
-         run.due_at, run.resp_status, run.resp_reason, _dump_headers(run.resp_headers),
-         run.resp_body, run.error, run.updated_at, run.ended_at, run.id),
-    )
+class _Rows:
+    """A run as a row and back. With a store key, the request and the recorded answer are sealed
+    (gateway.store.sealing) and `sealed` says which of a row's values are, so runs stored
+    before the key was set stay readable until they are purged."""
+
+    def __init__(self, sealer: Sealer | None) -> None:
+        self.sealer = sealer
+
+    def run(self, row: Sequence[Any]) -> Run:
+        run_id, sealed = row[0], row[25]
+        request, answer = bool(sealed & _SEALED_REQUEST), bool(sealed & _SEALED_ANSWER)
+        return Run(
+            id=run_id, route=row[1], status=RunStatus(row[2]), attempt=row[3], token=row[4],
+            poll_token=row[5], method=row[6], target=self._text(run_id, "target", row[7], request),
+            headers=_headers(self._text(run_id, "headers", row[8], request)) or [],
+            body=self._blob(run_id, "body", row[9], request) or b"", created_at=row[10],
+            updated_at=row[11], failures=row[12], no_retry=bool(row[13]),
+            wake_pending=bool(row[14]), idem_key=row[15],
+            request_hash=self._text(run_id, "request_hash", row[16], request),
+            trace_id=row[17], due_at=row[18], resp_status=row[19], resp_reason=row[20],
+            resp_headers=_headers(self._text(run_id, "resp_headers", row[21], answer)),
+            resp_body=self._blob(run_id, "resp_body", row[22], answer), error=row[23],
+            ended_at=row[24],
+        )
+
+    def insert(self, run: Run) -> tuple[Any, ...]:
+        """The values of _RUN_COLUMNS for a new row."""
+        return (
+            run.id, run.route, str(run.status), run.attempt, run.token, run.poll_token,
+            run.method, self._seal_text(run.id, "target", run.target),
+            self._seal_text(run.id, "headers", _dump_headers(run.headers)),
+            self._seal_blob(run.id, "body", run.body), run.created_at, run.updated_at,
+            run.failures, int(run.no_retry), int(run.wake_pending), run.idem_key,
+            # The body's hash too: a guess at a short body could be checked against it.
+            self._seal_text(run.id, "request_hash", run.request_hash), run.trace_id,
+            run.due_at, run.resp_status, run.resp_reason,
+            self._seal_text(run.id, "resp_headers", _dump_headers(run.resp_headers)),
+            self._seal_blob(run.id, "resp_body", run.resp_body), run.error, run.ended_at,
+            _SEALED_REQUEST | _SEALED_ANSWER if self.sealer else 0,
+        )
+
+    def read(self, conn: sqlite3.Connection, run_id: str) -> Run | None:
+        row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?",
+                           (run_id,)).fetchone()
+        return self.run(row) if row else None
+
+    def write(self, conn: sqlite3.Connection, run: Run) -> None:
+        """Store a run's new state; its request never changes, its answer is sealed anew."""
+        conn.execute(
+            "UPDATE runs SET status = ?, attempt = ?, failures = ?, no_retry = ?, "
+            "wake_pending = ?, due_at = ?, resp_status = ?, resp_reason = ?, resp_headers = ?, "
+            "resp_body = ?, error = ?, updated_at = ?, ended_at = ?, "
+            "sealed = (sealed & ?) | ? WHERE id = ?",
+            (str(run.status), run.attempt, run.failures, int(run.no_retry),
+             int(run.wake_pending), run.due_at, run.resp_status, run.resp_reason,
+             self._seal_text(run.id, "resp_headers", _dump_headers(run.resp_headers)),
+             self._seal_blob(run.id, "resp_body", run.resp_body), run.error, run.updated_at,
+             run.ended_at, _SEALED_REQUEST, _SEALED_ANSWER if self.sealer else 0, run.id),
+        )
+
+    def _seal_text(self, run_id: str, column: str, text: str | None) -> str | bytes | None:
+        if text is None or self.sealer is None:
+            return text
+        return self.sealer.seal(run_id, column, text.encode())
+
+    def _seal_blob(self, run_id: str, column: str, blob: bytes | None) -> bytes | None:
+        if blob is None or self.sealer is None:
+            return blob
+        return self.sealer.seal(run_id, column, blob)
+
+    def _open(self, run_id: str, column: str, value: Any) -> bytes:
+        if self.sealer is None:  # refused at open (check_key); only another process can do it
+            raise StoreKeyError(f"run {run_id} is sealed with a store_key and none is set")
+        return self.sealer.open(run_id, column, bytes(value))
+
+    def _text(self, run_id: str, column: str, value: Any, sealed: bool) -> Any:
+        if value is None or not sealed:
+            return value
+        return self._open(run_id, column, value).decode()
+
+    def _blob(self, run_id: str, column: str, value: Any, sealed: bool) -> bytes | None:
+        if value is None:
+            return None
+        return self._open(run_id, column, value) if sealed else bytes(value)
 
 
 def _write_attempt(conn: sqlite3.Connection, run_id: str, attempt: Attempt) -> None:
@@ -226,9 +296,10 @@ def _write_step(conn: sqlite3.Connection, step: Step) -> None:
     )
 
 
-def _authorized_run(conn: sqlite3.Connection, run_id: str, token: str) -> tuple[Run, int]:
+def _authorized_run(conn: sqlite3.Connection, rows: _Rows, run_id: str,
+                    token: str) -> tuple[Run, int]:
     attempt = token_attempt(token)
-    run = _read_run(conn, run_id)
+    run = rows.read(conn, run_id)
     if run is None:
         raise UnknownRun(run_id)
     if attempt is None or attempt > run.attempt or not token_valid(run.token, token, attempt):
@@ -396,9 +467,12 @@ def _translate(exc: Exception) -> Exception:
 class SQLiteStore(Store):
     """`open()` locks and migrates the file."""
 
-    def __init__(self, path: str, *, durability: str = "full") -> None:
+    def __init__(self, path: str, *, durability: str = "full", key: bytes | None = None,
+                 key_source: str = "store_key") -> None:
         super().__init__()
         self.path = path
+        self._rows = _Rows(Sealer(key) if key is not None else None)
+        self._key_source = key_source
         self._writer = _Writer(path, "FULL" if durability == "full" else "NORMAL")
         self._reader: aiosqlite.Connection | None = None
         self._lock_fd: int | None = None
@@ -458,6 +532,7 @@ class SQLiteStore(Store):
                 if not self._release_reserve():
                     raise
                 await self._writer.open()
+            await self._check_key()
             self._reserve()
             self._reader = await aiosqlite.connect(self.path)
             await self._reader.execute("PRAGMA busy_timeout=5000")
@@ -466,6 +541,38 @@ class SQLiteStore(Store):
             raise StoreError(f"cannot open the store {self.path}: {exc}") from exc
         except BaseException:
             await self._unlock()
+            raise
+
+    async def _check_key(self) -> None:
+        """The store key must be the one the store's runs were sealed with (its check value is
+        kept in `meta`), and a store that holds sealed runs needs it: a gateway that could not
+        read its runs stops here, before it serves anything."""
+        sealer, source = self._rows.sealer, self._key_source
+
+        def op(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT value FROM meta WHERE name = ?", (KEY_CHECK,)).fetchone()
+            if sealer is not None and row is not None:
+                if not sealer.matches(bytes(row[0])):
+                    raise StoreKeyError(f"the store_key ({source}) does not open the store "
+                                        f"{self.path}: it was sealed with another key")
+                return
+            (count,) = conn.execute("SELECT count(*) FROM runs WHERE sealed != 0").fetchone()
+            if count:
+                raise StoreKeyError(
+                    f"the store {self.path} holds {count} run(s) sealed with a store_key"
+                    + (" but no check value for it" if sealer is not None else
+                       "; set store_key to the key they were sealed with")
+                )
+            if sealer is not None:
+                conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)",
+                             (KEY_CHECK, sealer.check_value()))
+            elif row is not None:  # no sealed run is left: the key is no longer needed
+                conn.execute("DELETE FROM meta WHERE name = ?", (KEY_CHECK,))
+
+        try:
+            await self._writer.submit(op)
+        except StoreKeyError:
+            await self._writer.close()
             raise
 
     async def _unlock(self) -> None:
@@ -514,13 +621,13 @@ class SQLiteStore(Store):
 
     async def get_run(self, run_id: str) -> Run | None:
         rows = await self._fetchall(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
-        return _run_from_row(rows[0]) if rows else None
+        return self._rows.run(rows[0]) if rows else None
 
     async def find_idempotent(self, route: str, key: str) -> Run | None:
         rows = await self._fetchall(
             f"SELECT {_RUN_COLUMNS} FROM runs WHERE route = ? AND idem_key = ?", (route, key)
         )
-        return _run_from_row(rows[0]) if rows else None
+        return self._rows.run(rows[0]) if rows else None
 
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) FROM runs GROUP BY status")
@@ -563,7 +670,7 @@ class SQLiteStore(Store):
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         params.append(limit + 1)
-        found = [_run_from_row(r) for r in await self._fetchall(sql, params)]
+        found = [self._rows.run(r) for r in await self._fetchall(sql, params)]
         page = RunPage(runs=found[:limit])
         if len(found) > limit:
             last = found[limit - 1]
@@ -593,14 +700,8 @@ class SQLiteStore(Store):
     # -- transactions --------------------------------------------------------------------------
 
     async def create_run(self, run: Run) -> None:
-        params = (
-            run.id, run.route, str(run.status), run.attempt, run.token, run.poll_token,
-            run.method, run.target, _dump_headers(run.headers), run.body, run.created_at,
-            run.updated_at, run.failures, int(run.no_retry), int(run.wake_pending), run.idem_key,
-            run.request_hash, run.trace_id, run.due_at, run.resp_status, run.resp_reason,
-            _dump_headers(run.resp_headers), run.resp_body, run.error, run.ended_at,
-        )
-        sql = f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES ({', '.join('?' * 25)})"
+        params = self._rows.insert(run)
+        sql = f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES ({', '.join('?' * len(params))})"
         await self._write(lambda conn: conn.execute(sql, params))
         self._changed(run)
 
@@ -612,8 +713,8 @@ class SQLiteStore(Store):
             ).fetchall()
             done = []
             for row in rows:
-                after = rule(_run_from_row(row))
-                _write_run(conn, after.run)
+                after = rule(self._rows.run(row))
+                self._rows.write(conn, after.run)
                 _write_attempt(conn, after.run.id, after.attempt)
                 done.append(after)
             return done
@@ -625,7 +726,7 @@ class SQLiteStore(Store):
 
     async def claim(self, run_id: str, now: float) -> Run | None:
         def op(conn: sqlite3.Connection) -> Run | None:
-            run = _read_run(conn, run_id)
+            run = self._rows.read(conn, run_id)
             claimed = None if run is None else claim(run, now)
             if claimed is None:
                 return None
@@ -636,7 +737,7 @@ class SQLiteStore(Store):
                     "WHERE run_id = ? AND status IN ('sleeping', 'waiting') AND wake_at <= ?",
                     (now, run_id, now),
                 )
-            _write_run(conn, claimed)
+            self._rows.write(conn, claimed)
             return claimed
 
         claimed = await self._write(op)
@@ -647,12 +748,12 @@ class SQLiteStore(Store):
     async def finish_attempt(self, run_id: str, outcome: Outcome,
                              rule: AttemptRule) -> AfterAttempt:
         def op(conn: sqlite3.Connection) -> AfterAttempt:
-            run = _read_run(conn, run_id)
+            run = self._rows.read(conn, run_id)
             if run is None:
                 raise UnknownRun(run_id)
             after = rule(run, _parked_steps(conn, run_id))
             if after.decision is not None:
-                _write_run(conn, after.run)
+                self._rows.write(conn, after.run)
             _write_attempt(conn, run_id, after.attempt)
             return after
 
@@ -675,7 +776,7 @@ class SQLiteStore(Store):
     async def put_step(self, run_id: str, token: str, step_id: str, call: StepCall,
                        *, now: float, lookback_since: float) -> StepWrite:
         def op(conn: sqlite3.Connection) -> StepWrite:
-            run, attempt = _authorized_run(conn, run_id, token)
+            run, attempt = _authorized_run(conn, self._rows, run_id, token)
             if rules.fenced(run, attempt):
                 raise AttemptFenced(run, attempt)
             current = _read_step(conn, run_id, step_id)
@@ -744,10 +845,10 @@ class SQLiteStore(Store):
                     (output, ts, step.run_id, step.id),
                 )
                 if step.run_id not in woken:
-                    run = _read_run(conn, step.run_id)
+                    run = self._rows.read(conn, step.run_id)
                     assert run is not None
                     after = rules.woken(run, ts)
-                    _write_run(conn, after)
+                    self._rows.write(conn, after)
                     woken[step.run_id] = after
             return list(woken.values())
 
@@ -760,10 +861,10 @@ class SQLiteStore(Store):
 
     async def _transition(self, run_id: str, rule: Callable[[Run], Run | None]) -> Run | None:
         def op(conn: sqlite3.Connection) -> Run | None:
-            run = _read_run(conn, run_id)
+            run = self._rows.read(conn, run_id)
             changed = None if run is None else rule(run)
             if changed is not None:
-                _write_run(conn, changed)
+                self._rows.write(conn, changed)
             return changed
 
         changed = await self._write(op)

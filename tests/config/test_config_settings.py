@@ -220,7 +220,7 @@ def test_example_config_shows_every_option_at_its_default() -> None:
     assert set(raw) == {
         "listen", "internal_listen", "internal_url", "store", "durability", "retention",
         "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-        "routes", "limits",
+        "routes", "limits", "store_key",
     }  # fmt: skip
     assert dataclasses.replace(example, routes=()) == defaults
     assert example.store == "sqlite:///stepgate.db"
