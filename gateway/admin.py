@@ -13,46 +13,81 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import math
+import re
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import structlog
 from aiohttp import web
 
+from gateway import jsonin
 from gateway.auth import bearer_token, same_secret
-from gateway.callbacks import strict_json
 from gateway.engine import ENGINE, Engine
-from gateway.events import rfc3339
+from gateway.errors import StoreError
+from gateway.events import MAX_NAME, rfc3339
 from gateway.lifecycle import STATES
-from gateway.model import Run
-from gateway.problem import problem
+from gateway.model import Run, Step
+from gateway.problem import Problem
 
 log = structlog.get_logger("stepgate.admin")
 
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
+# Unix seconds as the admin API takes them, ASCII only: float() also reads "nan", "inf" and
+# digits of other scripts.
+_SECONDS: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
-class _BadQuery(Exception):
-    pass
+def _seconds(text: str) -> float | None:
+    """Unix seconds as written in a query or a cursor, or None if it is not a finite number."""
+    if len(text) > 40 or not _SECONDS.fullmatch(text):
+        return None
+    seconds = float(text)
+    return seconds if math.isfinite(seconds) else None
 
 
-def _authorized(request: web.Request, engine: Engine) -> web.Response | None:
+def _authorize(request: web.Request, engine: Engine) -> None:
     expected = engine.settings.admin_token
     if expected is None:
-        return None
+        return
     given = bearer_token(request)
-    if given is not None and same_secret(given, expected):
-        return None
-    return problem(401, detail="this call needs the admin token as a bearer token",
-                   headers={"WWW-Authenticate": "Bearer"})
+    if given is None or not same_secret(given, expected):
+        raise Problem(401, "this call needs the admin token as a bearer token",
+                      headers={"WWW-Authenticate": "Bearer"})
+
+
+@contextmanager
+def _store() -> Iterator[None]:
+    """A store that cannot answer is a 503 the caller may retry, not a 500."""
+    try:
+        yield
+    except StoreError as exc:
+        log.warning("store.write_failed", during="admin", error=str(exc))
+        raise Problem(503, "the run store is not available; nothing was changed, try again",
+                      headers={"Retry-After": "1"}) from exc
 
 
 def _time(value: float | None) -> str | None:
-    return None if value is None else rfc3339(value)
+    """A stored moment in RFC 3339, or None when there is none or it is not a date
+    (a row written before the bounds on sleeps and waits may hold one past year 9999)."""
+    if value is None:
+        return None
+    try:
+        return rfc3339(value)
+    except (OverflowError, ValueError, OSError):
+        return None
+
+
+def _ms(start: float, end: float | None) -> float | None:
+    if end is None:
+        return None
+    duration = round((end - start) * 1000, 3)
+    return duration if math.isfinite(duration) and abs(duration) < 1e15 else None
 
 
 def run_summary(run: Run) -> dict[str, Any]:
@@ -67,17 +102,24 @@ def run_summary(run: Run) -> dict[str, Any]:
 
 
 def _moment(value: str, name: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        pass
+    if (seconds := _seconds(value)) is not None:
+        return seconds
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError as exc:
-        raise _BadQuery(f"{name} must be an RFC 3339 time or Unix seconds") from exc
+        raise Problem(400, f"{name} must be an RFC 3339 time or Unix seconds") from exc
     if moment.tzinfo is None:
-        raise _BadQuery(f"{name} needs a time zone offset")
+        raise Problem(400, f"{name} needs a time zone offset")
     return moment.timestamp()
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIMIT
+    # isdigit() alone takes "²" (superscript two), which int() then refuses.
+    if not re.fullmatch(r"[0-9]{1,3}", value) or not 1 <= int(value) <= MAX_LIMIT:
+        raise Problem(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    return int(value)
 
 
 def _encode_cursor(text: str) -> str:
@@ -88,57 +130,75 @@ def _decode_cursor(value: str) -> tuple[float, str]:
     try:
         text = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
         created, _, run_id = text.partition("~")
-        return float(created), run_id
+        moment = _seconds(created)
+        if moment is None:
+            raise ValueError(created)
+        return moment, run_id
     except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise _BadQuery("cursor is not one this gateway gave out") from exc
+        raise Problem(400, "cursor is not one this gateway gave out") from exc
 
 
 async def list_runs(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    if (denied := _authorized(request, engine)) is not None:
-        return denied
+    _authorize(request, engine)
     query = request.query
-    try:
-        status = query.get("status") or None
-        if status is not None and status not in STATES:
-            raise _BadQuery(f"status must be one of {', '.join(sorted(STATES))}")
-        limit = DEFAULT_LIMIT
-        if "limit" in query:
-            if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= MAX_LIMIT:
-                raise _BadQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}")
-            limit = int(query["limit"])
-        page = await engine.store.list_runs(
-            status=status,
-            route=query.get("route") or None,
-            since=_moment(query["since"], "since") if query.get("since") else None,
-            until=_moment(query["until"], "until") if query.get("until") else None,
-            limit=limit,
-            cursor=_decode_cursor(query["cursor"]) if query.get("cursor") else None,
-        )
-    except _BadQuery as exc:
-        return problem(400, detail=str(exc))
+    status = query.get("status") or None
+    if status is not None and status not in STATES:
+        raise Problem(400, f"status must be one of {', '.join(sorted(STATES))}")
+    limit = _limit(query.get("limit"))
+    since = _moment(query["since"], "since") if query.get("since") else None
+    until = _moment(query["until"], "until") if query.get("until") else None
+    cursor = _decode_cursor(query["cursor"]) if query.get("cursor") else None
+    with _store():
+        page = await engine.store.list_runs(status=status, route=query.get("route") or None,
+                                            since=since, until=until, limit=limit,
+                                            cursor=cursor)
     return web.json_response({
         "runs": [run_summary(run) for run in page.runs],
         "next_cursor": _encode_cursor(page.next_cursor) if page.next_cursor else None,
     })
 
 
-async def _run_or_problem(request: web.Request, engine: Engine) -> Run | web.Response:
-    if (denied := _authorized(request, engine)) is not None:
-        return denied
-    run = await engine.lookup(request.match_info["run_id"])
+async def _run(request: web.Request, engine: Engine) -> Run:
+    _authorize(request, engine)
+    with _store():
+        run = await engine.lookup(request.match_info["run_id"])
     if run is None:
-        return problem(404, detail="no such run")
+        raise Problem(404, "no such run")
     return run
+
+
+def _raw_object(fields: dict[str, Any], raw: dict[str, str | None]) -> str:
+    """A JSON object of `fields`, then of `raw`: members whose values are stored JSON texts,
+    spliced in as they are (null for None) rather than parsed and dumped again."""
+    head = jsonin.dump(fields)[:-1]
+    tail = "".join(f",{jsonin.dump(name)}:{'null' if text is None else text}"
+                   for name, text in raw.items())
+    return head + tail + "}" if fields else "{" + tail[1:] + "}"
+
+
+def _step(step: Step) -> str:
+    return _raw_object({
+        "id": step.id,
+        "seq": step.seq,
+        "kind": step.kind,
+        "status": step.status,
+        "attempts": step.attempts,
+        "created_at": _time(step.created_at),
+        "updated_at": _time(step.updated_at),
+        "duration_ms": _ms(step.created_at, step.updated_at),
+        "output_size": len(step.output) if step.output is not None else 0,
+        "wake_at": _time(step.wake_at),
+        "event": step.event,
+    }, {"output": step.output, "error": step.error, "match": step.match or None})
 
 
 async def show_run(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    run = await _run_or_problem(request, engine)
-    if isinstance(run, web.Response):
-        return run
-    steps = await engine.store.steps(run.id)
-    attempts = await engine.store.attempts(run.id)
+    run = await _run(request, engine)
+    with _store():
+        steps = await engine.store.steps(run.id)
+        attempts = await engine.store.attempts(run.id)
     detail = run_summary(run) | {
         "method": run.method,
         "target": run.target,
@@ -153,85 +213,57 @@ async def show_run(request: web.Request) -> web.StreamResponse:
                 "n": a.n,
                 "started_at": _time(a.started_at),
                 "ended_at": _time(a.ended_at),
-                "duration_ms": None if a.ended_at is None
-                else round((a.ended_at - a.started_at) * 1000, 3),
+                "duration_ms": _ms(a.started_at, a.ended_at),
                 "outcome": a.outcome,
                 "status": a.status,
                 "error": a.error,
             }
             for a in attempts
         ],
-        "steps": [
-            {
-                "id": s.id,
-                "seq": s.seq,
-                "kind": s.kind,
-                "status": s.status,
-                "attempts": s.attempts,
-                "created_at": _time(s.created_at),
-                "updated_at": _time(s.updated_at),
-                "duration_ms": round((s.updated_at - s.created_at) * 1000, 3),
-                "output": json.loads(s.output) if s.output is not None else None,
-                "output_size": len(s.output) if s.output is not None else 0,
-                "error": json.loads(s.error) if s.error is not None else None,
-                "wake_at": _time(s.wake_at),
-                "event": s.event,
-                "match": json.loads(s.match) if s.match else None,
-            }
-            for s in steps
-        ],
     }
-    return web.json_response(detail)
+    body = _raw_object(detail, {"steps": "[" + ",".join(_step(s) for s in steps) + "]"})
+    return web.Response(text=body, content_type="application/json")
 
 
 async def retry_run(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    run = await _run_or_problem(request, engine)
-    if isinstance(run, web.Response):
-        return run
-    retried = await engine.retry_ended(run.id)
+    run = await _run(request, engine)
+    with _store():
+        retried = await engine.retry_ended(run.id)
     if retried is None:
-        return problem(409, detail=f"the run has not ended ({run.status})", run_id=run.id)
+        raise Problem(409, f"the run has not ended ({run.status})", run_id=run.id)
     log.info("run.retry_requested", run_id=run.id, route=run.route)
     return web.json_response(run_summary(retried), status=202)
 
 
 async def cancel_run(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    run = await _run_or_problem(request, engine)
-    if isinstance(run, web.Response):
-        return run
-    cancelled = await engine.cancel(run.id)
+    run = await _run(request, engine)
+    with _store():
+        cancelled = await engine.cancel(run.id)
     if cancelled is None:
-        return problem(409, detail=f"the run has ended ({run.status})", run_id=run.id)
+        raise Problem(409, f"the run has ended ({run.status})", run_id=run.id)
     return web.json_response(run_summary(cancelled))
 
 
 async def post_event(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    if (denied := _authorized(request, engine)) is not None:
-        return denied
-    try:
-        body = strict_json(await request.read())
-    except web.HTTPRequestEntityTooLarge:
-        return problem(413, detail=f"the body is larger than {request.client_max_size} bytes")
-    except (ValueError, UnicodeDecodeError):
-        return problem(400, detail="the body is not JSON")
-    if not isinstance(body, dict):
-        return problem(400, detail='the body must be {"name", "data", "id"?}')
+    _authorize(request, engine)
+    body = await jsonin.read_object(request)
     unknown = set(body) - {"name", "data", "id"}
     if unknown:
-        return problem(400, detail=f"unknown field {sorted(unknown)[0]!r}")
+        raise Problem(400, f"unknown field {sorted(unknown)[0]!r}")
     name, event_id = body.get("name"), body.get("id")
-    if not isinstance(name, str) or not name:
-        return problem(400, detail="name must be a non-empty string")
+    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME:
+        raise Problem(400, f"name must be a string of 1 to {MAX_NAME} characters")
     if event_id is None:
         event_id = secrets.token_urlsafe(16)
-    elif not isinstance(event_id, str) or not event_id or len(event_id) > 256:
-        return problem(400, detail="id must be a string of 1 to 256 characters")
+    elif not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_NAME:
+        raise Problem(400, f"id must be a string of 1 to {MAX_NAME} characters")
     now = time.time()
-    data = json.dumps(body.get("data"), separators=(",", ":"))
-    woken = await engine.store.deliver_event(event_id, name, data, now)
+    with _store():
+        woken = await engine.store.deliver_event(event_id, name, jsonin.dump(body.get("data")),
+                                                 now)
     if woken is None:
         return web.json_response({"id": event_id, "woke": 0, "duplicate": True}, status=202)
     log.info("event.received", name=name, event_id=event_id, woke=len(woken))

@@ -8,12 +8,14 @@ caller can read or write only the run it was invoked for, and only while its att
 run's current one: a superseded attempt gets `409` with the problem type `SUPERSEDED` and
 records nothing. Every write is committed (and with `durability: full`, fsynced) before the
 answer leaves.
+
+Bodies are parsed by `gateway.jsonin`; what a PUT may hold (depth, numbers, text, `seq`, how far
+ahead a step may park) is bounded so that every record can be read back and shown, and the
+bounds are listed in docs/protocol.md, "Limits".
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from datetime import datetime
 from typing import Any, Final
@@ -22,10 +24,12 @@ from urllib.parse import unquote
 import structlog
 from aiohttp import web
 
+from gateway import jsonin
 from gateway.auth import bearer_token
 from gateway.config import parse_duration
 from gateway.engine import ENGINE
 from gateway.errors import StoreError
+from gateway.events import MAX_NAME
 from gateway.model import Step, StepKind, StepStatus
 from gateway.problem import Problem
 from gateway.store import (
@@ -41,28 +45,21 @@ log = structlog.get_logger("stepgate.callbacks")
 
 MAX_STEP_ID = 256
 DEFAULT_WAIT_TIMEOUT = 24 * 3600.0
+# seq is stored in an SQLite INTEGER (8 bytes) and counts a handler's steps: 2**31 is plenty.
+MAX_SEQ = 2**31 - 1
+# How far ahead a step may park: a wait's time-out and a sleep's end. A year, so an annual
+# reminder fits; beyond it the moment is most likely a unit mistake, and year 9999 would no
+# longer render as a time.
+MAX_PARK = 366 * 86400.0
+# A sleep may end in the past (it completes at once), but not before 1970: older moments are
+# clock or parsing errors, and year 1 cannot be rendered in UTC.
+MIN_UNTIL = 0.0
+# Longer duration and timestamp texts are not durations or timestamps anyone writes.
+_MAX_TEXT = 64
 _KINDS = ("output", "error", "sleep", "wait")
 
 
-def _finite(text: str) -> float:
-    number = float(text)
-    if not math.isfinite(number):
-        raise ValueError(f"{text} is not a finite number")
-    return number
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def strict_json(raw: bytes) -> Any:
-    """Parse JSON as RFC 8259 has it: no NaN or Infinity, which would be stored and then make
-    the run's step list unreadable to a strict client."""
-    return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
-
-
-def _dump(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+_dump = jsonin.dump
 
 
 def _json_response(text: str, status: int = 200) -> web.Response:
@@ -142,16 +139,7 @@ def _step_id(request: web.Request) -> str:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge as exc:
-        raise Problem(413, f"the body is larger than {request.client_max_size} bytes") from exc
-    try:
-        body = strict_json(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Problem(400, f"the body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise Problem(400, "the body must be a JSON object")
+    body = await jsonin.read_object(request)
     kinds = [k for k in _KINDS if k in body]
     if len(kinds) != 1:
         raise Problem(400, "the body needs exactly one of output, error, sleep or wait")
@@ -159,8 +147,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if unknown:
         raise Problem(400, f"unknown field {sorted(unknown)[0]!r}")
     seq = body.get("seq")
-    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 0):
-        raise Problem(400, "seq must be a non-negative integer")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)
+                            or not 0 <= seq <= MAX_SEQ):
+        raise Problem(400, f"seq must be a whole number from 0 to {MAX_SEQ}")
     return body
 
 
@@ -198,7 +187,7 @@ def _call(body: dict[str, Any], now: float) -> StepCall:
         return StepCall(StepKind.RUN, StepStatus.FAILED, seq, error=_dump(error),
                         no_retry=error.get("retriable") is False)
     if "sleep" in body:
-        until = _until(body["sleep"])
+        until = _until(body["sleep"], now)
         due = until <= now
         return StepCall(StepKind.SLEEP, StepStatus.COMPLETED if due else StepStatus.SLEEPING,
                         seq, output="null" if due else None, wake_at=until)
@@ -236,7 +225,7 @@ def _error(value: object) -> dict[str, Any]:
     return value
 
 
-def _until(value: object) -> float:
+def _until(value: object, now: float) -> float:
     if not isinstance(value, dict) or not isinstance(value.get("until"), str):
         raise Problem(400, 'sleep must be {"until": "<RFC 3339 timestamp>"}')
     unknown = set(value) - {"until"}
@@ -244,12 +233,20 @@ def _until(value: object) -> float:
         raise Problem(400, f"unknown field sleep.{sorted(unknown)[0]}")
     text = value["until"]
     try:
+        if len(text) > _MAX_TEXT:
+            raise ValueError(text)
         moment = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
     except ValueError as exc:
-        raise Problem(400, f"sleep.until is not an RFC 3339 timestamp: {text!r}") from exc
+        raise Problem(400, f"sleep.until is not an RFC 3339 timestamp: {text[:_MAX_TEXT]!r}"
+                      ) from exc
     if moment.tzinfo is None:
         raise Problem(400, "sleep.until needs a time zone offset (RFC 3339), e.g. Z")
-    return moment.timestamp()
+    until = moment.timestamp()
+    if until < MIN_UNTIL:
+        raise Problem(400, "sleep.until must be 1970-01-01T00:00:00Z or later")
+    if until > now + MAX_PARK:
+        raise Problem(400, f"sleep.until must be at most {MAX_PARK / 86400:.0f} days ahead")
+    return until
 
 
 def _wait(value: object) -> tuple[dict[str, Any], str, float]:
@@ -259,22 +256,29 @@ def _wait(value: object) -> tuple[dict[str, Any], str, float]:
     if unknown:
         raise Problem(400, f"unknown field wait.{sorted(unknown)[0]}")
     event = value.get("event")
-    if not isinstance(event, str) or not event:
-        raise Problem(400, "wait.event must be a non-empty string")
+    if not isinstance(event, str) or not 1 <= len(event) <= MAX_NAME:
+        raise Problem(400, f"wait.event must be a string of 1 to {MAX_NAME} characters")
     match = value.get("match")
     if match is None:
         match = {}
     if not isinstance(match, dict):
         raise Problem(400, "wait.match must be an object of dotted paths to values")
-    timeout = value.get("timeout", DEFAULT_WAIT_TIMEOUT)
-    if isinstance(timeout, str):
+    return match, event, _timeout(value.get("timeout", DEFAULT_WAIT_TIMEOUT))
+
+
+def _timeout(value: object) -> float:
+    if isinstance(value, str):
         try:
-            timeout = parse_duration(timeout)
-        except ValueError as exc:
+            if len(value) > _MAX_TEXT:
+                raise ValueError(f"{value[:_MAX_TEXT]!r}... is not a duration")
+            value = parse_duration(value)
+        except (ValueError, ArithmeticError) as exc:
             raise Problem(400, f"wait.timeout: {exc}") from exc
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
         raise Problem(400, "wait.timeout must be a duration such as 30s or 1h")
-    return match, event, float(timeout)
+    if value > MAX_PARK:  # compared before float(): an int may be too large for one
+        raise Problem(400, f"wait.timeout must be at most {MAX_PARK / 86400:.0f}d")
+    return float(value)
 
 
 def add_routes(app: web.Application) -> None:

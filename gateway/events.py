@@ -10,6 +10,8 @@ from typing import Any
 
 _MISSING = object()
 
+MAX_NAME = 256  # characters of an event name (and of an event id)
+
 
 def event_object(event_id: str, name: str, data: Any, ts: float) -> dict[str, Any]:
     """The shape a waiting step receives as its output."""

@@ -8,6 +8,7 @@ import asyncio
 import subprocess
 import sys
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -270,7 +271,7 @@ async def test_a_superseded_attempts_writes_change_nothing_while_the_run_goes_on
     callback, old = tokens[0]
     run_id = callback.rsplit("/", 1)[1]
     for body in ({"output": "late"}, {"wait": {"event": "e"}},
-                 {"sleep": {"until": "2999-01-01T00:00:00Z"}},
+                 {"sleep": {"until": (datetime.now(UTC) + timedelta(days=30)).isoformat()}},
                  {"error": {"message": "late", "retriable": False}}):
         async with gw.session.put(f"{callback}/steps/{quote('s', safe='')}", json=body,
                                   headers={"Authorization": f"Bearer {old}"}) as resp:
