@@ -27,10 +27,11 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from gateway.auth import token_attempt, token_valid
 from gateway.errors import GatewayError, StoreError
 from gateway.lifecycle import AfterAttempt
 from gateway.model import Attempt, Outcome, Run, Step
-from gateway.store.rules import StepCall, StepWrite
+from gateway.store.rules import StepCall, StepWrite, fenced
 
 
 class DuplicateIdempotencyKey(StoreError):
@@ -60,6 +61,19 @@ class AttemptFenced(Refused):
         super().__init__(f"attempt {attempt} of run {run.id} was superseded")
         self.run = run
         self.attempt = attempt
+
+
+def authorize_callback(run: Run | None, run_id: str, token: str) -> tuple[Run, int]:
+    """The run and attempt a callback's token speaks for, or the refusal (every dialect asks
+    this inside its transaction, on the run it just read)."""
+    if run is None:
+        raise UnknownRun(run_id)
+    attempt = token_attempt(token)
+    if attempt is None or attempt > run.attempt or not token_valid(run.token, token, attempt):
+        raise WrongToken(run_id)
+    if fenced(run, attempt):
+        raise AttemptFenced(run, attempt)
+    return run, attempt
 
 
 @dataclass(slots=True)

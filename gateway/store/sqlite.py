@@ -31,7 +31,6 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
-from gateway.auth import token_attempt, token_valid
 from gateway.errors import StoreError
 from gateway.events import event_object
 from gateway.lifecycle import AfterAttempt, claim, retry_ended
@@ -39,7 +38,6 @@ from gateway.lifecycle import cancel as cancel_run
 from gateway.model import Attempt, Headers, Outcome, Run, RunStatus, Step, StepKind, StepStatus
 from gateway.store import rules
 from gateway.store.base import (
-    AttemptFenced,
     AttemptRule,
     DuplicateIdempotencyKey,
     InterruptRule,
@@ -47,7 +45,7 @@ from gateway.store.base import (
     Store,
     StoreLocked,
     UnknownRun,
-    WrongToken,
+    authorize_callback,
 )
 from gateway.store.rules import StepCall, StepWrite
 from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
@@ -295,16 +293,6 @@ def _write_step(conn: sqlite3.Connection, step: Step) -> None:
          step.updated_at),
     )
 
-
-def _authorized_run(conn: sqlite3.Connection, rows: _Rows, run_id: str,
-                    token: str) -> tuple[Run, int]:
-    attempt = token_attempt(token)
-    run = rows.read(conn, run_id)
-    if run is None:
-        raise UnknownRun(run_id)
-    if attempt is None or attempt > run.attempt or not token_valid(run.token, token, attempt):
-        raise WrongToken(run_id)
-    return run, attempt
 
 
 class _Writer:
@@ -763,22 +751,13 @@ class SQLiteStore(Store):
         return after
 
     async def check_callback(self, run_id: str, token: str) -> Run:
-        run = await self.get_run(run_id)
-        if run is None:
-            raise UnknownRun(run_id)
-        attempt = token_attempt(token)
-        if attempt is None or attempt > run.attempt or not token_valid(run.token, token, attempt):
-            raise WrongToken(run_id)
-        if rules.fenced(run, attempt):
-            raise AttemptFenced(run, attempt)
+        run, _ = authorize_callback(await self.get_run(run_id), run_id, token)
         return run
 
     async def put_step(self, run_id: str, token: str, step_id: str, call: StepCall,
                        *, now: float, lookback_since: float) -> StepWrite:
         def op(conn: sqlite3.Connection) -> StepWrite:
-            run, attempt = _authorized_run(conn, self._rows, run_id, token)
-            if rules.fenced(run, attempt):
-                raise AttemptFenced(run, attempt)
+            run, _ = authorize_callback(self._rows.read(conn, run_id), run_id, token)
             current = _read_step(conn, run_id, step_id)
             if call.kind == StepKind.WAIT and (current is None
                                                 or current.status == StepStatus.FAILED):
