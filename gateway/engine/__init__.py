@@ -122,9 +122,7 @@ class Engine:
         cutoff = time.time() - self.settings.retention
         purged = await self.store.purge_ended(cutoff)
         await self.store.purge_events(cutoff)
-        checkpoint = getattr(self.store, "checkpoint", None)
-        if checkpoint is not None:
-            await checkpoint()
+        await self.store.checkpoint()
         if purged:
             log.info("store.purged", runs=purged)
 

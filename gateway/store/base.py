@@ -111,6 +111,10 @@ class Store(abc.ABC):
     async def close(self) -> None: ...
 
     @abc.abstractmethod
+    async def checkpoint(self) -> None:
+        """Housekeeping of the dialect's own files (SQLite folds its WAL back)."""
+
+    @abc.abstractmethod
     async def writable(self) -> bool:
         """Whether a write can be committed now (for /readyz)."""
 
