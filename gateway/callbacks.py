@@ -157,13 +157,18 @@ async def put_step(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     engine = request.app[ENGINE]
     token = _token(request)
+    run_id = request.match_info["run_id"]
+    try:  # who is asking comes first: a stranger's body is never read, let alone parsed
+        await engine.store.authenticate(run_id, token)
+    except (Refused, StoreError) as exc:
+        raise _refusal(exc) from exc
     step_id = _step_id(request)
     body = await _body(request)
     now = time.time()
     call = _call(body, now)
     try:
         write = await engine.store.put_step(
-            request.match_info["run_id"], token, step_id, call, now=now,
+            run_id, token, step_id, call, now=now,
             lookback_since=now - engine.settings.events_lookback,
         )
     except (Refused, StoreError) as exc:

@@ -149,7 +149,7 @@ DEFAULT_MAX_BODY: Final = 1024 * 1024
 DEFAULT_MAX_RESPONSE: Final = 10 * 1024 * 1024
 # A recorded answer is one SQLite value (at most 1e9 bytes) and is held in memory while it is
 # written; far below that, so a setting can never make the record of an attempt impossible.
-MAX_MAX_RESPONSE: Final = 512 * 1024 * 1024
+MAX_STORED: Final = 512 * 1024 * 1024
 DURABLE_ATTEMPTS: Final = 4
 PLAIN_ATTEMPTS: Final = 1
 
@@ -188,6 +188,17 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# Digits a duration or size may have: more are never meant, and a million of them would
+# overflow decimal's exponent.
+_MAX_DIGITS = 30
+
+
+def _number(number: str, text: str, what: str) -> Decimal:
+    if len(number) > _MAX_DIGITS:
+        raise ValueError(f"{what} {_show(text)} is too large")
+    return Decimal(number)
+
+
 def parse_duration(text: str) -> float:
     """``"500ms"``, ``"1.5s"``, ``"10m"``, ``"2h"``, ``"7d"`` -> seconds. Raises ValueError."""
     match = _NUMBER_UNIT.fullmatch(text.strip())
@@ -199,7 +210,7 @@ def parse_duration(text: str) -> float:
     factor = _DURATION_UNITS.get(unit)
     if factor is None:
         raise ValueError(f'unknown duration unit "{unit}" in {_show(text)}: use ms, s, m, h or d')
-    seconds = float(Decimal(number) * factor)
+    seconds = float(_number(number, text, "duration") * factor)
     if not math.isfinite(seconds):
         raise ValueError(f"duration {_show(text)} is too large")
     return seconds
@@ -222,7 +233,7 @@ def parse_size(text: str) -> int:
         raise ValueError(
             f'unknown size unit "{unit}" in {_show(text)}: use B, KiB, MiB or GiB{hint}'
         )
-    value = Decimal(number) * factor
+    value = _number(number, text, "size") * factor
     if value != value.to_integral_value():
         raise ValueError(f"size {_show(text)} is not a whole number of bytes")
     return int(value)
@@ -384,8 +395,15 @@ def _size(value: object, key: str) -> int:
 
 def _max_response(value: object, key: str) -> int:
     size = _size(value, key)
-    if size > MAX_MAX_RESPONSE:
+    if size > MAX_STORED:
         raise _Invalid(key, "must be at most 512MiB: a durable route stores the whole answer")
+    return size
+
+
+def _max_body(value: object, key: str) -> int:
+    size = _size(value, key)
+    if size > MAX_STORED:
+        raise _Invalid(key, "must be at most 512MiB: a durable route stores the whole body")
     return size
 
 
@@ -598,7 +616,7 @@ def _route(data: object, key: str) -> Route:
         durable=durable,
         timeout=section.optional("timeout", _duration(allow_zero=False), 30.0),
         hold=section.optional("hold", _duration(allow_zero=True), 5.0),
-        max_body=section.optional("max_body", _size, DEFAULT_MAX_BODY),
+        max_body=section.optional("max_body", _max_body, DEFAULT_MAX_BODY),
         retry=_retry(section.raw("retry"), section.key("retry"), durable=durable),
         max_response=section.optional("max_response", _max_response, DEFAULT_MAX_RESPONSE),
     )

@@ -24,6 +24,7 @@ Errors:
 from __future__ import annotations
 
 import abc
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -91,8 +92,13 @@ InterruptRule = Callable[[Run], AfterAttempt]
 class Store(abc.ABC):
     """What the gateway needs from a run store. Every method is safe to call concurrently."""
 
+    # Run secrets never change, so the ones callbacks use are kept to check tokens without
+    # a read; enough for every run in flight on a busy gateway, a few hundred KiB.
+    SECRETS_KEPT = 4096
+
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        self._secrets: OrderedDict[str, str] = OrderedDict()
 
     def subscribe(self, listener: Listener) -> None:
         """Call `listener(run)` with the run as committed after every change to it."""
@@ -180,6 +186,25 @@ class Store(abc.ABC):
                        *, now: float, lookback_since: float) -> StepWrite:
         """Record a step for the attempt the token belongs to (raises UnknownRun, WrongToken,
         AttemptFenced). A new wait is completed at once by a matching event of the look-back."""
+
+    async def authenticate(self, run_id: str, token: str) -> None:
+        """Whether `token` is one the gateway minted for some attempt of the run (raises
+        UnknownRun, WrongToken), asked before a callback's body is read. It does not say the
+        attempt is current: put_step and check_callback judge that in their transaction."""
+        secret = self._secrets.get(run_id)
+        if secret is None:
+            run = await self.get_run(run_id)
+            if run is None:
+                raise UnknownRun(run_id)
+            secret = run.token
+            self._secrets[run_id] = secret
+            if len(self._secrets) > self.SECRETS_KEPT:
+                self._secrets.popitem(last=False)
+        else:
+            self._secrets.move_to_end(run_id)
+        attempt = token_attempt(token)
+        if attempt is None or not token_valid(secret, token, attempt):
+            raise WrongToken(run_id)
 
     @abc.abstractmethod
     async def check_callback(self, run_id: str, token: str) -> Run:

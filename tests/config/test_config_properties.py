@@ -48,9 +48,17 @@ def test_duration_is_a_finite_non_negative_float_or_value_error(text: str) -> No
         assert math.isfinite(seconds) and seconds >= 0
 
 
-def test_huge_duration_is_refused() -> None:
+@pytest.mark.parametrize("digits", [400, 1_000_001])
+def test_huge_duration_is_refused(digits: int) -> None:
+    """A million digits once overflowed decimal's exponent and raised decimal.Overflow."""
     with pytest.raises(ValueError, match="too large"):
-        parse_duration("9" * 400 + "d")
+        parse_duration("9" * digits + "d")
+
+
+@pytest.mark.parametrize("digits", [400, 1_000_001])
+def test_huge_size_is_refused(digits: int) -> None:
+    with pytest.raises(ValueError, match="too large"):
+        parse_size("9" * digits + "GiB")
 
 
 @given(count=st.integers(min_value=0, max_value=2**40), unit=st.sampled_from(sorted(SIZE_UNITS)))

@@ -101,6 +101,16 @@ def test_a_bad_max_response_names_its_key(value: object, message: str) -> None:
     assert message in str(caught.value)
 
 
+@pytest.mark.parametrize("value", ["2GiB", 600 * MiB, "9" * 40])
+def test_max_body_is_bounded_like_max_response(value: object) -> None:
+    """A durable body is stored whole for replay, so the same 512MiB ceiling applies."""
+    with pytest.raises(ConfigError) as caught:
+        parse_settings({"routes": [durable("http://127.0.0.1:9", max_body=value)]},
+                       source="gw.yaml")
+    assert caught.value.key == "routes[0].max_body"
+    assert "at most 512MiB" in str(caught.value) or "too large" in str(caught.value)
+
+
 # --- max_response: the bound holds ---------------------------------------------------------
 
 

@@ -270,3 +270,18 @@ async def test_a_cursor_given_out_is_taken_back(held: HeldRun) -> None:
     answer = await held.request("GET", f"/v1/runs?limit=5&cursor={first['next_cursor']}",
                                 headers=held.admin)
     assert answer.status == 200 and len(answer.json()["runs"]) == 2
+
+
+@pytest.mark.parametrize("raw", [b"not json", b'{"output":' + b"[" * 5_000, b"x" * (17 << 20)],
+                         ids=["garbage", "deep", "over-16-mib"])
+async def test_a_caller_without_the_run_token_is_refused_before_its_body_is_read(
+        held: HeldRun, raw: bytes) -> None:
+    """Authentication comes first: a caller with a wrong token, or for a run that does not
+    exist, learns nothing about the body rules and cannot make the gateway parse its bytes."""
+    forged = {"Authorization": "Bearer 1.AAAAAAAAAAAAAAAAAAAAAAAA"}
+    path = f"{held.cb_path}/steps/s"
+    assert_refused(await held.request("PUT", path, raw, forged), 401)
+    assert_refused(await held.request("PUT", "/v1/runs/no-such-run/steps/s", raw, held.auth), 404)
+    # The run's own token still gets the body judged.
+    assert (await held.put("s", raw)).status in (400, 413)
+    await held.assert_readable()
