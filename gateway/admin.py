@@ -208,6 +208,7 @@ async def show_run(request: web.Request) -> web.StreamResponse:
         "failures": run.failures,
         "error": run.error,
         "response_status": run.resp_status,
+        "unreadable": list(run.unreadable),
         "attempts": [
             {
                 "n": a.n,

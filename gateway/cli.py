@@ -55,9 +55,9 @@ def _one_line(text: str, limit: int = 300) -> str:
 # --- serve / check --------------------------------------------------------------------------
 
 
-def _load(path: str) -> Settings:
+def _load(path: str, *, read_key: bool = True) -> Settings:
     try:
-        return load_settings(path)
+        return load_settings(path, read_key=read_key)
     except ConfigError as err:
         raise _Failure(str(err), code=2, bare=True) from None
 
@@ -116,7 +116,7 @@ class _Admin:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> _Admin:
-        settings = _load(args.config) if args.config else None
+        settings = _load(args.config, read_key=False) if args.config else None
         if args.url:
             base = _admin_url(args.url)
         else:  # internal_url was checked with the config

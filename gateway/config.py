@@ -807,6 +807,10 @@ def _store_key(value: object, key: str) -> StoreKey | None:
     return StoreKey(value.strip(), secret)
 
 
+def _unread(value: object, key: str) -> None:
+    return None
+
+
 def _decode_key(text: str) -> bytes | None:
     text = text.strip()
     try:
@@ -830,7 +834,7 @@ def _log_format(value: object, key: str) -> Literal["json", "console"]:
     return "console" if _choice("json", "console")(value, key) == "console" else "json"
 
 
-def _settings(data: object) -> Settings:
+def _settings(data: object, read_key: bool) -> Settings:
     if data is None:
         raise _Invalid(None, "the file is empty; expected a mapping of settings")
     section = _Section(data, None, _TOP_KEYS, "a mapping of settings at the top level")
@@ -857,22 +861,25 @@ def _settings(data: object) -> Settings:
         shutdown_grace=section.optional("shutdown_grace", _duration(allow_zero=True), 10.0),
         routes=section.optional("routes", _routes, ()),
         limits=section.optional("limits", _limits, Limits()),
-        store_key=section.optional("store_key", _store_key, None),
+        # A client of the admin API reads a gateway's config for its URL and token only, and
+        # has no use for the key (nor, most often, access to it).
+        store_key=section.optional("store_key", _store_key if read_key else _unread, None),
     )
 
 
 # --- entry points ---------------------------------------------------------------------------
 
 
-def parse_settings(data: object, *, source: str) -> Settings:
-    """Validate already-loaded YAML data. ``source`` names the file in error messages."""
+def parse_settings(data: object, *, source: str, read_key: bool = True) -> Settings:
+    """Validate already-loaded YAML data. ``source`` names the file in error messages; with
+    ``read_key=False`` the store_key is not looked up (and Settings.store_key is None)."""
     try:
-        return _settings(data)
+        return _settings(data, read_key)
     except _Invalid as exc:
         raise ConfigError(source, exc.key, exc.message) from None
 
 
-def load_settings(path: str | os.PathLike[str]) -> Settings:
+def load_settings(path: str | os.PathLike[str], *, read_key: bool = True) -> Settings:
     """Read and validate a YAML config file; every problem is a :class:`ConfigError`."""
     source = os.fspath(path)
     try:
@@ -898,4 +905,4 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, None, f"invalid YAML: {exc}") from None
-    return parse_settings(data, source=source)
+    return parse_settings(data, source=source, read_key=read_key)

@@ -44,6 +44,8 @@ _NEXT: Final[dict[RunStatus, frozenset[RunStatus]]] = {
 }
 
 SUSPENDED_WITH_NOTHING_PARKED: Final = "the handler suspended without a sleeping or waiting step"
+REQUEST_UNREADABLE: Final = ("the stored request does not open with the store_key (it was "
+                             "changed, or sealed with another key), so it cannot be replayed")
 
 
 class IllegalTransition(ValueError):
@@ -162,6 +164,11 @@ def after_attempt(
         return AfterAttempt(run, attempt_record(outcome, why), None)
     if route is None:
         ended = _ended(run, RunStatus.FAILED, now, f"route {run.route!r} is no longer configured")
+        return AfterAttempt(ended, attempt_record(outcome), Decision("end", RunStatus.FAILED))
+    if run.request_unreadable:  # an earlier attempt's answer would hide why it ended
+        unanswered = run.but(resp_status=None, resp_reason=None, resp_headers=None,
+                             resp_body=None)
+        ended = _ended(unanswered, RunStatus.FAILED, now, REQUEST_UNREADABLE)
         return AfterAttempt(ended, attempt_record(outcome), Decision("end", RunStatus.FAILED))
     reply = outcome.reply
     usable = reply if outcome.failure is None else None

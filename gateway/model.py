@@ -26,6 +26,8 @@ class RunStatus(StrEnum):
 
 ENDED: Final = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
 PARKED: Final = frozenset({RunStatus.RETRYING, RunStatus.SLEEPING, RunStatus.WAITING})
+_REQUEST_COLUMNS: Final = frozenset({"target", "headers", "body", "request_hash"})
+_ANSWER_COLUMNS: Final = frozenset({"resp_headers", "resp_body"})
 
 
 class StepKind(StrEnum):
@@ -73,10 +75,21 @@ class Run:
     resp_body: bytes | None = None
     error: str | None = None
     ended_at: float | None = None
+    # Stored values that did not open with the store_key (changed, or sealed with another
+    # key), by column; they read as empty. A run whose request is among them is not replayed.
+    unreadable: tuple[str, ...] = ()
 
     @property
     def ended(self) -> bool:
         return self.status in ENDED
+
+    @property
+    def request_unreadable(self) -> bool:
+        return any(column in _REQUEST_COLUMNS for column in self.unreadable)
+
+    @property
+    def answer_unreadable(self) -> bool:
+        return any(column in _ANSWER_COLUMNS for column in self.unreadable)
 
     def but(self, **changes: object) -> Run:
         """This run with some fields changed (a new value; the store decides if it stands)."""

@@ -110,10 +110,11 @@ class Invoker:
         )
         log.debug("run.attempt")
         route = self.routes.get(run.route)
-        if route is None:
+        if route is None or run.request_unreadable:
             now = time.time()
             outcome = Outcome(run.attempt, now, now, None, "connect",
-                              f"route {run.route!r} is no longer configured")
+                              f"route {run.route!r} is no longer configured" if route is None
+                              else lifecycle.REQUEST_UNREADABLE)
         else:
             outcome = await self._send(run, route)
             self.metrics.upstream_attempt(

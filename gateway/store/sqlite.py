@@ -48,7 +48,7 @@ from gateway.store.base import (
     authorize_callback,
 )
 from gateway.store.rules import StepCall, StepWrite
-from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
+from gateway.store.sealing import KEY_CHECK, SealBroken, Sealer, StoreKeyError
 
 T = TypeVar("T")
 
@@ -182,20 +182,40 @@ class _Rows:
         self.sealer = sealer
 
     def run(self, row: Sequence[Any]) -> Run:
+        """The run of a row. A sealed value that does not open reads as empty and is named in
+        `Run.unreadable`, so one changed row cannot stop a listing or a start."""
         run_id, sealed = row[0], row[25]
         request, answer = bool(sealed & _SEALED_REQUEST), bool(sealed & _SEALED_ANSWER)
+        broken: list[str] = []
+
+        def text(column: str, value: Any, is_sealed: bool) -> Any:
+            try:
+                return self._text(run_id, column, value, is_sealed)
+            except SealBroken:
+                broken.append(column)
+                return None
+
+        def blob(column: str, value: Any, is_sealed: bool) -> bytes | None:
+            try:
+                return self._blob(run_id, column, value, is_sealed)
+            except SealBroken:
+                broken.append(column)
+                return None
+
+        target = text("target", row[7], request)
+        headers = _headers(text("headers", row[8], request)) or []
+        body = blob("body", row[9], request) or b""
+        request_hash = text("request_hash", row[16], request)
+        resp_headers = _headers(text("resp_headers", row[21], answer))
+        resp_body = blob("resp_body", row[22], answer)
         return Run(
             id=run_id, route=row[1], status=RunStatus(row[2]), attempt=row[3], token=row[4],
-            poll_token=row[5], method=row[6], target=self._text(run_id, "target", row[7], request),
-            headers=_headers(self._text(run_id, "headers", row[8], request)) or [],
-            body=self._blob(run_id, "body", row[9], request) or b"", created_at=row[10],
-            updated_at=row[11], failures=row[12], no_retry=bool(row[13]),
-            wake_pending=bool(row[14]), idem_key=row[15],
-            request_hash=self._text(run_id, "request_hash", row[16], request),
+            poll_token=row[5], method=row[6], target=target or "", headers=headers, body=body,
+            created_at=row[10], updated_at=row[11], failures=row[12], no_retry=bool(row[13]),
+            wake_pending=bool(row[14]), idem_key=row[15], request_hash=request_hash,
             trace_id=row[17], due_at=row[18], resp_status=row[19], resp_reason=row[20],
-            resp_headers=_headers(self._text(run_id, "resp_headers", row[21], answer)),
-            resp_body=self._blob(run_id, "resp_body", row[22], answer), error=row[23],
-            ended_at=row[24],
+            resp_headers=resp_headers, resp_body=resp_body, error=row[23], ended_at=row[24],
+            unreadable=tuple(broken),
         )
 
     def insert(self, run: Run) -> tuple[Any, ...]:

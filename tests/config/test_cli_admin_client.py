@@ -213,6 +213,19 @@ async def test_url_and_token_from_config(
     assert admin.requests[1][3] == "Bearer flag"
 
 
+async def test_admin_commands_do_not_need_the_store_key(
+    admin: Any, run_cli: Cli, write_config: WriteConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They only call the admin API, so the gateway's config works where its key is not at
+    hand (an operator's shell has no STEPGATE_STORE_KEY)."""
+    monkeypatch.delenv("STEPGATE_STORE_KEY", raising=False)
+    path = write_config({"internal_url": admin.url, "admin_token": "from-config",
+                         "store_key": "env:STEPGATE_STORE_KEY"})
+    outcome = await run_cli("runs", "list", "--config", str(path))
+    assert (outcome.code, outcome.err) == (0, "")
+    assert admin.requests[0][3] == "Bearer from-config"
+
+
 async def test_run_ids_are_percent_encoded(admin: Any, run_cli: Cli) -> None:
     outcome = await run_cli("runs", "show", "a/b?c", "--url", admin.url)
     assert outcome.code == 1

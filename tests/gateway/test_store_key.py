@@ -146,19 +146,61 @@ async def test_a_sealed_value_moved_to_another_run_does_not_open(
     gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path,
     with_key: dict[str, str],
 ) -> None:
+    """A changed row is named, not served: it reads as unreadable, its admin page and the
+    list still answer, its poll is a problem, and the other runs are untouched."""
     service = Service()
     gw = await gateway([route(await upstream(service.app()))], **with_key)
-    first, second = await send(gw), await send(gw)
+    first, second, third = await send(gw), await send(gw), await send(gw)
     with sqlite3.connect(tmp_path / "stepgate.db") as conn:
         conn.execute("UPDATE runs SET body = (SELECT body FROM runs WHERE id = ?) WHERE id = ?",
                      (first, second))
         # And within one run, a value put in another field.
         conn.execute("UPDATE runs SET resp_body = headers WHERE id = ?", (first,))
-    for run_id in (first, second):
-        with pytest.raises(StoreError, match="does not open"):
-            await gw.store.get_run(run_id)
+    assert (await gw.store.get_run(first)).unreadable == ("resp_body",)
+    assert (await gw.store.get_run(second)).unreadable == ("body",)
+    assert (await gw.store.get_run(third)).unreadable == ()
     async with gw.session.get(gw.internal + f"/v1/runs/{second}") as resp:
-        assert resp.status == 503
+        assert resp.status == 200
+        assert (await resp.json())["unreadable"] == ["body"]
+    async with gw.session.get(gw.internal + "/v1/runs") as resp:
+        assert resp.status == 200
+        assert {first, second, third} <= {run["id"] for run in (await resp.json())["runs"]}
+    run = await gw.store.get_run(first)
+    async with gw.session.get(gw.url + f"/_stepgate/runs/{first}?token={run.poll_token}") as resp:
+        assert resp.status == 500
+        assert resp.content_type == "application/problem+json"
+        assert "does not open with the store_key" in (await resp.json())["detail"]
+
+
+async def test_a_run_whose_sealed_request_was_changed_fails_instead_of_replaying(
+    gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path,
+    with_key: dict[str, str],
+) -> None:
+    """A parked run whose stored request no longer opens cannot be replayed; the restart
+    still comes up, and the run ends failed saying why, without calling the service."""
+    service = Service()
+    base = await upstream(service.app())
+    slow = {**route(base), "hold": "50ms", "retry": {"attempts": 3, "initial": "1s", "max": "1s"}}
+    first = await gateway([slow], **with_key)
+    async with first.session.post(first.url + "/work", data=b"card=4111111111111111",
+                                  allow_redirects=False) as resp:
+        assert resp.status == 303
+        location = resp.headers["Location"]
+    run_id = resp.headers["Stepgate-Run-Id"]
+    await first.gateway.stop()
+    with sqlite3.connect(tmp_path / "stepgate.db") as conn:
+        # One bit of the ciphertext flipped: the tag no longer matches.
+        (headers,) = conn.execute("SELECT headers FROM runs WHERE id = ?", (run_id,)).fetchone()
+        changed = headers[:20] + bytes([headers[20] ^ 1]) + headers[21:]
+        conn.execute("UPDATE runs SET headers = ? WHERE id = ?", (changed, run_id))
+    conn.close()
+    again = await gateway([slow], **with_key)
+    async with again.session.get(again.url + location + "&wait=10") as resp:
+        assert resp.status == 502
+        assert "cannot be replayed" in (await resp.json())["detail"]
+    assert len(service.seen) == 1  # only the first attempt, before the change
+    async with again.session.get(again.internal + "/readyz") as resp:
+        assert resp.status == 200
 
 
 async def test_runs_stored_before_the_key_stay_readable(
