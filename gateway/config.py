@@ -92,6 +92,7 @@ class Limits:
     idle_timeout: float = 75.0  # seconds a kept-alive connection may wait for a request
     max_connections: int = 10_000  # open connections per listener
     max_header_size: int = 64 * 1024  # bytes of request line and header fields together
+    send_timeout: float = 60.0  # seconds a client may take no byte of an answer waiting for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +167,7 @@ _RETRY_KEYS: Final = ("attempts", "initial", "max", "multiplier", "on", "non_ide
 _EVENTS_KEYS: Final = ("lookback",)
 _LIMITS_KEYS: Final = (
     "header_timeout", "body_timeout", "idle_timeout", "max_connections", "max_header_size",
+    "send_timeout",
 )  # fmt: skip
 _MIN_HEADER_SIZE: Final = 1024
 
@@ -664,6 +666,8 @@ def _limits(value: object, key: str) -> Limits:
         max_connections=section.optional("max_connections", _connections,
                                          default.max_connections),
         max_header_size=header_size,
+        send_timeout=section.optional("send_timeout", _duration(allow_zero=False),
+                                      default.send_timeout),
     )  # fmt: skip
 
 

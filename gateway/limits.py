@@ -16,10 +16,16 @@ limits that nginx, Envoy and Go's `http.Server` put there:
     max_connections  10000    close a new connection at once           Envoy's listener limit
     max_header_size  64KiB    431 (414 when the request line alone     Envoy max_request_headers_kb
                               is that long); the head is not read on
+    send_timeout     60s      close a connection whose client takes    nginx send_timeout
+                              no byte of an answer for this long
+                              (between two reads, so a slow but
+                              moving download goes on)
 
 The header time-out runs from a connection's first byte (or its opening) to the end of each
 head. The body time-out does not run while the gateway itself holds the client back (reading
-paused because the upstream takes the body slowly): only the client's silence counts.
+paused because the upstream takes the body slowly): only the client's silence counts. The send
+time-out runs while the connection's write buffer is full (asyncio paused our writing) and is
+renewed whenever the client has taken some of it.
 
 Requests aiohttp's parser refuses (a bad request line, a bad field, `Content-Length` with
 `Transfer-Encoding`, …) are answered here with problem+json instead of aiohttp's text, and
@@ -207,6 +213,8 @@ class GuardedHandler(RequestHandler):
         "_held",
         "_lingering",
         "_refused",
+        "_send_left",
+        "_send_timer",
     )
 
     def __init__(self, manager: web.Server, *, guard: Guard, loop: asyncio.AbstractEventLoop):
@@ -235,6 +243,8 @@ class GuardedHandler(RequestHandler):
         self._refused = False
         self._lingering = False
         self._gone: asyncio.Future[None] | None = None  # set when a lingering client leaves
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_left = 0  # bytes waiting for the client when the send timer was armed
 
     # -- the connection -------------------------------------------------------------------
 
@@ -251,6 +261,14 @@ class GuardedHandler(RequestHandler):
             self._guard.open -= 1
         self._cancel_timers()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._arm_send_timer()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_send_timer()
 
     def pause_reading(self) -> None:
         self._held = True
@@ -361,6 +379,35 @@ class GuardedHandler(RequestHandler):
         self._body = None
         body.set_exception(BodyTimeout(timeout))
 
+    # -- answers a client does not take ------------------------------------------------------
+
+    def _arm_send_timer(self) -> None:
+        self._cancel_send_timer()
+        if self.transport is not None:
+            self._send_left = self.transport.get_write_buffer_size()
+            self._send_timer = self._loop.call_later(self._guard.limits.send_timeout,
+                                                     self._send_check)
+
+    def _send_check(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() < self._send_left:
+            self._arm_send_timer()  # the client took some: slow, not gone
+            return
+        suppressed = _BAD_REQUESTS.admit()
+        if suppressed is not None:
+            log.info("http.send_timeout", listener=self._guard.name,
+                     waiting_bytes=self._send_left, seconds=self._guard.limits.send_timeout,
+                     suppressed=suppressed)
+        transport.abort()  # what is buffered cannot be sent; wakes the writer with an error
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
@@ -368,6 +415,7 @@ class GuardedHandler(RequestHandler):
 
     def _cancel_timers(self) -> None:
         self._cancel_head_timer()
+        self._cancel_send_timer()
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+import socket
 import time
 
 import pytest
+from aiohttp import web
 
 from gateway.config import ConfigError, Limits, parse_settings
 from gateway.limits import raise_open_file_limit
@@ -25,11 +27,12 @@ def settings(limits: object) -> object:
 def test_limits_have_defaults_and_take_units() -> None:
     assert parse_settings({"routes": []}, source="x").limits == Limits(
         header_timeout=10.0, body_timeout=60.0, idle_timeout=75.0, max_connections=10_000,
-        max_header_size=65536,
+        max_header_size=65536, send_timeout=60.0,
     )
     limits = settings({"header_timeout": "2s", "body_timeout": "500ms", "idle_timeout": "1m",
-                       "max_connections": 50, "max_header_size": "16KiB"})
-    assert limits.limits == Limits(2.0, 0.5, 60.0, 50, 16384)
+                       "max_connections": 50, "max_header_size": "16KiB",
+                       "send_timeout": "5s"})
+    assert limits.limits == Limits(2.0, 0.5, 60.0, 50, 16384, 5.0)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,7 @@ def test_limits_have_defaults_and_take_units() -> None:
     [
         ({"header_timeout": "0s"}, "limits.header_timeout", "must be longer than 0s"),
         ({"body_timeout": 10}, "limits.body_timeout", "needs a unit"),
+        ({"send_timeout": "0s"}, "limits.send_timeout", "must be longer than 0s"),
         ({"max_connections": 0}, "limits.max_connections", "at least 1"),
         ({"max_connections": "many"}, "limits.max_connections", "whole number"),
         ({"max_header_size": "100B"}, "limits.max_header_size", "at least 1024 bytes"),
@@ -151,6 +155,84 @@ async def test_a_slow_body_that_keeps_moving_is_not_cut(
     writer.close()
     assert statuses(answer) == [200]
     assert [body for *_, body in seen.requests] == [b"abcdef"]
+
+
+class Stream:
+    """An upstream that answers /big with `size` bytes in 64 KiB pieces, and notes when the
+    gateway stopped taking them (the client's connection was given up)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent = 0
+        self.cut = asyncio.Event()
+
+    def app(self) -> web.Application:
+        async def big(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse(headers={"Content-Length": str(self.size)})
+            await response.prepare(request)
+            piece = b"x" * 65536
+            try:
+                while self.sent < self.size:
+                    await response.write(piece)
+                    self.sent += len(piece)
+            except (ConnectionError, asyncio.CancelledError):
+                self.cut.set()
+                raise
+            return response
+
+        app = web.Application()
+        app.router.add_get("/big", big)
+        return app
+
+
+async def small_window(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection with a small receive buffer, so the gateway's writes back up."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock, limit=1 << 16)
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    """nginx's send_timeout: a client that takes nothing of an answer for that long no longer
+    holds its connection, nor the upstream's."""
+    service = Stream(256 << 20)
+    gw = await gateway([{"name": "all", "path": "/*", "upstream": await upstream(service.app())}],
+                       limits={"send_timeout": "1s"})
+    reader, writer = await small_window(gw.gateway.public_port)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
+    await reader.read(100)  # the answer has begun; then the client reads no more
+    started = time.monotonic()
+    await asyncio.wait_for(service.cut.wait(), 10)
+    assert time.monotonic() - started < 5.0
+    assert service.sent < service.size
+    with pytest.raises((ConnectionError, AssertionError)):  # closed: what was sent, then the end
+        while True:
+            chunk = await asyncio.wait_for(reader.read(1 << 20), 5)
+            assert chunk
+    writer.close()
+
+
+async def test_a_slow_reader_that_keeps_taking_bytes_is_not_dropped(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    service = Stream(2 << 20)
+    gw = await gateway([{"name": "all", "path": "/*", "upstream": await upstream(service.app())}],
+                       limits={"send_timeout": "1s"})
+    reader, writer = await small_window(gw.gateway.public_port)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    received = 0
+    started = time.monotonic()
+    while chunk := await asyncio.wait_for(reader.read(16384), 5):
+        received += len(chunk)
+        if time.monotonic() - started < 3.0:
+            await asyncio.sleep(0.3)  # a few KiB a second: slow, but never 1 s without a byte
+    writer.close()
+    assert received > service.size  # the whole body, and its head
+    assert not service.cut.is_set()
 
 
 async def test_a_stalled_body_on_the_internal_listener_is_a_408(
