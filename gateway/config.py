@@ -110,7 +110,7 @@ class Settings:
     internal_listen: Address
     internal_url: str  # no trailing "/"
     store: str  # URL as written
-    store_path: str  # filesystem path taken from the store URL
+    store_path: str  # SQLite: the file named by the store URL; PostgreSQL: ""
     durability: Literal["full", "relaxed"]
     retention: float  # seconds
     admin_token: str | None
@@ -122,6 +122,12 @@ class Settings:
     routes: tuple[Route, ...]
     limits: Limits = Limits()
     store_key: StoreKey | None = None
+    lease: float = 10.0  # PostgreSQL: a replica silent this long has its runs taken over
+    replica_id: str = ""  # PostgreSQL: this replica's name; "" until the gateway picks one
+
+    @property
+    def postgres(self) -> bool:
+        return self.store.startswith(("postgresql://", "postgres://"))
 
 
 class ConfigError(GatewayError):
@@ -157,7 +163,7 @@ PLAIN_ATTEMPTS: Final = 1
 _TOP_KEYS: Final = (
     "listen", "internal_listen", "internal_url", "store", "durability", "retention",
     "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-    "routes", "limits", "store_key",
+    "routes", "limits", "store_key", "lease", "replica_id",
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
     "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
@@ -467,9 +473,10 @@ def _http_url(value: object, key: str, *, allow_path: bool) -> str:
 def _store(value: object, key: str) -> tuple[str, str]:
     text = _string(value, key)
     scheme = text.partition(":")[0].lower()
-    if scheme.startswith("postgres"):
-        raise _Invalid(key, "postgresql stores are not supported yet; use sqlite:///PATH")
-    usage = "use sqlite:///relative/path or sqlite:////absolute/path"
+    if scheme in ("postgresql", "postgres"):
+        return _postgres_url(text, key), ""
+    usage = ("use sqlite:///relative/path, sqlite:////absolute/path or "
+             "postgresql://user@host:5432/database")
     if not text.startswith("sqlite://"):
         raise _Invalid(key, f"{_show(text)} is not a store URL: {usage}")
     rest = text.removeprefix("sqlite://")
@@ -481,6 +488,35 @@ def _store(value: object, key: str) -> tuple[str, str]:
     if "?" in path or "#" in path:
         raise _Invalid(key, "store URL options are not supported")
     return text, path
+
+
+def _postgres_url(text: str, key: str) -> str:
+    """A libpq-style URL, as asyncpg takes it; checked for shape only (the server is asked at
+    start). Written in lower case, so `postgresql://`."""
+    scheme, _, rest = text.partition("://")
+    if scheme not in ("postgresql", "postgres") or not rest:
+        raise _Invalid(key, f"{_show(text)} is not a PostgreSQL URL: use "
+                            "postgresql://user@host:5432/database")
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise _Invalid(key, f"not a PostgreSQL URL: {exc}") from None
+    if not parts.path.strip("/") and "dbname=" not in parts.query:
+        raise _Invalid(key, "the PostgreSQL URL names no database: add /DATABASE, e.g. "
+                            "postgresql://stepgate@db:5432/stepgate")
+    return text
+
+
+_REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
+
+
+def _replica_id(value: object, key: str) -> str:
+    text = _string(value, key)
+    if not _REPLICA_ID.fullmatch(text):
+        raise _Invalid(key, f"{_show(text)} is not a replica id: use letters, digits, '_', '.', "
+                            "':' and '-' (at most 100, starting with a letter or digit)")
+    return text
 
 
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -811,6 +847,17 @@ def _store_key(value: object, key: str) -> StoreKey | None:
     return StoreKey(value.strip(), secret)
 
 
+def _lease(section: _Section, store: str) -> float:
+    lease: float = section.optional("lease", _duration(allow_zero=False), 10.0)
+    if lease < 1.0:
+        raise _Invalid(section.key("lease"), "must be at least 1s: a replica renews it every "
+                                             "third of it")
+    if section.raw("lease") is not _Section._MISSING and not store.startswith("postgres"):
+        raise _Invalid(section.key("lease"), "only a PostgreSQL store has leases: one gateway "
+                                             "serves an SQLite file")
+    return lease
+
+
 def _unread(value: object, key: str) -> None:
     return None
 
@@ -868,6 +915,8 @@ def _settings(data: object, read_key: bool) -> Settings:
         # A client of the admin API reads a gateway's config for its URL and token only, and
         # has no use for the key (nor, most often, access to it).
         store_key=section.optional("store_key", _store_key if read_key else _unread, None),
+        lease=_lease(section, store),
+        replica_id=section.optional("replica_id", _replica_id, ""),
     )
 
 

@@ -189,10 +189,14 @@ CASES: dict[str, tuple[Any, str | None, str]] = {
     ),
     # store, durability
     "store postgres": (
-        {"store": "postgresql://db/stepgate"},
+        {"store": "postgresql://db"},
         "store",
-        "postgresql stores are not supported yet",
+        "the PostgreSQL URL names no database",
     ),
+    "store postgres port": ({"store": "postgresql://db:99999/x"}, "store", "Port out of range"),
+    "lease on sqlite": ({"lease": "5s"}, "lease", "only a PostgreSQL store has leases"),
+    "lease short": ({"store": "postgresql://db/x", "lease": "100ms"}, "lease", "at least 1s"),
+    "replica id": ({"replica_id": "a b"}, "replica_id", "is not a replica id"),
     "store other": ({"store": "mysql://db/x"}, "store", "not a store URL"),
     "store host": ({"store": "sqlite://host/x.db"}, "store", "no host part"),
     "store no file": ({"store": "sqlite:///"}, "store", "does not name a database file"),
@@ -250,7 +254,7 @@ def test_bad_config_is_one_line_and_exit_2(
     [
         ("duration bare int", ": routes[0].timeout: 30 needs a unit"),
         ("yaml syntax", ": invalid YAML at line 2, column 3"),
-        ("store postgres", ": store: postgresql stores are not supported yet"),
+        ("store postgres", ": store: the PostgreSQL URL names no database"),
         ("unknown retry key", ": routes[0].retry.attempt: unknown key"),
         ("top level list", ": expected a mapping of settings at the top level"),
     ],
