@@ -271,7 +271,22 @@ async def post_event(request: web.Request) -> web.StreamResponse:
     return web.json_response({"id": event_id, "woke": len(woken)}, status=202)
 
 
+async def list_replicas(request: web.Request) -> web.StreamResponse:
+    """The gateways serving this store: every live replica on PostgreSQL, this one on SQLite."""
+    engine = request.app[ENGINE]
+    _authorize(request, engine)
+    with _store():
+        replicas = await engine.store.replicas()
+    return web.json_response({
+        "self": engine.store.replica_id,
+        "lease_s": engine.store.lease,
+        "replicas": [{"id": r.id, "started_at": _time(r.started_at),
+                      "last_seen": _time(r.last_seen), "runs": r.runs} for r in replicas],
+    })
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/replicas", list_replicas)
     app.router.add_get("/v1/runs", list_runs)
     app.router.add_get("/v1/runs/{run_id}", show_run)
     app.router.add_post("/v1/runs/{run_id}/retry", retry_run)

@@ -443,6 +443,27 @@ def _cmd_runs_list(args: argparse.Namespace, child: list[str] | None) -> int:
     return _emit(args, text, render)
 
 
+def _cmd_replicas(args: argparse.Namespace, child: list[str] | None) -> int:
+    text, answer = _Admin.from_args(args).call("GET", "/v1/replicas", always_there=True)
+
+    def render() -> str:
+        listing = _expect_dict(answer, "replicas")
+        me = listing.get("self")
+        rows = [
+            [
+                str(replica.get("id", "")) + (" (this one)" if replica.get("id") == me else ""),
+                _when(replica.get("started_at")),
+                _when(replica.get("last_seen")),
+                str(replica.get("runs", "")),
+            ]
+            for replica in listing.get("replicas") or []
+            if isinstance(replica, dict)
+        ]
+        return _table(rows, ["ID", "STARTED", "LAST SEEN", "RUNNING"]) if rows else "no replicas"
+
+    return _emit(args, text, render)
+
+
 def _run_path(run_id: str, action: str = "") -> str:
     if not run_id:  # would be /v1/runs/, which is not a run
         raise _Failure("the run ID must not be empty", 2)
@@ -588,6 +609,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--data", default="null", metavar="JSON", help="the event's data (JSON)")
     send.add_argument("--id", help="an id for deduplication: a repeated id is accepted once")
     send.set_defaults(handler=_cmd_events_send)
+
+    replicas = commands.add_parser("replicas", parents=[common],
+                                   help="list the gateways serving the store")
+    replicas.set_defaults(handler=_cmd_replicas)
     return parser
 
 

@@ -21,16 +21,18 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from gateway import lifecycle
 from gateway.config import Route, Settings
 from gateway.engine import intake
 from gateway.engine.invoke import Invoker
 from gateway.engine.upstream import AiohttpTransport, Transport
 from gateway.engine.waiters import EndWaiters
 from gateway.errors import StoreError
+from gateway.lifecycle import AfterAttempt
 from gateway.metrics import Metrics
-from gateway.model import PARKED, Run
+from gateway.model import ENDED, PARKED, Run
 from gateway.scheduler import Scheduler
-from gateway.store import Store
+from gateway.store import Change, Store
 
 __all__ = ["ENGINE", "Engine"]
 
@@ -59,6 +61,7 @@ class Engine:
         self.scheduler = Scheduler(store, self.invoker.fire, housekeeping=self.housekeeping)
         self.invoker.on_retry_timer = self.scheduler.add
         self._recovering: asyncio.Task[None] | None = None
+        self._taking_over: asyncio.Task[None] | None = None
         store.subscribe(self._changed)
 
     @property
@@ -69,17 +72,19 @@ class Engine:
     def internal_url(self, url: str) -> None:
         self.invoker.internal_url = url  # the real port, once a port 0 is bound
 
-    def _changed(self, run: Run) -> None:
-        """The store committed a change to `run`."""
-        if run.ended:
-            log.info(
-                f"run.{run.status}", run_id=run.id, route=run.route, attempt=run.attempt,
-                status=run.resp_status,
-                duration_ms=round((run.updated_at - run.created_at) * 1000),
-            )
-            self.waiters.ended(run.id)
-        elif run.status in PARKED and run.due_at is not None:
-            self.scheduler.add(run.id, run.due_at)
+    def _changed(self, change: Change) -> None:
+        """The store committed a change to a run, here or on another replica."""
+        if change.status in ENDED:
+            run = change.run
+            if run is not None:  # logged by the replica that ended it
+                log.info(
+                    f"run.{run.status}", run_id=run.id, route=run.route, attempt=run.attempt,
+                    status=run.resp_status,
+                    duration_ms=round((run.updated_at - run.created_at) * 1000),
+                )
+            self.waiters.ended(change.run_id)
+        elif change.status in PARKED and change.due_at is not None:
+            self.scheduler.add(change.run_id, change.due_at)
 
     # -- lifetime ----------------------------------------------------------------------------
 
@@ -96,6 +101,29 @@ class Engine:
         else:
             log.info("gateway.resumed", interrupted=interrupted)
         self.scheduler.start()
+        if self.store.lease is not None:
+            self._taking_over = asyncio.create_task(self._take_over(self.store.lease),
+                                                    name="stepgate-take-over")
+
+    async def _take_over(self, lease: float) -> None:
+        """Every half lease, fence what replicas that stopped renewing theirs left running:
+        counted as crashed attempts, then resumed by whichever replica claims them first."""
+        now = time.time()
+
+        def rule(run: Run) -> AfterAttempt:
+            return lifecycle.after_interruption(run, self.routes.get(run.route), now,
+                                                crashed=True)
+
+        while True:
+            await asyncio.sleep(lease / 2)
+            now = time.time()
+            try:
+                taken = await self.store.take_over(rule)
+            except StoreError as exc:
+                log.warning("store.write_failed", during="take_over", error=str(exc))
+                continue
+            if taken:
+                log.info("gateway.took_over", runs=len(taken))
 
     async def _recover_later(self, started: float) -> None:
         while True:
@@ -110,10 +138,11 @@ class Engine:
     async def close(self) -> None:
         """Graceful stop: let invocations in flight finish for `shutdown_grace`, leave the rest
         to be resumed at the next start."""
-        if self._recovering is not None:
-            self._recovering.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._recovering
+        for task in (self._recovering, self._taking_over):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.scheduler.stop()
         await self.invoker.drain(self.settings.shutdown_grace)
         self.waiters.release_all()

@@ -2,7 +2,8 @@
 
 Nothing here knows a run's state. A waiter subscribes first, then reads the store, then sleeps
 until the store says it committed the run's end (or the time is up): a change committed between
-the read and the sleep still wakes it, so no wake-up is lost.
+the read and the sleep still wakes it, so no wake-up is lost. While a shared store cannot tell
+of other replicas' changes (`live_notifications`), the waiter reads again every half second.
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ class EndWaiters:
                 remaining = deadline - loop.time()
                 if run.ended or remaining <= 0 or self._closing:
                     return run
+                # Without notifications from the other replicas, read again now and then.
+                live = self._store.live_notifications
                 try:
-                    await asyncio.wait_for(waiter, remaining)
+                    await asyncio.wait_for(waiter, remaining if live else min(remaining, 0.5))
                 except TimeoutError:
-                    return run
+                    if live or loop.time() >= deadline:
+                        return run
             finally:
                 waiters = self._waiters.get(run.id)
                 if waiters is not None:

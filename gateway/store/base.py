@@ -24,6 +24,7 @@ Errors:
 from __future__ import annotations
 
 import abc
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from gateway.auth import token_attempt, token_valid
 from gateway.errors import GatewayError, StoreError
 from gateway.lifecycle import AfterAttempt
-from gateway.model import Attempt, Outcome, Run, Step
+from gateway.model import Attempt, Outcome, Run, RunStatus, Step
 from gateway.store.rules import StepCall, StepWrite, fenced
 
 
@@ -77,13 +78,34 @@ def authorize_callback(run: Run | None, run_id: str, token: str) -> tuple[Run, i
     return run, attempt
 
 
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A committed change to a run. `run` is the run as committed when this process committed
+    it; a change another replica committed comes as its id, status and due time only."""
+
+    run_id: str
+    status: RunStatus
+    due_at: float | None
+    run: Run | None
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """A gateway process serving the store: its lease is renewed, its runs counted."""
+
+    id: str
+    started_at: float
+    last_seen: float
+    runs: int  # running invocations it owns
+
+
 @dataclass(slots=True)
 class RunPage:
     runs: list[Run] = field(default_factory=list)
     next_cursor: str | None = None
 
 
-Listener = Callable[[Run], None]
+Listener = Callable[[Change], None]
 # Decides a run's fate after an attempt from the run as stored and its parked steps.
 AttemptRule = Callable[[Run, Sequence[Step]], AfterAttempt]
 InterruptRule = Callable[[Run], AfterAttempt]
@@ -96,17 +118,32 @@ class Store(abc.ABC):
     # a read; enough for every run in flight on a busy gateway, a few hundred KiB.
     SECRETS_KEPT = 4096
 
+    # This process's name among the replicas of a shared store; how long one may go without
+    # renewing its lease (None: the store is this process's alone, as an SQLite file is).
+    replica_id: str = "local"
+    lease: float | None = None
+    # Told how long each write transaction took (the store_write_duration metric).
+    write_observer: Callable[[float], None] | None = None
+
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
         self._secrets: OrderedDict[str, str] = OrderedDict()
+        self.started_at = time.time()
+        # Whether changes committed elsewhere are heard of as they happen (see `subscribe`);
+        # while they are not, waiters read the store instead.
+        self.live_notifications = True
 
     def subscribe(self, listener: Listener) -> None:
-        """Call `listener(run)` with the run as committed after every change to it."""
+        """Call `listener(change)` after every committed change to a run, this process's own
+        (with the run as committed) and, on a shared store, other replicas' too."""
         self._listeners.append(listener)
 
     def _changed(self, run: Run) -> None:
+        self._told(Change(run.id, run.status, run.due_at, run))
+
+    def _told(self, change: Change) -> None:
         for listener in self._listeners:
-            listener(run)
+            listener(change)
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -186,6 +223,16 @@ class Store(abc.ABC):
                        *, now: float, lookback_since: float) -> StepWrite:
         """Record a step for the attempt the token belongs to (raises UnknownRun, WrongToken,
         AttemptFenced). A new wait is completed at once by a matching event of the look-back."""
+
+    async def take_over(self, rule: InterruptRule) -> list[AfterAttempt]:
+        """Fence the running attempts of replicas whose lease has expired (nothing to do where
+        the store has one process)."""
+        return []
+
+    async def replicas(self) -> list[Replica]:
+        """The live replicas of the store; one process alone is its only one."""
+        running = (await self.count_by_status()).get(RunStatus.RUNNING, 0)
+        return [Replica(self.replica_id, self.started_at, time.time(), running)]
 
     async def authenticate(self, run_id: str, token: str) -> None:
         """Whether `token` is one the gateway minted for some attempt of the run (raises

@@ -35,7 +35,7 @@ from gateway.errors import StoreError
 from gateway.events import event_object
 from gateway.lifecycle import AfterAttempt, claim, retry_ended
 from gateway.lifecycle import cancel as cancel_run
-from gateway.model import Attempt, Headers, Outcome, Run, RunStatus, Step, StepKind, StepStatus
+from gateway.model import Attempt, Outcome, Run, RunStatus, Step, StepKind, StepStatus
 from gateway.store import rules
 from gateway.store.base import (
     AttemptRule,
@@ -47,8 +47,16 @@ from gateway.store.base import (
     UnknownRun,
     authorize_callback,
 )
+from gateway.store.rows import (
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    UPDATE_RUN,
+    Rows,
+    step_from_row,
+    step_values,
+)
 from gateway.store.rules import StepCall, StepWrite
-from gateway.store.sealing import KEY_CHECK, SealBroken, Sealer, StoreKeyError
+from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
 
 T = TypeVar("T")
 
@@ -141,142 +149,16 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
-_RUN_COLUMNS = (
-    "id, route, status, attempt, token, poll_token, method, target, headers, body, created_at, "
-    "updated_at, failures, no_retry, wake_pending, idem_key, request_hash, trace_id, due_at, "
-    "resp_status, resp_reason, resp_headers, resp_body, error, ended_at, sealed"
-)
-_STEP_COLUMNS = (
-    "run_id, step_id, seq, kind, status, output, error, attempts, wake_at, event, match, "
-    "created_at, updated_at"
-)
-
-
-def _headers(text: str | None) -> Headers | None:
-    return None if text is None else [(name, value) for name, value in json.loads(text)]
-
-
-def _step_from_row(row: Sequence[Any]) -> Step:
-    return Step(row[0], row[1], row[2], StepKind(row[3]), StepStatus(row[4]), *row[5:])
-
-
-def _dump_headers(headers: Headers | None) -> str | None:
-    return None if headers is None else json.dumps(headers, separators=(",", ":"))
-
-
-# -- transaction bodies (writer thread) ------------------------------------------------------
-
-
-# Bits of runs.sealed: the request (target, headers, body, request_hash), the recorded answer
-# (resp_headers, resp_body).
-_SEALED_REQUEST = 1
-_SEALED_ANSWER = 2
-
-
-class _Rows:
-    """A run as a row and back. With a store key, the request and the recorded answer are sealed
-    (gateway.store.sealing) and `sealed` says which of a row's values are, so runs stored
-    before the key was set stay readable until they are purged."""
-
-    def __init__(self, sealer: Sealer | None) -> None:
-        self.sealer = sealer
-
-    def run(self, row: Sequence[Any]) -> Run:
-        """The run of a row. A sealed value that does not open reads as empty and is named in
-        `Run.unreadable`, so one changed row cannot stop a listing or a start."""
-        run_id, sealed = row[0], row[25]
-        request, answer = bool(sealed & _SEALED_REQUEST), bool(sealed & _SEALED_ANSWER)
-        broken: list[str] = []
-
-        def text(column: str, value: Any, is_sealed: bool) -> Any:
-            try:
-                return self._text(run_id, column, value, is_sealed)
-            except SealBroken:
-                broken.append(column)
-                return None
-
-        def blob(column: str, value: Any, is_sealed: bool) -> bytes | None:
-            try:
-                return self._blob(run_id, column, value, is_sealed)
-            except SealBroken:
-                broken.append(column)
-                return None
-
-        target = text("target", row[7], request)
-        headers = _headers(text("headers", row[8], request)) or []
-        body = blob("body", row[9], request) or b""
-        request_hash = text("request_hash", row[16], request)
-        resp_headers = _headers(text("resp_headers", row[21], answer))
-        resp_body = blob("resp_body", row[22], answer)
-        return Run(
-            id=run_id, route=row[1], status=RunStatus(row[2]), attempt=row[3], token=row[4],
-            poll_token=row[5], method=row[6], target=target or "", headers=headers, body=body,
-            created_at=row[10], updated_at=row[11], failures=row[12], no_retry=bool(row[13]),
-            wake_pending=bool(row[14]), idem_key=row[15], request_hash=request_hash,
-            trace_id=row[17], due_at=row[18], resp_status=row[19], resp_reason=row[20],
-            resp_headers=resp_headers, resp_body=resp_body, error=row[23], ended_at=row[24],
-            unreadable=tuple(broken),
-        )
-
-    def insert(self, run: Run) -> tuple[Any, ...]:
-        """The values of _RUN_COLUMNS for a new row."""
-        return (
-            run.id, run.route, str(run.status), run.attempt, run.token, run.poll_token,
-            run.method, self._seal_text(run.id, "target", run.target),
-            self._seal_text(run.id, "headers", _dump_headers(run.headers)),
-            self._seal_blob(run.id, "body", run.body), run.created_at, run.updated_at,
-            run.failures, int(run.no_retry), int(run.wake_pending), run.idem_key,
-            # The body's hash too: a guess at a short body could be checked against it.
-            self._seal_text(run.id, "request_hash", run.request_hash), run.trace_id,
-            run.due_at, run.resp_status, run.resp_reason,
-            self._seal_text(run.id, "resp_headers", _dump_headers(run.resp_headers)),
-            self._seal_blob(run.id, "resp_body", run.resp_body), run.error, run.ended_at,
-            _SEALED_REQUEST | _SEALED_ANSWER if self.sealer else 0,
-        )
+class _Rows(Rows):
+    """Rows read and written on the writer's connection."""
 
     def read(self, conn: sqlite3.Connection, run_id: str) -> Run | None:
-        row = conn.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?",
+        row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?",
                            (run_id,)).fetchone()
         return self.run(row) if row else None
 
     def write(self, conn: sqlite3.Connection, run: Run) -> None:
-        """Store a run's new state; its request never changes, its answer is sealed anew."""
-        conn.execute(
-            "UPDATE runs SET status = ?, attempt = ?, failures = ?, no_retry = ?, "
-            "wake_pending = ?, due_at = ?, resp_status = ?, resp_reason = ?, resp_headers = ?, "
-            "resp_body = ?, error = ?, updated_at = ?, ended_at = ?, "
-            "sealed = (sealed & ?) | ? WHERE id = ?",
-            (str(run.status), run.attempt, run.failures, int(run.no_retry),
-             int(run.wake_pending), run.due_at, run.resp_status, run.resp_reason,
-             self._seal_text(run.id, "resp_headers", _dump_headers(run.resp_headers)),
-             self._seal_blob(run.id, "resp_body", run.resp_body), run.error, run.updated_at,
-             run.ended_at, _SEALED_REQUEST, _SEALED_ANSWER if self.sealer else 0, run.id),
-        )
-
-    def _seal_text(self, run_id: str, column: str, text: str | None) -> str | bytes | None:
-        if text is None or self.sealer is None:
-            return text
-        return self.sealer.seal(run_id, column, text.encode())
-
-    def _seal_blob(self, run_id: str, column: str, blob: bytes | None) -> bytes | None:
-        if blob is None or self.sealer is None:
-            return blob
-        return self.sealer.seal(run_id, column, blob)
-
-    def _open(self, run_id: str, column: str, value: Any) -> bytes:
-        if self.sealer is None:  # refused at open (check_key); only another process can do it
-            raise StoreKeyError(f"run {run_id} is sealed with a store_key and none is set")
-        return self.sealer.open(run_id, column, bytes(value))
-
-    def _text(self, run_id: str, column: str, value: Any, sealed: bool) -> Any:
-        if value is None or not sealed:
-            return value
-        return self._open(run_id, column, value).decode()
-
-    def _blob(self, run_id: str, column: str, value: Any, sealed: bool) -> bytes | None:
-        if value is None:
-            return None
-        return self._open(run_id, column, value) if sealed else bytes(value)
+        conn.execute(UPDATE_RUN, self.update(run))
 
 
 def _write_attempt(conn: sqlite3.Connection, run_id: str, attempt: Attempt) -> None:
@@ -290,27 +172,25 @@ def _write_attempt(conn: sqlite3.Connection, run_id: str, attempt: Attempt) -> N
 
 def _parked_steps(conn: sqlite3.Connection, run_id: str) -> list[Step]:
     rows = conn.execute(
-        f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? "
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? "
         "AND status IN ('sleeping', 'waiting')",
         (run_id,),
     ).fetchall()
-    return [_step_from_row(r) for r in rows]
+    return [step_from_row(r) for r in rows]
 
 
 def _read_step(conn: sqlite3.Connection, run_id: str, step_id: str) -> Step | None:
     row = conn.execute(
-        f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? AND step_id = ?", (run_id, step_id)
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND step_id = ?", (run_id, step_id)
     ).fetchone()
-    return _step_from_row(row) if row else None
+    return step_from_row(row) if row else None
 
 
 def _write_step(conn: sqlite3.Connection, step: Step) -> None:
     conn.execute(
-        f"INSERT OR REPLACE INTO steps ({_STEP_COLUMNS}) "
+        f"INSERT OR REPLACE INTO steps ({STEP_COLUMNS}) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (step.run_id, step.id, step.seq, str(step.kind), str(step.status), step.output,
-         step.error, step.attempts, step.wake_at, step.event, step.match, step.created_at,
-         step.updated_at),
+        step_values(step),
     )
 
 
@@ -628,12 +508,12 @@ class SQLiteStore(Store):
     # -- reads ---------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> Run | None:
-        rows = await self._fetchall(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
+        rows = await self._fetchall(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,))
         return self._rows.run(rows[0]) if rows else None
 
     async def find_idempotent(self, route: str, key: str) -> Run | None:
         rows = await self._fetchall(
-            f"SELECT {_RUN_COLUMNS} FROM runs WHERE route = ? AND idem_key = ?", (route, key)
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE route = ? AND idem_key = ?", (route, key)
         )
         return self._rows.run(rows[0]) if rows else None
 
@@ -673,7 +553,7 @@ class SQLiteStore(Store):
         if cursor is not None:
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             params += [cursor[0], cursor[0], cursor[1]]
-        sql = f"SELECT {_RUN_COLUMNS} FROM runs"
+        sql = f"SELECT {RUN_COLUMNS} FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
@@ -687,11 +567,11 @@ class SQLiteStore(Store):
 
     async def steps(self, run_id: str) -> list[Step]:
         rows = await self._fetchall(
-            f"SELECT {_STEP_COLUMNS} FROM steps WHERE run_id = ? "
+            f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? "
             "ORDER BY seq IS NULL, seq, created_at",
             (run_id,),
         )
-        return [_step_from_row(r) for r in rows]
+        return [step_from_row(r) for r in rows]
 
     async def count_steps(self, run_id: str) -> int:
         rows = await self._fetchall("SELECT count(*) FROM steps WHERE run_id = ?", (run_id,))
@@ -709,14 +589,14 @@ class SQLiteStore(Store):
 
     async def create_run(self, run: Run) -> None:
         params = self._rows.insert(run)
-        sql = f"INSERT INTO runs ({_RUN_COLUMNS}) VALUES ({', '.join('?' * len(params))})"
+        sql = f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(params))})"
         await self._write(lambda conn: conn.execute(sql, params))
         self._changed(run)
 
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
         def op(conn: sqlite3.Connection) -> list[AfterAttempt]:
             rows = conn.execute(
-                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = 'running' AND updated_at < ?",
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'running' AND updated_at < ?",
                 (before,),
             ).fetchall()
             done = []
@@ -829,13 +709,13 @@ class SQLiteStore(Store):
             output = rules.dump(obj)
             woken: dict[str, Run] = {}
             waiting = conn.execute(
-                f"SELECT {', '.join('s.' + c.strip() for c in _STEP_COLUMNS.split(','))} "
+                f"SELECT {', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} "
                 "FROM steps s JOIN runs r ON r.id = s.run_id "
                 "WHERE s.status = 'waiting' AND s.event = ? AND r.ended_at IS NULL",
                 (name,),
             ).fetchall()
             for row in waiting:
-                step = _step_from_row(row)
+                step = step_from_row(row)
                 if not rules.wait_is_completed_by(step, obj):
                     continue
                 conn.execute(

@@ -1,0 +1,752 @@
+"""The PostgreSQL dialect: several gateway replicas on one database.
+
+Each named transaction runs on a connection of an asyncpg pool, in its own transaction, and
+locks the run row it decides on (`SELECT … FOR UPDATE`) before it applies the rule, so two
+replicas acting on one run are serialised by the database. Concurrent commits share the WAL
+flush on the server (group commit is PostgreSQL's own); `durability: relaxed` is
+`synchronous_commit = off`.
+
+Waits and events meet under a transaction-scoped advisory lock on the event name: a new wait
+that looks back at recent events and an event that looks for waiting steps cannot miss each
+other, as they could under READ COMMITTED alone.
+
+Replicas. Each gateway registers in `replicas` and renews `last_seen` (the database's clock)
+every third of `lease`. A run being invoked names its replica in `runs.owner`. `take_over`
+fences the running runs of replicas silent for longer than the lease (a crashed attempt, as at
+a restart) so that some replica resumes them; the claim of a due run is a compare-and-set, so
+each timer is acted on by one replica only.
+
+Notifications. Every transaction that changes a run sends `NOTIFY stepgate` with
+`<replica> <status> <due_at> <run id>`, delivered at commit. Each replica LISTENs on a
+connection of its own and tells its listeners of changes committed elsewhere. While that
+connection is down (it is re-established every second), `live_notifications` is false and the
+waiters read the store instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final, TypeVar
+
+import asyncpg
+import structlog
+
+from gateway.errors import StoreError
+from gateway.events import event_object
+from gateway.lifecycle import AfterAttempt, claim, retry_ended
+from gateway.lifecycle import cancel as cancel_run
+from gateway.model import Attempt, Outcome, Run, RunStatus, Step, StepKind, StepStatus
+from gateway.store import rules
+from gateway.store.base import (
+    AttemptRule,
+    Change,
+    DuplicateIdempotencyKey,
+    InterruptRule,
+    Replica,
+    RunPage,
+    Store,
+    UnknownRun,
+    authorize_callback,
+)
+from gateway.store.rows import (
+    RUN_COLUMNS,
+    STEP_COLUMNS,
+    UPDATE_RUN,
+    Rows,
+    step_from_row,
+    step_values,
+)
+from gateway.store.rules import StepCall, StepWrite
+from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+log = structlog.get_logger("stepgate.store")
+
+CHANNEL: Final = "stepgate"
+# pg_advisory_lock key under which replicas migrate the schema one at a time ("stepgate").
+_MIGRATION_LOCK: Final = 0x5354455047415445
+_TRIES: Final = 3  # a transaction that hit a deadlock or a serialisation failure runs again
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        route TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        no_retry INTEGER NOT NULL DEFAULT 0,
+        wake_pending INTEGER NOT NULL DEFAULT 0,
+        token TEXT NOT NULL,
+        poll_token TEXT NOT NULL,
+        method TEXT NOT NULL,
+        target BYTEA NOT NULL,             -- sealable values are bytes (see gateway.store.rows)
+        headers BYTEA NOT NULL,
+        body BYTEA NOT NULL,
+        idem_key TEXT,
+        request_hash BYTEA,
+        trace_id TEXT,
+        due_at DOUBLE PRECISION,
+        resp_status INTEGER,
+        resp_reason TEXT,
+        resp_headers BYTEA,
+        resp_body BYTEA,
+        error TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        ended_at DOUBLE PRECISION,
+        sealed INTEGER NOT NULL DEFAULT 0,
+        owner TEXT                         -- the replica invoking it, while it is running
+    );
+    CREATE INDEX runs_due ON runs (due_at) WHERE due_at IS NOT NULL;
+    CREATE UNIQUE INDEX runs_idem ON runs (route, idem_key) WHERE idem_key IS NOT NULL;
+    CREATE INDEX runs_created ON runs (created_at, id);
+    CREATE INDEX runs_running ON runs (owner) WHERE status = 'running';
+    CREATE INDEX runs_ended ON runs (ended_at) WHERE ended_at IS NOT NULL;
+
+    CREATE TABLE steps (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        seq INTEGER,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        output TEXT,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        wake_at DOUBLE PRECISION,
+        event TEXT,
+        match TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (run_id, step_id)
+    );
+    CREATE INDEX steps_waiting ON steps (event) WHERE status = 'waiting';
+
+    CREATE TABLE attempts (
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        n INTEGER NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        ended_at DOUBLE PRECISION,
+        outcome TEXT NOT NULL,
+        status INTEGER,
+        error TEXT,
+        PRIMARY KEY (run_id, n)
+    );
+
+    CREATE TABLE events (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        data TEXT NOT NULL,
+        ts DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX events_name_ts ON events (name, ts);
+
+    CREATE TABLE replicas (
+        id TEXT PRIMARY KEY,
+        started_at TIMESTAMPTZ NOT NULL,
+        last_seen TIMESTAMPTZ NOT NULL
+    );
+
+    CREATE TABLE meta (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
+    """,
+)
+
+
+def numbered(sql: str) -> str:
+    """`?` placeholders as PostgreSQL's `$1, $2, …` (the statements share their text with
+    SQLite's where the two speak the same SQL)."""
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${n}{part}" for n, part in enumerate(parts[1:], start=1))
+
+
+_UPDATE_RUN: Final = numbered(UPDATE_RUN)
+_SELECT_RUN: Final = f"SELECT {RUN_COLUMNS} FROM runs WHERE id = $1"
+_LOCK_RUN: Final = _SELECT_RUN + " FOR UPDATE"
+_INSERT_RUN: Final = (
+    f"INSERT INTO runs ({RUN_COLUMNS}, owner) VALUES "
+    f"({', '.join(f'${n}' for n in range(1, RUN_COLUMNS.count(',') + 3))})"
+)
+_NOTIFY: Final = "SELECT pg_notify($1, $2)"
+
+
+def safe_url(url: str) -> str:
+    """The store URL without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, asyncpg.UniqueViolationError) and "runs_idem" in str(
+        exc.constraint_name or exc
+    ):
+        return DuplicateIdempotencyKey("idempotency key in use")
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError | OSError):
+        return StoreError(str(exc) or type(exc).__name__)
+    if isinstance(exc, UnicodeError):
+        return StoreError(f"a text cannot be stored: {exc}")
+    return exc
+
+
+class PostgresStore(Store):
+    """`open()` connects, migrates, registers this replica and starts listening."""
+
+    lease: float
+
+    def __init__(self, url: str, *, replica_id: str, lease: float = 10.0,
+                 durability: str = "full", key: bytes | None = None,
+                 key_source: str = "store_key", pool_size: int = 16) -> None:
+        super().__init__()
+        self.url = url
+        self.replica_id = replica_id
+        self.lease = lease
+        self._durability = durability
+        self._rows = Rows(Sealer(key) if key is not None else None, binary_text=True)
+        self._key_source = key_source
+        self._pool_size = pool_size
+        self._pool: asyncpg.Pool | None = None
+        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self.live_notifications = False
+        self.write_observer: Callable[[float], None] | None = None
+        self.last_write_failed: float | None = None
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        settings = {"application_name": f"stepgate {self.replica_id}"[:63]}
+        if self._durability != "full":
+            settings["synchronous_commit"] = "off"
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self._pool_size, server_settings=settings,
+                command_timeout=30,
+            )
+            async with self._pool.acquire() as conn:
+                await self._migrate(conn)
+                await self._check_key(conn)
+                await conn.execute(
+                    "INSERT INTO replicas (id, started_at, last_seen) VALUES ($1, now(), now()) "
+                    "ON CONFLICT (id) DO UPDATE SET started_at = now(), last_seen = now()",
+                    self.replica_id,
+                )
+            await self._listen()
+        except StoreKeyError:
+            await self._close_pool()
+            raise
+        except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            await self._close_pool()
+            raise StoreError(f"cannot open the store {safe_url(self.url)}: "
+                             f"{str(exc) or type(exc).__name__}") from exc
+        self._tasks = [
+            asyncio.create_task(self._renew(), name="stepgate-lease"),
+        ]
+
+    async def _migrate(self, conn: Conn) -> None:
+        """Bring the schema up to date, one replica at a time."""
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS stepgate_schema (version INTEGER NOT NULL)"
+            )
+            version = await conn.fetchval("SELECT max(version) FROM stepgate_schema") or 0
+            if version > len(MIGRATIONS):
+                raise StoreError(
+                    f"the store {safe_url(self.url)} has schema version {version}, newer "
+                    f"than this gateway understands ({len(MIGRATIONS)})"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                async with conn.transaction():
+                    await conn.execute(script)
+                    await conn.execute("INSERT INTO stepgate_schema (version) VALUES ($1)",
+                                       number)
+                log.info("store.migrated", version=number)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+    async def _check_key(self, conn: Conn) -> None:
+        """As SQLite's: the key must be the store's, and sealed runs need one."""
+        sealer, where = self._rows.sealer, safe_url(self.url)
+        async with conn.transaction():
+            check = await conn.fetchval("SELECT value FROM meta WHERE name = $1 FOR UPDATE",
+                                        KEY_CHECK)
+            if sealer is not None and check is not None:
+                if not sealer.matches(bytes(check)):
+                    raise StoreKeyError(f"the store_key ({self._key_source}) does not open the "
+                                        f"store {where}: it was sealed with another key")
+                return
+            count = await conn.fetchval("SELECT count(*) FROM runs WHERE sealed != 0")
+            if count:
+                raise StoreKeyError(
+                    f"the store {where} holds {count} run(s) sealed with a store_key"
+                    + (" but no check value for it" if sealer is not None else
+                       "; set store_key to the key they were sealed with")
+                )
+            if sealer is not None:
+                await conn.execute("INSERT INTO meta (name, value) VALUES ($1, $2) "
+                                   "ON CONFLICT (name) DO NOTHING", KEY_CHECK,
+                                   sealer.check_value())
+            elif check is not None:
+                await conn.execute("DELETE FROM meta WHERE name = $1", KEY_CHECK)
+
+    async def _listen(self) -> None:
+        conn = await asyncpg.connect(self.url)
+        conn.add_termination_listener(self._listener_lost)
+        await conn.add_listener(CHANNEL, self._notified)
+        self._listener = conn
+        self.live_notifications = True
+
+    def _listener_lost(self, conn: Conn) -> None:
+        self.live_notifications = False
+        self._listener = None
+        if not self._closing:
+            log.warning("store.notifications_lost", retrying=True)
+            self._tasks.append(asyncio.create_task(self._relisten(), name="stepgate-listen"))
+
+    async def _relisten(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(1.0)
+            try:
+                await self._listen()
+            except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                continue
+            log.info("store.notifications_restored")
+            return
+
+    def _notified(self, conn: Conn, pid: int, channel: str, payload: object) -> None:
+        assert isinstance(payload, str)
+        replica, _, rest = payload.partition(" ")
+        if replica == self.replica_id:
+            return  # our own commit: told already, with the run
+        status, due, run_id = rest.split(" ", 2)
+        self._told(Change(run_id, RunStatus(status), None if due == "-" else float(due), None))
+
+    async def _renew(self) -> None:
+        """Renew this replica's lease every third of it."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self._tx(self._renew_op)
+            except StoreError as exc:
+                log.warning("store.lease_renewal_failed", error=str(exc))
+
+    async def _renew_op(self, conn: Conn) -> None:
+        await conn.execute(
+            "INSERT INTO replicas (id, started_at, last_seen) VALUES ($1, now(), now()) "
+            "ON CONFLICT (id) DO UPDATE SET last_seen = now()", self.replica_id)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._listener is not None:
+            with contextlib.suppress(Exception):
+                await self._listener.close()
+            self._listener = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                async with self._pool.acquire() as conn:
+                    # Gone for good: nothing of ours is running (drain fenced it).
+                    await conn.execute("DELETE FROM replicas WHERE id = $1", self.replica_id)
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 10)
+            self._pool = None
+
+    async def checkpoint(self) -> None:
+        """The server folds its own WAL; forget replicas gone for more than a day."""
+        await self._tx(lambda conn: conn.execute(
+            "DELETE FROM replicas WHERE last_seen < now() - interval '1 day'"))
+
+    async def writable(self) -> bool:
+        try:
+            await self._tx(lambda conn: conn.execute("SELECT 1"))
+        except StoreError:
+            return False
+        return self.last_write_failed is None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _tx(self, op: Callable[[Conn], Awaitable[T]]) -> T:
+        """Run `op` in a transaction of its own; translate what fails."""
+        if self._pool is None:
+            raise StoreError("the store is closed")
+        started = time.perf_counter()
+        try:
+            for attempt in range(_TRIES):
+                try:
+                    async with self._pool.acquire() as conn, conn.transaction():
+                        result = await op(conn)
+                    break
+                except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                    if attempt == _TRIES - 1:
+                        raise
+        except Exception as exc:
+            translated = _translate(exc)
+            if isinstance(translated, StoreError):
+                self.last_write_failed = time.monotonic()
+            if translated is exc:
+                raise
+            raise translated from exc
+        finally:
+            if self.write_observer is not None:
+                self.write_observer(time.perf_counter() - started)
+        self.last_write_failed = None
+        return result
+
+    async def _fetch(self, sql: str, *params: Any) -> list[asyncpg.Record]:
+        if self._pool is None:
+            raise StoreError("the store is closed")
+        try:
+            return list(await self._pool.fetch(sql, *params))
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    async def _read(self, conn: Conn, run_id: str) -> Run | None:
+        row = await conn.fetchrow(_LOCK_RUN, run_id)
+        return self._rows.run(row) if row else None
+
+    async def _write_run(self, conn: Conn, run: Run) -> None:
+        await conn.execute(_UPDATE_RUN, *self._rows.update(run))
+        await self._notify(conn, run)
+
+    async def _notify(self, conn: Conn, run: Run) -> None:
+        due = "-" if run.due_at is None else repr(run.due_at)
+        await conn.execute(_NOTIFY, CHANNEL, f"{self.replica_id} {run.status} {due} {run.id}")
+
+    async def _owned(self, conn: Conn, run_id: str) -> None:
+        await conn.execute("UPDATE runs SET owner = $1 WHERE id = $2", self.replica_id, run_id)
+
+    @staticmethod
+    async def _write_attempt(conn: Conn, run_id: str, attempt: Attempt) -> None:
+        await conn.execute(
+            "INSERT INTO attempts (run_id, n, started_at, ended_at, outcome, status, error) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id, n) DO UPDATE SET "
+            "started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at, "
+            "outcome = EXCLUDED.outcome, status = EXCLUDED.status, error = EXCLUDED.error",
+            run_id, attempt.n, attempt.started_at, attempt.ended_at, attempt.outcome,
+            attempt.status, attempt.error,
+        )
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: str) -> Run | None:
+        rows = await self._fetch(_SELECT_RUN, run_id)
+        return self._rows.run(rows[0]) if rows else None
+
+    async def find_idempotent(self, route: str, key: str) -> Run | None:
+        rows = await self._fetch(
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE route = $1 AND idem_key = $2", route, key)
+        return self._rows.run(rows[0]) if rows else None
+
+    async def count_by_status(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT status, count(*) FROM runs GROUP BY status")
+        return {status: n for status, n in rows}
+
+    async def due(self, before: float, limit: int) -> list[tuple[float, str]]:
+        rows = await self._fetch(
+            "SELECT due_at, id FROM runs WHERE due_at IS NOT NULL AND due_at <= $1 "
+            "ORDER BY due_at LIMIT $2", before, limit)
+        return [(due, run_id) for due, run_id in rows]
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        route: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 50,
+        cursor: tuple[float, str] | None = None,
+    ) -> RunPage:
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("status = ?", status),
+            ("route = ?", route),
+            ("created_at >= ?", since),
+            ("created_at < ?", until),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if cursor is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [cursor[0], cursor[0], cursor[1]]
+        sql = f"SELECT {RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params.append(limit + 1)
+        found = [self._rows.run(r) for r in await self._fetch(numbered(sql), *params)]
+        page = RunPage(runs=found[:limit])
+        if len(found) > limit:
+            last = found[limit - 1]
+            page.next_cursor = f"{last.created_at!r}~{last.id}"
+        return page
+
+    async def steps(self, run_id: str) -> list[Step]:
+        rows = await self._fetch(
+            f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 "
+            "ORDER BY seq IS NULL, seq, created_at", run_id)
+        return [step_from_row(r) for r in rows]
+
+    async def count_steps(self, run_id: str) -> int:
+        rows = await self._fetch("SELECT count(*) FROM steps WHERE run_id = $1", run_id)
+        return int(rows[0][0])
+
+    async def attempts(self, run_id: str) -> list[Attempt]:
+        rows = await self._fetch(
+            "SELECT n, started_at, ended_at, outcome, status, error FROM attempts "
+            "WHERE run_id = $1 ORDER BY n", run_id)
+        return [Attempt(*r) for r in rows]
+
+    async def replicas(self) -> list[Replica]:
+        rows = await self._fetch(
+            "SELECT p.id, extract(epoch FROM p.started_at), extract(epoch FROM p.last_seen), "
+            "(SELECT count(*) FROM runs r WHERE r.status = 'running' AND r.owner = p.id) "
+            "FROM replicas p WHERE p.last_seen > now() - make_interval(secs => $1) "
+            "ORDER BY p.id", self.lease)
+        return [Replica(r[0], float(r[1]), float(r[2]), int(r[3])) for r in rows]
+
+    # -- transactions --------------------------------------------------------------------------
+
+    async def create_run(self, run: Run) -> None:
+        params = (*self._rows.insert(run),
+                  self.replica_id if run.status == RunStatus.RUNNING else None)
+
+        async def op(conn: Conn) -> None:
+            await conn.execute(_INSERT_RUN, *params)
+            await self._notify(conn, run)
+
+        await self._tx(op)
+        self._changed(run)
+
+    async def _fence(self, rule: InterruptRule, where: str, *params: Any) -> list[AfterAttempt]:
+        async def op(conn: Conn) -> list[AfterAttempt]:
+            rows = await conn.fetch(
+                f"SELECT {RUN_COLUMNS} FROM runs r WHERE status = 'running' AND {where} "
+                "FOR UPDATE SKIP LOCKED", *params)
+            done = []
+            for row in rows:
+                after = rule(self._rows.run(row))
+                await self._write_run(conn, after.run)
+                await self._write_attempt(conn, after.run.id, after.attempt)
+                done.append(after)
+            return done
+
+        fenced = await self._tx(op)
+        for after in fenced:
+            self._changed(after.run)
+        return fenced
+
+    async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
+        """This replica's own runs (an earlier process under the same replica_id, or ours at
+        shutdown), and, at start, those of replicas whose lease has expired."""
+        own = await self._fence(rule, "owner = $1 AND updated_at < $2", self.replica_id,
+                                before if before != float("inf") else 1e300)
+        return own + await self.take_over(rule)
+
+    async def take_over(self, rule: InterruptRule) -> list[AfterAttempt]:
+        return await self._fence(
+            rule,
+            "(owner IS NULL OR owner NOT IN (SELECT id FROM replicas "
+            "WHERE last_seen > now() - make_interval(secs => $1)))",
+            self.lease,
+        )
+
+    async def claim(self, run_id: str, now: float) -> Run | None:
+        async def op(conn: Conn) -> Run | None:
+            run = await self._read(conn, run_id)
+            claimed = None if run is None else claim(run, now)
+            if claimed is None or run is None:
+                return None
+            if run.status in (RunStatus.SLEEPING, RunStatus.WAITING):
+                await conn.execute(
+                    "UPDATE steps SET status = 'completed', output = 'null', updated_at = $1 "
+                    "WHERE run_id = $2 AND status IN ('sleeping', 'waiting') AND wake_at <= $1",
+                    now, run_id)
+            await self._write_run(conn, claimed)
+            await self._owned(conn, run_id)
+            return claimed
+
+        claimed = await self._tx(op)
+        if claimed is not None:
+            self._changed(claimed)
+        return claimed
+
+    async def finish_attempt(self, run_id: str, outcome: Outcome,
+                             rule: AttemptRule) -> AfterAttempt:
+        async def op(conn: Conn) -> AfterAttempt:
+            run = await self._read(conn, run_id)
+            if run is None:
+                raise UnknownRun(run_id)
+            rows = await conn.fetch(
+                f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 "
+                "AND status IN ('sleeping', 'waiting')", run_id)
+            after = rule(run, [step_from_row(r) for r in rows])
+            if after.decision is not None:
+                await self._write_run(conn, after.run)
+            await self._write_attempt(conn, run_id, after.attempt)
+            return after
+
+        after = await self._tx(op)
+        if after.decision is not None:
+            self._changed(after.run)
+        return after
+
+    async def check_callback(self, run_id: str, token: str) -> Run:
+        run, _ = authorize_callback(await self.get_run(run_id), run_id, token)
+        return run
+
+    async def put_step(self, run_id: str, token: str, step_id: str, call: StepCall,
+                       *, now: float, lookback_since: float) -> StepWrite:
+        async def op(conn: Conn) -> StepWrite:
+            if call.kind == StepKind.WAIT:
+                await self._lock_event(conn, call.event)
+            run, _ = authorize_callback(await self._read(conn, run_id), run_id, token)
+            row = await conn.fetchrow(
+                f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND step_id = $2",
+                run_id, step_id)
+            current = step_from_row(row) if row else None
+            call_now = call
+            if call.kind == StepKind.WAIT and (current is None
+                                                or current.status == StepStatus.FAILED):
+                call_now = await self._lookback(conn, run_id, call, lookback_since)
+            write = rules.merge_step(current, call_now, run_id, step_id, now)
+            if write.created:
+                if call.no_retry:
+                    await conn.execute("UPDATE runs SET no_retry = 1 WHERE id = $1", run_id)
+                await conn.execute(
+                    f"INSERT INTO steps ({STEP_COLUMNS}) VALUES "
+                    "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
+                    "ON CONFLICT (run_id, step_id) DO UPDATE SET seq = EXCLUDED.seq, "
+                    "kind = EXCLUDED.kind, status = EXCLUDED.status, output = EXCLUDED.output, "
+                    "error = EXCLUDED.error, attempts = EXCLUDED.attempts, "
+                    "wake_at = EXCLUDED.wake_at, event = EXCLUDED.event, "
+                    "match = EXCLUDED.match, updated_at = EXCLUDED.updated_at",
+                    *step_values(write.step))
+            return StepWrite(write.created, write.step, run.route)
+
+        return await self._tx(op)
+
+    @staticmethod
+    async def _lock_event(conn: Conn, name: str | None) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                           f"event:{name}")
+
+    @staticmethod
+    async def _lookback(conn: Conn, run_id: str, call: StepCall,
+                        since: float) -> StepCall:
+        assert call.event is not None
+        outputs = await conn.fetch(
+            "SELECT output FROM steps WHERE run_id = $1 AND kind = 'wait' "
+            "AND status = 'completed' AND output != 'null'", run_id)
+        taken = rules.taken_event_ids(row[0] for row in outputs)
+        events = await conn.fetch(
+            "SELECT id, data, ts FROM events WHERE name = $1 AND ts >= $2 ORDER BY ts",
+            call.event, since)
+        output = rules.lookback_match(call.event, call.match or "{}",
+                                      [tuple(e) for e in events], taken)
+        if output is None:
+            return call
+        return StepCall(kind=call.kind, status=StepStatus.COMPLETED, seq=call.seq, output=output,
+                        wake_at=call.wake_at, event=call.event, match=call.match)
+
+    async def deliver_event(self, event_id: str, name: str, data: str,
+                            ts: float) -> list[str] | None:
+        async def op(conn: Conn) -> list[Run] | None:
+            await self._lock_event(conn, name)
+            inserted = await conn.fetchval(
+                "INSERT INTO events (id, name, data, ts) VALUES ($1, $2, $3, $4) "
+                "ON CONFLICT (id) DO NOTHING RETURNING true", event_id, name, data, ts)
+            if not inserted:
+                return None
+            obj = event_object(event_id, name, json.loads(data), ts)
+            output = rules.dump(obj)
+            columns = ", ".join("s." + c.strip() for c in STEP_COLUMNS.split(","))
+            waiting = await conn.fetch(
+                f"SELECT {columns} FROM steps s JOIN runs r ON r.id = s.run_id "
+                "WHERE s.status = 'waiting' AND s.event = $1 AND r.ended_at IS NULL "
+                "ORDER BY s.run_id", name)
+            woken: dict[str, Run] = {}
+            for row in waiting:
+                step = step_from_row(row)
+                if not rules.wait_is_completed_by(step, obj):
+                    continue
+                await conn.execute(
+                    "UPDATE steps SET status = 'completed', output = $1, updated_at = $2 "
+                    "WHERE run_id = $3 AND step_id = $4", output, ts, step.run_id, step.id)
+                if step.run_id not in woken:
+                    run = await self._read(conn, step.run_id)
+                    assert run is not None
+                    after = rules.woken(run, ts)
+                    await self._write_run(conn, after)
+                    woken[step.run_id] = after
+            return list(woken.values())
+
+        woken = await self._tx(op)
+        if woken is None:
+            return None
+        for run in woken:
+            self._changed(run)
+        return [run.id for run in woken]
+
+    async def _transition(self, run_id: str, rule: Callable[[Run], Run | None]) -> Run | None:
+        async def op(conn: Conn) -> Run | None:
+            run = await self._read(conn, run_id)
+            changed = None if run is None else rule(run)
+            if changed is not None:
+                await self._write_run(conn, changed)
+            return changed
+
+        changed = await self._tx(op)
+        if changed is not None:
+            self._changed(changed)
+        return changed
+
+    async def cancel(self, run_id: str, now: float) -> Run | None:
+        return await self._transition(run_id, lambda run: cancel_run(run, now))
+
+    async def retry_ended(self, run_id: str, now: float) -> Run | None:
+        return await self._transition(run_id, lambda run: retry_ended(run, now))
+
+    async def purge_ended(self, before: float) -> int:
+        async def op(conn: Conn) -> int:
+            status = await conn.execute(
+                "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE ended_at IS NOT NULL "
+                "AND ended_at < $1 LIMIT 5000)", before)
+            return int(status.split()[-1])
+
+        return await self._tx(op)
+
+    async def purge_events(self, before: float) -> int:
+        async def op(conn: Conn) -> int:
+            status = await conn.execute("DELETE FROM events WHERE ts < $1", before)
+            return int(status.split()[-1])
+
+        return await self._tx(op)
