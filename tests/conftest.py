@@ -1,14 +1,23 @@
 """Shared fixtures: a real gateway on loopback ports in front of a real upstream, a fresh SQLite
-file per test."""
+file per test, or, for tests parametrised over the dialects, an emptied PostgreSQL database.
+
+PostgreSQL: the server at $STEPGATE_TEST_PG (default postgresql://postgres@127.0.0.1:5432, as
+on the CI machines); one fresh database per test session, dropped after. Without a reachable
+server those tests skip and say why."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -40,11 +49,61 @@ class Running:
         return self.gateway.store
 
 
-def settings_for(db: Path, routes: list[dict[str, Any]], **extra: Any) -> Any:
+PG_SERVER = os.environ.get("STEPGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+DIALECTS = ("sqlite", "postgres")
+# Every table of the PostgreSQL schema that holds data (not the schema version).
+_PG_TABLES = "runs, steps, attempts, events, replicas, meta"
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """The URL of a PostgreSQL database created for this session, dropped after it."""
+    name = f"stepgate_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(f"{PG_SERVER}/postgres", timeout=5)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    def run(sql: str) -> None:
+        # In a thread of its own: the session's set-up and tear-down may run inside a loop.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, admin(sql)).result()
+
+    try:
+        run(f'CREATE DATABASE "{name}"')
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        pytest.skip(f"PostgreSQL is not reachable at {PG_SERVER} ({exc}); "
+                    "set STEPGATE_TEST_PG to a server's URL to run these tests")
+    yield f"{PG_SERVER}/{name}"
+    run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def empty_pg(url: str) -> str:
+    """Empty the session database of an earlier test's runs and replicas."""
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        if await conn.fetchval("SELECT to_regclass('runs')") is not None:
+            await conn.execute(f"TRUNCATE {_PG_TABLES} CASCADE")
+    finally:
+        await conn.close()
+    return url
+
+
+@pytest.fixture
+async def pg_url(pg_database: str) -> str:
+    """The session's PostgreSQL database, emptied for this test."""
+    return await empty_pg(pg_database)
+
+
+def settings_for(db: Path | str, routes: list[dict[str, Any]], **extra: Any) -> Any:
+    store = db if isinstance(db, str) and db.startswith("postgresql://") else f"sqlite:///{db}"
     data: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "internal_listen": "127.0.0.1:0",
-        "store": f"sqlite:///{db}",
+        "store": store,
         "routes": routes,
     }
     data.update(extra)
@@ -72,12 +131,17 @@ async def upstream() -> AsyncIterator[UpstreamFactory]:
 
 
 @pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
-    """Start a gateway with the given routes (and top-level settings) on loopback ports."""
+async def gateway(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[GatewayFactory]:
+    """Start a gateway with the given routes (and top-level settings) on loopback ports. Its
+    store is a fresh SQLite file, or, where a test module parametrises `gateway` indirectly
+    with "postgres" (see DIALECTS), the emptied session database."""
     started: list[Running] = []
+    default: Path | str = tmp_path / "stepgate.db"
+    if getattr(request, "param", "sqlite") == "postgres":
+        default = await empty_pg(request.getfixturevalue("pg_database"))
 
     async def start(routes: list[dict[str, Any]], **extra: Any) -> Running:
-        db = extra.pop("db", tmp_path / "stepgate.db")
+        db = extra.pop("db", default)
         gw = Gateway(settings_for(db, routes, **extra))
         await gw.start()
         running = Running(gw, aiohttp.ClientSession(auto_decompress=False))
@@ -88,3 +152,9 @@ async def gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
     for running in started:
         await running.session.close()
         await running.gateway.stop()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module with `BOTH_DIALECTS = True` runs each test that starts a gateway twice."""
+    if getattr(metafunc.module, "BOTH_DIALECTS", False) and "gateway" in metafunc.fixturenames:
+        metafunc.parametrize("gateway", DIALECTS, indirect=True)

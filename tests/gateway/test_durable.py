@@ -13,6 +13,9 @@ from aiohttp import web
 from tests.conftest import GatewayFactory, UpstreamFactory
 from tests.gateway.rawsteps import RawSteps
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 FAST_RETRY = {"attempts": 3, "initial": "20ms", "max": "50ms"}
 
 

@@ -21,6 +21,9 @@ from tests.gateway.procs import GatewayProcess
 from tests.gateway.rawsteps import RawSteps
 from tests.gateway.test_crash import procs, wait_for_status  # noqa: F401 - a fixture
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 SUPERSEDED = "https://stepgate.dev/problems/superseded"
 
 

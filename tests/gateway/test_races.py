@@ -20,6 +20,9 @@ from aiohttp import web
 from tests.conftest import GatewayFactory, Running, UpstreamFactory
 from tests.gateway.rawsteps import RawSteps, suspended
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 ASYNC = {"Prefer": "respond-async"}
 
 

@@ -15,6 +15,9 @@ from tests.conftest import GatewayFactory, Running, UpstreamFactory
 from tests.gateway.procs import GatewayProcess
 from tests.gateway.rawsteps import RawSteps, Suspend, raw_sleep, raw_wait, suspended
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 
 def route(base: str, **extra: Any) -> dict[str, Any]:
     return {"name": "flow", "path": "/flow", "upstream": base, "durable": True,
