@@ -430,7 +430,9 @@ class GuardedHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         status, detail = self._classify(request, status, exc)
-        if status >= 500:
+        # A 5xx of our own choosing (505 for HTTP/2.0) is the client's doing, logged as such;
+        # only what went wrong inside the gateway is an error.
+        if status >= 500 and not isinstance(exc, _Refusal):
             log.error("http.handler_failed", peer=request.remote, method=request.method,
                       status=status, exc_info=exc)
         else:

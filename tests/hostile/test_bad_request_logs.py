@@ -71,6 +71,22 @@ async def test_each_malformed_request_is_a_problem_and_one_info_line(
         assert isinstance(reason, str) and reason and "\n" not in reason
 
 
+async def test_a_request_in_a_version_not_spoken_is_a_505_logged_like_the_others(
+    served: tuple[GatewayProcess, Recorder],
+) -> None:
+    """HTTP/2.0 in a request line was logged at ERROR as a gateway failure, unthrottled."""
+    process, _ = served
+    for _ in range(60):
+        answer = await send(process.public, b"GET /x HTTP/2.0\r\nHost: h\r\n\r\n", timeout=5)
+        assert statuses(answer) == [505]
+    process.stop()
+    lines = log_lines(process)
+    assert not [line for line in lines if line["level"] == "error"]
+    refused = [line for line in lines if line["event"] == "http.bad_request"]
+    assert 0 < len(refused) < 60
+    assert {line["status"] for line in refused} == {505}
+
+
 async def test_a_flood_of_malformed_requests_is_throttled_and_counted(
     served: tuple[GatewayProcess, Recorder],
 ) -> None:
