@@ -97,6 +97,10 @@ class RecordedResponse(RelayedResponse):
             self.content_length = len(self._recorded_body)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if request.method != "HEAD":
+            # A run recorded from a HEAD kept the service's Content-Length; a GET poll of it
+            # sends what was recorded, no body, and must say so.
+            self.content_length = len(self._recorded_body)
         writer = await super().prepare(request)
         await self.write_eof(b"" if request.method == "HEAD" else self._recorded_body)
         return writer

@@ -110,8 +110,10 @@ class AiohttpTransport:
                     upstream.close()  # the rest is not wanted: drop the connection, unread
                     return Outcome(call.attempt, started, time.time(), None, "too_large",
                                    too_large_error(call.max_response))
-                # raw_headers keep the names as the service wrote them (ETag, not Etag).
-                raw = [(name.decode("latin-1"), value.decode("latin-1"))
+                # raw_headers keep the names as the service wrote them (ETag, not Etag); values
+                # are read as aiohttp reads them (bytes that are not UTF-8 kept as surrogate
+                # escapes), so that the recorded answer is written back with the same bytes.
+                raw = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
                        for name, value in upstream.raw_headers]
                 reply = reply_from(upstream.status, upstream.reason, raw, body, call.method)
                 return Outcome(call.attempt, started, time.time(), reply, None)

@@ -53,6 +53,55 @@ async def test_reason_phrase_header_case_and_head_length_pass_through(
     assert fields[b"content-length"] == b"1000"  # the service's, not the empty body's
 
 
+async def raw_service(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers with a latin-1 file name, bytes that are not UTF-8, as some services do."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b'HTTP/1.1 200 OK\r\nContent-Disposition: attachment; filename="caf\xe9.txt"'
+                 b"\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    await writer.drain()
+    writer.close()
+
+
+async def test_a_header_value_that_is_not_utf8_keeps_its_bytes(
+    gateway: GatewayFactory,
+) -> None:
+    """A durable route re-encoded it: caf\xe9 arrived as caf\xc3\xa9, direct and on the poll."""
+    server = await asyncio.start_server(raw_service, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        gw = await gateway([{"name": "file", "path": "/file", "upstream": base,
+                             "durable": True}])
+        port = gw.gateway.public_port
+        _, fields, _ = await raw_head(port, b"GET /file HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert fields[b"content-disposition"] == b'attachment; filename="caf\xe9.txt"'
+        async with gw.session.get(gw.url + "/file", headers={"Prefer": "respond-async"}) as resp:
+            location = resp.headers["Location"]
+        poll = f"GET {location}&wait=10 HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        _, fields, _ = await raw_head(port, poll)
+        assert fields[b"content-disposition"] == b'attachment; filename="caf\xe9.txt"'
+    finally:
+        server.close()
+
+
+async def test_a_get_poll_of_a_head_run_is_framed_by_what_it_sends(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    """The HEAD answer's Content-Length (1000) was sent on a GET poll with no body after it,
+    so the client waited for 1000 bytes that never came."""
+    app = web.Application()
+    app.router.add_route("*", "/thing", service)
+    gw = await gateway([{"name": "thing", "path": "/thing", "upstream": await upstream(app),
+                         "durable": True}])
+    async with gw.session.head(gw.url + "/thing", headers={"Prefer": "respond-async"}) as resp:
+        location = resp.headers["Location"]
+    async with gw.session.get(gw.url + location + "&wait=10", timeout=5) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == "0"
+        assert await resp.read() == b""
+    async with gw.session.head(gw.url + location) as resp:
+        assert resp.headers["Content-Length"] == "1000"  # a HEAD poll: the service's own
+
+
 async def test_a_retry_logs_its_attempt_at_debug(
     gateway: GatewayFactory, upstream: UpstreamFactory
 ) -> None:
