@@ -29,7 +29,7 @@ from gateway import jsonin
 from gateway.auth import bearer_token, same_secret
 from gateway.engine import ENGINE, Engine
 from gateway.errors import StoreError
-from gateway.events import MAX_NAME, rfc3339
+from gateway.events import MAX_NAME, is_name, rfc3339
 from gateway.lifecycle import STATES
 from gateway.model import Run, Step
 from gateway.problem import Problem
@@ -255,12 +255,12 @@ async def post_event(request: web.Request) -> web.StreamResponse:
     if unknown:
         raise Problem(400, f"unknown field {sorted(unknown)[0]!r}")
     name, event_id = body.get("name"), body.get("id")
-    if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME:
-        raise Problem(400, f"name must be a string of 1 to {MAX_NAME} characters")
+    if not is_name(name):
+        raise Problem(400, f"name must be a string of 1 to {MAX_NAME} characters, without NUL")
     if event_id is None:
         event_id = secrets.token_urlsafe(16)
-    elif not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_NAME:
-        raise Problem(400, f"id must be a string of 1 to {MAX_NAME} characters")
+    elif not is_name(event_id):
+        raise Problem(400, f"id must be a string of 1 to {MAX_NAME} characters, without NUL")
     now = time.time()
     with _store():
         woken = await engine.store.deliver_event(event_id, name, jsonin.dump(body.get("data")),

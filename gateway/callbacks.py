@@ -29,7 +29,7 @@ from gateway.auth import bearer_token
 from gateway.config import parse_duration
 from gateway.engine import ENGINE
 from gateway.errors import StoreError
-from gateway.events import MAX_NAME
+from gateway.events import MAX_NAME, is_name
 from gateway.model import Step, StepKind, StepStatus
 from gateway.problem import Problem
 from gateway.store import (
@@ -133,8 +133,8 @@ def _step_id(request: web.Request) -> str:
         step_id = unquote(encoded, errors="strict")
     except UnicodeDecodeError as exc:
         raise Problem(400, "the step id is not valid percent-encoded UTF-8") from exc
-    if not step_id or len(step_id) > MAX_STEP_ID:
-        raise Problem(400, f"a step id has 1 to {MAX_STEP_ID} characters")
+    if not is_name(step_id, MAX_STEP_ID):
+        raise Problem(400, f"a step id has 1 to {MAX_STEP_ID} characters, none of them NUL")
     return step_id
 
 
@@ -261,8 +261,9 @@ def _wait(value: object) -> tuple[dict[str, Any], str, float]:
     if unknown:
         raise Problem(400, f"unknown field wait.{sorted(unknown)[0]}")
     event = value.get("event")
-    if not isinstance(event, str) or not 1 <= len(event) <= MAX_NAME:
-        raise Problem(400, f"wait.event must be a string of 1 to {MAX_NAME} characters")
+    if not is_name(event):
+        raise Problem(400, f"wait.event must be a string of 1 to {MAX_NAME} characters, "
+                           "without NUL")
     match = value.get("match")
     if match is None:
         match = {}

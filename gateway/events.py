@@ -13,6 +13,12 @@ _MISSING = object()
 MAX_NAME = 256  # characters of an event name (and of an event id)
 
 
+def is_name(value: object, longest: int = MAX_NAME) -> bool:
+    """A name or id the gateway keeps as text: 1 to `longest` characters, none of them NUL
+    (PostgreSQL's text cannot hold it, and no one means it)."""
+    return isinstance(value, str) and 1 <= len(value) <= longest and "\x00" not in value
+
+
 def event_object(event_id: str, name: str, data: Any, ts: float) -> dict[str, Any]:
     """The shape a waiting step receives as its output."""
     return {"name": name, "data": data, "id": event_id, "ts": rfc3339(ts)}

@@ -178,6 +178,8 @@ _INSERT_RUN: Final = (
     f"({', '.join(f'${n}' for n in range(1, RUN_COLUMNS.count(',') + 3))})"
 )
 _NOTIFY: Final = "SELECT pg_notify($1, $2)"
+# PostgreSQL's text cannot hold NUL; ids that hold one name nothing stored, and say so.
+_NUL: Final = "\x00"
 
 
 def safe_url(url: str) -> str:
@@ -427,6 +429,8 @@ class PostgresStore(Store):
             raise translated from exc
 
     async def _read(self, conn: Conn, run_id: str) -> Run | None:
+        if _NUL in run_id:
+            return None
         row = await conn.fetchrow(_LOCK_RUN, run_id)
         return self._rows.run(row) if row else None
 
@@ -455,10 +459,14 @@ class PostgresStore(Store):
     # -- reads ---------------------------------------------------------------------------------
 
     async def get_run(self, run_id: str) -> Run | None:
+        if _NUL in run_id:
+            return None
         rows = await self._fetch(_SELECT_RUN, run_id)
         return self._rows.run(rows[0]) if rows else None
 
     async def find_idempotent(self, route: str, key: str) -> Run | None:
+        if _NUL in route + key:
+            return None
         rows = await self._fetch(
             f"SELECT {RUN_COLUMNS} FROM runs WHERE route = $1 AND idem_key = $2", route, key)
         return self._rows.run(rows[0]) if rows else None
@@ -483,6 +491,8 @@ class PostgresStore(Store):
         limit: int = 50,
         cursor: tuple[float, str] | None = None,
     ) -> RunPage:
+        if _NUL in (route or "") + (status or ""):
+            return RunPage()
         where: list[str] = []
         params: list[Any] = []
         for clause, value in (
@@ -510,16 +520,22 @@ class PostgresStore(Store):
         return page
 
     async def steps(self, run_id: str) -> list[Step]:
+        if _NUL in run_id:
+            return []
         rows = await self._fetch(
             f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 "
             "ORDER BY seq IS NULL, seq, created_at", run_id)
         return [step_from_row(r) for r in rows]
 
     async def count_steps(self, run_id: str) -> int:
+        if _NUL in run_id:
+            return 0
         rows = await self._fetch("SELECT count(*) FROM steps WHERE run_id = $1", run_id)
         return int(rows[0][0])
 
     async def attempts(self, run_id: str) -> list[Attempt]:
+        if _NUL in run_id:
+            return []
         rows = await self._fetch(
             "SELECT n, started_at, ended_at, outcome, status, error FROM attempts "
             "WHERE run_id = $1 ORDER BY n", run_id)

@@ -11,6 +11,9 @@ from aiohttp import web
 
 from tests.conftest import GatewayFactory, UpstreamFactory
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 
 async def raw_head(port: int, request: bytes) -> tuple[bytes, dict[bytes, bytes], list[bytes]]:
     """Send `request` over a fresh socket; the status line, the fields, and the names as sent."""

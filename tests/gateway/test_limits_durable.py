@@ -21,6 +21,9 @@ from gateway.config import ConfigError, RetryPolicy, parse_settings
 from gateway.retry import is_retriable
 from tests.conftest import GatewayFactory, UpstreamFactory
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 MiB = 1024 * 1024
 CHUNK = b"x" * 65536
 

@@ -14,6 +14,9 @@ from tests.conftest import GatewayFactory, Running, UpstreamFactory
 from tests.gateway.procs import GatewayProcess, free_port
 from tests.gateway.test_durable import Flaky, durable
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 
 def metric(text: str, name: str, **labels: str) -> float | None:
     for line in text.splitlines():

@@ -4,6 +4,9 @@ from aiohttp import web
 
 from tests.conftest import GatewayFactory, UpstreamFactory
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 
 async def test_durable_success_passes_through(
     gateway: GatewayFactory, upstream: UpstreamFactory

@@ -14,6 +14,9 @@ import pytest
 from tests.hostile.conftest import responses, send
 from tests.internal.conftest import HeldRun, assert_refused
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 # The documented limits (docs/protocol.md, "Limits").
 MAX_DEPTH = 128
 MAX_INT_DIGITS = 4300
@@ -169,6 +172,8 @@ async def test_a_sleep_within_range_is_taken(held: HeldRun) -> None:
 async def test_a_run_page_renders_stored_times_out_of_range(held: HeldRun) -> None:
     """Rows written before these bounds (a wait due in 1e308 s, a sleep due in year 9999) must
     not make the run's page answer 500 forever: such a time is shown as null."""
+    if held.gw.gateway.settings.postgres:
+        pytest.skip("edits the SQLite file behind the gateway's back")
     assert (await held.put("w", {"wait": {"event": "e", "timeout": "1h"}})).status == 200
     db = held.gw.gateway.settings.store_path
     with sqlite3.connect(db, timeout=10) as conn:

@@ -18,6 +18,9 @@ from hypothesis import strategies as st
 
 from tests.internal.conftest import Answer, HeldRun, SyncClient
 
+# Each test that starts a gateway runs on an SQLite file, then on PostgreSQL (tests/conftest.py).
+BOTH_DIALECTS = True
+
 EXAMPLES = 200
 fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
