@@ -6,14 +6,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 _MISSING = object()
 
 MAX_NAME = 256  # characters of an event name (and of an event id)
 
 
-def is_name(value: object, longest: int = MAX_NAME) -> bool:
+def is_name(value: object, longest: int = MAX_NAME) -> TypeGuard[str]:
     """A name or id the gateway keeps as text: 1 to `longest` characters, none of them NUL
     (PostgreSQL's text cannot hold it, and no one means it)."""
     return isinstance(value, str) and 1 <= len(value) <= longest and "\x00" not in value
