@@ -512,6 +512,8 @@ _REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 
 
 def _replica_id(value: object, key: str) -> str:
+    if value is None:
+        return ""  # the default: the gateway picks one at start
     text = _string(value, key)
     if not _REPLICA_ID.fullmatch(text):
         raise _Invalid(key, f"{_show(text)} is not a replica id: use letters, digits, '_', '.', "

@@ -220,8 +220,10 @@ def test_example_config_shows_every_option_at_its_default() -> None:
     assert set(raw) == {
         "listen", "internal_listen", "internal_url", "store", "durability", "retention",
         "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-        "routes", "limits", "store_key",
+        "routes", "limits", "store_key", "replica_id",
     }  # fmt: skip
+    # lease is shown commented out: an SQLite store refuses it (it has no leases).
+    assert "# lease: 10s" in EXAMPLE.read_text(encoding="utf-8")
     assert dataclasses.replace(example, routes=()) == defaults
     assert example.store == "sqlite:///stepgate.db"
 
