@@ -171,6 +171,8 @@ class Gateway:
         self.metrics = Metrics()
         self.store = open_store(settings)
         self.store.write_observer = self.metrics.store_write_duration.observe
+        self.metrics.replica.labels(self.store.replica_id,
+                                    "postgresql" if settings.postgres else "sqlite").set(1)
         self.public_port = 0
         self.internal_port = 0
         self._runners: list[web.AppRunner] = []

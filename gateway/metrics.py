@@ -80,6 +80,15 @@ class Metrics:
             "its commit.", buckets=_FAST_BUCKETS, registry=registry,
         )
 
+        self.replica = Gauge(
+            "stepgate_replica", "This gateway among the replicas of its store (always 1): its "
+            "replica id and the store's dialect.", ["replica", "dialect"], registry=registry,
+        )
+        self.taken_over = Counter(
+            "stepgate_runs_taken_over", "Running runs of replicas whose lease expired that "
+            "this replica fenced, to be resumed.", registry=registry,
+        )
+
     def _child(self, metric: Counter | Histogram, *labels: str) -> Any:
         """A labelled child, remembered: prometheus-client's own `labels()` validates and
         locks on every call, and these are on every request's path."""

@@ -123,7 +123,9 @@ class Engine:
                 log.warning("store.write_failed", during="take_over", error=str(exc))
                 continue
             if taken:
-                log.info("gateway.took_over", runs=len(taken))
+                self.metrics.taken_over.inc(len(taken))
+                log.info("gateway.took_over", runs=len(taken),
+                         run_ids=sorted(after.run.id for after in taken)[:10])
 
     async def _recover_later(self, started: float) -> None:
         while True:

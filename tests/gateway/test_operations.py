@@ -64,6 +64,9 @@ async def test_metrics_follow_a_retried_run(
     assert (metric(text, "stepgate_checkpoint_duration_seconds_count") or 0) >= 3
     assert (metric(text, "stepgate_store_write_duration_seconds_count") or 0) >= 4
     assert metric(text, "process_resident_memory_bytes") is not None
+    dialect = "postgresql" if gw.gateway.settings.postgres else "sqlite"
+    assert metric(text, "stepgate_replica", replica=gw.store.replica_id, dialect=dialect) == 1
+    assert metric(text, "stepgate_runs_taken_over_total") == 0
     assert "run_id" not in text and "/work" not in text  # bounded labels only
     # The scrape-only listener serves /metrics and nothing else.
     scrape_base = f"http://127.0.0.1:{metrics_port}"
