@@ -1,0 +1,303 @@
+"""The store contract, straight on the Store interface, for each dialect: what every named
+transaction promises, whichever dialect keeps the runs. The PostgreSQL cases also hold two
+replicas of one database: leases, take-over and notifications between them."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from gateway import lifecycle
+from gateway.auth import attempt_token
+from gateway.config import parse_settings
+from gateway.model import Outcome, Run, RunStatus, StepKind, StepStatus, UpstreamReply
+from gateway.store import (
+    AttemptFenced,
+    Change,
+    DuplicateIdempotencyKey,
+    StepCall,
+    Store,
+    UnknownRun,
+    WrongToken,
+)
+from gateway.store.postgres import PostgresStore
+from gateway.store.sqlite import SQLiteStore
+from tests.conftest import DIALECTS, empty_pg
+
+ROUTE = parse_settings(
+    {"routes": [{"name": "r", "path": "/r", "upstream": "http://127.0.0.1:9", "durable": True,
+                 "retry": {"attempts": 3, "initial": "10ms", "max": "10ms"}}]},
+    source="test",
+).routes[0]
+
+Opener = Callable[..., Awaitable[Store]]
+
+
+@pytest.fixture(params=DIALECTS)
+async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
+    """Opens stores of one dialect; on PostgreSQL each is a replica of one emptied database."""
+    opened: list[Store] = []
+    url = ""
+    if request.param == "postgres":
+        url = await empty_pg(request.getfixturevalue("pg_database"))
+
+    async def open_one(replica: str = "a", lease: float = 1.0) -> Store:
+        store: Store
+        if url:
+            store = PostgresStore(url, replica_id=replica, lease=lease, durability="relaxed")
+        else:
+            store = SQLiteStore(str(tmp_path / "contract.db"), durability="relaxed")
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield open_one
+    for store in reversed(opened):
+        await store.close()
+
+
+def new_run(run_id: str, *, status: RunStatus = RunStatus.RUNNING, idem: str | None = None,
+            due: float | None = None) -> Run:
+    now = time.time()
+    return Run(id=run_id, route="r", status=status, attempt=1, token=f"secret-{run_id}",
+               poll_token="poll", method="POST", target="/r?q=1",
+               headers=[("Content-Type", "text/plain"), ("X-Caf\u00e9", "v")], body=b"\x00body",
+               created_at=now, updated_at=now, idem_key=idem, due_at=due)
+
+
+def token(run: Run, attempt: int | None = None) -> str:
+    return attempt_token(run.token, run.attempt if attempt is None else attempt)
+
+
+def answered(attempt: int, status: int = 200) -> Outcome:
+    now = time.time()
+    reply = UpstreamReply(status, "OK", [("ETag", '"v"')], b"done", False, False, None)
+    return Outcome(attempt, now, now, reply, None)
+
+
+def after(outcome: Outcome) -> Callable[..., lifecycle.AfterAttempt]:
+    return lambda run, parked: lifecycle.after_attempt(run, outcome, ROUTE, parked, time.time(),
+                                                       random.Random(1))
+
+
+OUTPUT = StepCall(StepKind.RUN, StepStatus.COMPLETED, 0, output='{"n":1}')
+
+
+async def test_a_run_reads_back_as_it_was_created(open_store: Opener) -> None:
+    store = await open_store()
+    run = new_run("r1", idem="k1")
+    await store.create_run(run)
+    assert await store.get_run("r1") == run
+    assert await store.find_idempotent("r", "k1") == run
+    assert await store.get_run("nope") is None
+    with pytest.raises(DuplicateIdempotencyKey):
+        await store.create_run(new_run("r2", idem="k1"))
+    assert (await store.count_by_status()) == {"running": 1}
+
+
+async def test_an_attempt_ends_once_and_a_later_finish_is_fenced(open_store: Opener) -> None:
+    store = await open_store()
+    await store.create_run(new_run("r1"))
+    done = await store.finish_attempt("r1", answered(1), after(answered(1)))
+    assert done.decision is not None and done.run.status == RunStatus.COMPLETED
+    stored = await store.get_run("r1")
+    assert stored is not None and stored.resp_body == b"done"
+    assert stored.resp_headers == [("ETag", '"v"')]
+    late = await store.finish_attempt("r1", answered(1, 500), after(answered(1, 500)))
+    assert late.decision is None  # the run had ended: nothing changed
+    assert (await store.get_run("r1")) == stored
+    assert [a.n for a in await store.attempts("r1")] == [1]
+
+
+async def test_steps_first_write_wins_and_only_the_current_attempt_writes(
+    open_store: Opener,
+) -> None:
+    store = await open_store()
+    run = new_run("r1")
+    await store.create_run(run)
+    now = time.time()
+    first = await store.put_step("r1", token(run), "s", OUTPUT, now=now, lookback_since=now)
+    again = await store.put_step("r1", token(run), "s",
+                                 StepCall(StepKind.RUN, StepStatus.COMPLETED, 0, output="2"),
+                                 now=now, lookback_since=now)
+    assert first.created and not again.created and again.step.output == '{"n":1}'
+    with pytest.raises(WrongToken):
+        await store.put_step("r1", "1.forged", "t", OUTPUT, now=now, lookback_since=now)
+    with pytest.raises(UnknownRun):
+        await store.put_step("gone", token(run), "t", OUTPUT, now=now, lookback_since=now)
+    await store.authenticate("r1", token(run))
+    with pytest.raises(WrongToken):
+        await store.authenticate("r1", "1.forged")
+    # The crash of attempt 1: it is fenced, attempt 2 claims the run and writes.
+    recovered = await store.recover(
+        lambda r: lifecycle.after_interruption(r, ROUTE, time.time(), crashed=True),
+        before=time.time() + 1)
+    assert [a.run.status for a in recovered] == [RunStatus.RETRYING]
+    claimed = await store.claim("r1", time.time() + 1)
+    assert claimed is not None and claimed.attempt == 2
+    with pytest.raises(AttemptFenced):
+        await store.put_step("r1", token(run, 1), "t", OUTPUT, now=now, lookback_since=now)
+    write = await store.put_step("r1", token(claimed), "t", OUTPUT, now=now, lookback_since=now)
+    assert write.created
+    assert [s.id for s in await store.steps("r1")] == ["s", "t"]
+    assert await store.count_steps("r1") == 2
+
+
+async def test_an_event_completes_a_wait_and_the_lookback_finds_an_early_one(
+    open_store: Opener,
+) -> None:
+    store = await open_store()
+    run = new_run("r1")
+    await store.create_run(run)
+    now = time.time()
+    wait = StepCall(StepKind.WAIT, StepStatus.WAITING, 0, wake_at=now + 60, event="paid",
+                    match='{"data.order":7}')
+    await store.put_step("r1", token(run), "w", wait, now=now, lookback_since=now - 60)
+    assert await store.deliver_event("e1", "paid", '{"order":8}', now) == []
+    assert await store.deliver_event("e2", "paid", '{"order":7}', now) == ["r1"]
+    assert await store.deliver_event("e2", "paid", '{"order":7}', now) is None  # seen before
+    (step,) = await store.steps("r1")
+    assert step.status == StepStatus.COMPLETED and '"e2"' in (step.output or "")
+    # An event that came first is found by a wait registered after it.
+    early = await store.put_step("r1", token(run), "w2",
+                                 StepCall(StepKind.WAIT, StepStatus.WAITING, 1,
+                                          wake_at=now + 60, event="paid", match="{}"),
+                                 now=now, lookback_since=now - 60)
+    assert early.step.status == StepStatus.COMPLETED
+
+
+async def test_cancel_retry_and_purge(open_store: Opener) -> None:
+    store = await open_store()
+    await store.create_run(new_run("r1"))
+    cancelled = await store.cancel("r1", time.time())
+    assert cancelled is not None and cancelled.status == RunStatus.CANCELLED
+    assert await store.cancel("r1", time.time()) is None
+    retried = await store.retry_ended("r1", time.time())
+    assert retried is not None and retried.status == RunStatus.RETRYING
+    assert [run_id for _, run_id in await store.due(time.time() + 1, 10)] == ["r1"]
+    await store.cancel("r1", time.time())
+    assert await store.purge_ended(time.time() + 1) == 1
+    assert await store.get_run("r1") is None
+
+
+async def test_listing_pages_newest_first(open_store: Opener) -> None:
+    store = await open_store()
+    for n in range(5):
+        await store.create_run(new_run(f"r{n}"))
+    first = await store.list_runs(limit=2)
+    assert [r.id for r in first.runs] == ["r4", "r3"] and first.next_cursor
+    created, run_id = first.next_cursor.split("~")
+    rest = await store.list_runs(limit=10, cursor=(float(created), run_id))
+    assert [r.id for r in rest.runs] == ["r2", "r1", "r0"] and rest.next_cursor is None
+    assert (await store.list_runs(route="other")).runs == []
+
+
+async def test_this_process_is_a_replica_of_its_store(open_store: Opener) -> None:
+    store = await open_store()
+    await store.create_run(new_run("r1"))
+    (me,) = await store.replicas()
+    assert me.id == store.replica_id and me.runs == 1
+
+
+# --- two replicas of one PostgreSQL database ------------------------------------------------
+
+
+@pytest.fixture
+async def replicas(pg_database: str) -> AsyncIterator[tuple[PostgresStore, PostgresStore]]:
+    url = await empty_pg(pg_database)
+    a = PostgresStore(url, replica_id="a", lease=1.0, durability="relaxed")
+    b = PostgresStore(url, replica_id="b", lease=1.0, durability="relaxed")
+    await a.open()
+    await b.open()
+    yield a, b
+    await b.close()
+    await a.close()
+
+
+async def test_a_replica_hears_of_the_other_ones_changes(
+    replicas: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = replicas
+    heard: asyncio.Queue[Change] = asyncio.Queue()
+    b.subscribe(heard.put_nowait)
+    await a.create_run(new_run("r1"))
+    created = await asyncio.wait_for(heard.get(), 5)
+    assert (created.run_id, created.status, created.run) == ("r1", RunStatus.RUNNING, None)
+    await a.finish_attempt("r1", answered(1), after(answered(1)))
+    ended = await asyncio.wait_for(heard.get(), 5)
+    assert ended.status == RunStatus.COMPLETED
+
+
+async def test_the_runs_of_a_replica_whose_lease_expired_are_taken_over_once(
+    replicas: tuple[PostgresStore, PostgresStore], pg_database: str,
+) -> None:
+    a, b = replicas
+    await a.create_run(new_run("mine"))
+    await b.create_run(new_run("theirs"))
+
+    def crashed(run: Run) -> lifecycle.AfterAttempt:
+        return lifecycle.after_interruption(run, ROUTE, time.time(), crashed=True)
+
+    assert await a.take_over(crashed) == []  # b renews its lease
+    assert {r.id: r.runs for r in await a.replicas()} == {"a": 1, "b": 1}
+    # b stops renewing (as a SIGKILLed process would): its lease runs out.
+    for task in b._tasks:
+        task.cancel()
+    conn = await asyncpg.connect(pg_database)
+    try:
+        await conn.execute("UPDATE replicas SET last_seen = now() - interval '2 seconds' "
+                           "WHERE id = 'b'")
+    finally:
+        await conn.close()
+    assert [r.id for r in await a.replicas()] == ["a"]
+    taken = await a.take_over(crashed)
+    assert [t.run.id for t in taken] == ["theirs"]
+    assert taken[0].run.status == RunStatus.RETRYING and taken[0].run.failures == 1
+    assert await a.take_over(crashed) == []  # once
+    claimed = await a.claim("theirs", time.time() + 1)
+    assert claimed is not None and claimed.attempt == 2
+    assert await b.claim("theirs", time.time() + 1) is None  # the timer acts on one replica
+    mine = await a.get_run("mine")
+    assert mine is not None and mine.status == RunStatus.RUNNING
+
+
+async def test_a_wait_and_its_event_cannot_miss_each_other_across_replicas(
+    replicas: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forced interleaving: replica a's new wait has looked back (no event yet) and is paused
+    before it commits; replica b delivers the event meanwhile. Under READ COMMITTED alone b
+    would not see the uncommitted wait and a would not see b's event: the wake-up would be
+    lost. The advisory lock on the event's name makes b wait for a's commit."""
+    a, b = replicas
+    run = new_run("r1")
+    await a.create_run(run)
+    looked = asyncio.Event()
+    go_on = asyncio.Event()
+    lookback = PostgresStore._lookback
+
+    async def paused(*args: object) -> StepCall:
+        call = await lookback(*args)  # type: ignore[arg-type]
+        looked.set()
+        await go_on.wait()
+        return call
+
+    monkeypatch.setattr(a, "_lookback", paused)
+    now = time.time()
+    wait = StepCall(StepKind.WAIT, StepStatus.WAITING, 0, wake_at=now + 60, event="paid")
+    writing = asyncio.create_task(
+        a.put_step("r1", token(run), "w", wait, now=now, lookback_since=now - 60))
+    await asyncio.wait_for(looked.wait(), 5)
+    delivering = asyncio.create_task(b.deliver_event("e1", "paid", "{}", time.time()))
+    await asyncio.sleep(0.3)
+    assert not delivering.done()  # held until the wait is committed
+    go_on.set()
+    assert (await writing).step.status == StepStatus.WAITING
+    assert await delivering == ["r1"]
+    (step,) = await a.steps("r1")
+    assert step.status == StepStatus.COMPLETED
