@@ -307,7 +307,8 @@ class PostgresStore(Store):
                 await conn.execute("DELETE FROM meta WHERE name = $1", KEY_CHECK)
 
     async def _listen(self) -> None:
-        conn = await asyncpg.connect(self.url)
+        conn = await asyncpg.connect(self.url, server_settings={
+            "application_name": f"stepgate-listen {self.replica_id}"[:63]})
         conn.add_termination_listener(self._listener_lost)
         await conn.add_listener(CHANNEL, self._notified)
         self._listener = conn
