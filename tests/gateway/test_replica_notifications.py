@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -30,6 +31,12 @@ class Held:
         return app
 
 
+async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 - a flag of the store's, not an event
+            await asyncio.sleep(0.02)
+
+
 @pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
 async def test_a_waiter_on_one_replica_hears_the_other_end_the_run_even_without_notify(
     gateway: GatewayFactory, upstream: UpstreamFactory,
@@ -47,10 +54,7 @@ async def test_a_waiter_on_one_replica_hears_the_other_end_the_run_even_without_
                            "WHERE application_name = 'stepgate-listen b'")
     finally:
         await conn.close()
-    deadline = time.monotonic() + 5
-    while b.store.live_notifications and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    assert not b.store.live_notifications
+    await until(lambda: not b.store.live_notifications)
 
     async with a.session.post(a.url + "/work", headers={"Prefer": "respond-async"}) as resp:
         location = resp.headers["Location"]
@@ -64,7 +68,4 @@ async def test_a_waiter_on_one_replica_hears_the_other_end_the_run_even_without_
     assert time.monotonic() - ended < 2.0  # read from the store, not at the end of the wait
     resp.release()
 
-    deadline = time.monotonic() + 5
-    while not b.store.live_notifications and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert b.store.live_notifications  # re-established by itself
+    await until(lambda: b.store.live_notifications)  # re-established by itself
