@@ -115,17 +115,17 @@ class Engine:
                                                 crashed=True)
 
         while True:
-            await asyncio.sleep(lease / 2)
             now = time.time()
             try:
                 taken = await self.store.take_over(rule)
             except StoreError as exc:
                 log.warning("store.write_failed", during="take_over", error=str(exc))
-                continue
+                taken = []
             if taken:
                 self.metrics.taken_over.inc(len(taken))
                 log.info("gateway.took_over", runs=len(taken),
                          run_ids=sorted(after.run.id for after in taken)[:10])
+            await asyncio.sleep(lease / 2)
 
     async def _recover_later(self, started: float) -> None:
         while True:

@@ -582,11 +582,10 @@ class PostgresStore(Store):
         return fenced
 
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
-        """This replica's own runs (an earlier process under the same replica_id, or ours at
-        shutdown), and, at start, those of replicas whose lease has expired."""
-        own = await self._fence(rule, "owner = $1 AND updated_at < $2", self.replica_id,
-                                before if before != float("inf") else 1e300)
-        return own + await self.take_over(rule)
+        """This replica's own runs: an earlier process's under the same replica_id, at start,
+        or ours, at shutdown. Other replicas' are `take_over`'s."""
+        return await self._fence(rule, "owner = $1 AND updated_at < $2", self.replica_id,
+                                 before if before != float("inf") else 1e300)
 
     async def take_over(self, rule: InterruptRule) -> list[AfterAttempt]:
         return await self._fence(
