@@ -28,11 +28,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.auth import token_attempt, token_valid
 from gateway.errors import GatewayError, StoreError
 from gateway.lifecycle import AfterAttempt
 from gateway.model import Attempt, Outcome, Run, RunStatus, Step
+from gateway.store.rows import RUN_COLUMNS
 from gateway.store.rules import StepCall, StepWrite, fenced
 
 
@@ -178,7 +180,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def attempts(self, run_id: str) -> list[Attempt]: ...
 
-    @abc.abstractmethod
     async def list_runs(
         self,
         *,
@@ -188,7 +189,37 @@ class Store(abc.ABC):
         until: float | None = None,
         limit: int = 50,
         cursor: tuple[float, str] | None = None,
-    ) -> RunPage: ...
+    ) -> RunPage:
+        """Runs newest first, filtered; `cursor` continues where a page's `next_cursor` ended."""
+        where: list[str] = []
+        params: list[Any] = []
+        for clause, value in (
+            ("status = ?", status),
+            ("route = ?", route),
+            ("created_at >= ?", since),
+            ("created_at < ?", until),
+        ):
+            if value is not None:
+                where.append(clause)
+                params.append(value)
+        if cursor is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [cursor[0], cursor[0], cursor[1]]
+        sql = f"SELECT {RUN_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        params.append(limit + 1)
+        found = await self._select_runs(sql, params)
+        page = RunPage(runs=found[:limit])
+        if len(found) > limit:
+            last = found[limit - 1]
+            page.next_cursor = f"{last.created_at!r}~{last.id}"
+        return page
+
+    @abc.abstractmethod
+    async def _select_runs(self, sql: str, params: Sequence[Any]) -> list[Run]:
+        """The runs a SELECT of RUN_COLUMNS finds (`?` placeholders)."""
 
     @abc.abstractmethod
     async def count_by_status(self) -> dict[str, int]: ...

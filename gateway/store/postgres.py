@@ -30,7 +30,7 @@ import contextlib
 import json
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg
@@ -48,7 +48,6 @@ from gateway.store.base import (
     DuplicateIdempotencyKey,
     InterruptRule,
     Replica,
-    RunPage,
     Store,
     UnknownRun,
     authorize_callback,
@@ -482,43 +481,10 @@ class PostgresStore(Store):
             "ORDER BY due_at LIMIT $2", before, limit)
         return [(due, run_id) for due, run_id in rows]
 
-    async def list_runs(
-        self,
-        *,
-        status: str | None = None,
-        route: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 50,
-        cursor: tuple[float, str] | None = None,
-    ) -> RunPage:
-        if _NUL in (route or "") + (status or ""):
-            return RunPage()
-        where: list[str] = []
-        params: list[Any] = []
-        for clause, value in (
-            ("status = ?", status),
-            ("route = ?", route),
-            ("created_at >= ?", since),
-            ("created_at < ?", until),
-        ):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        if cursor is not None:
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            params += [cursor[0], cursor[0], cursor[1]]
-        sql = f"SELECT {RUN_COLUMNS} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        params.append(limit + 1)
-        found = [self._rows.run(r) for r in await self._fetch(numbered(sql), *params)]
-        page = RunPage(runs=found[:limit])
-        if len(found) > limit:
-            last = found[limit - 1]
-            page.next_cursor = f"{last.created_at!r}~{last.id}"
-        return page
+    async def _select_runs(self, sql: str, params: Sequence[Any]) -> list[Run]:
+        if any(isinstance(value, str) and _NUL in value for value in params):
+            return []  # a filter no stored value can match
+        return [self._rows.run(r) for r in await self._fetch(numbered(sql), *params)]
 
     async def steps(self, run_id: str) -> list[Step]:
         if _NUL in run_id:

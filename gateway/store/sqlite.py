@@ -41,7 +41,6 @@ from gateway.store.base import (
     AttemptRule,
     DuplicateIdempotencyKey,
     InterruptRule,
-    RunPage,
     Store,
     StoreLocked,
     UnknownRun,
@@ -529,41 +528,8 @@ class SQLiteStore(Store):
         )
         return [(due, run_id) for due, run_id in rows]
 
-    async def list_runs(
-        self,
-        *,
-        status: str | None = None,
-        route: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 50,
-        cursor: tuple[float, str] | None = None,
-    ) -> RunPage:
-        where: list[str] = []
-        params: list[Any] = []
-        for clause, value in (
-            ("status = ?", status),
-            ("route = ?", route),
-            ("created_at >= ?", since),
-            ("created_at < ?", until),
-        ):
-            if value is not None:
-                where.append(clause)
-                params.append(value)
-        if cursor is not None:
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            params += [cursor[0], cursor[0], cursor[1]]
-        sql = f"SELECT {RUN_COLUMNS} FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        params.append(limit + 1)
-        found = [self._rows.run(r) for r in await self._fetchall(sql, params)]
-        page = RunPage(runs=found[:limit])
-        if len(found) > limit:
-            last = found[limit - 1]
-            page.next_cursor = f"{last.created_at!r}~{last.id}"
-        return page
+    async def _select_runs(self, sql: str, params: Sequence[Any]) -> list[Run]:
+        return [self._rows.run(r) for r in await self._fetchall(sql, params)]
 
     async def steps(self, run_id: str) -> list[Step]:
         rows = await self._fetchall(
