@@ -40,6 +40,10 @@ def request_hash(method: str, target: str, body: bytes) -> str:
     return digest.hexdigest()
 
 
+# Seconds an answered first attempt's record is awaited after the hold has run out.
+RECORD_GRACE = 1.0
+
+
 async def read_body(request: web.Request, limit: int) -> bytes | None:
     """The whole request body, or None when it is larger than `limit`."""
     if request.content_length is not None and request.content_length > limit:
@@ -92,12 +96,13 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
     replied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     task = invoker.spawn(run.id, invoker.invoke(run, replied))
     # The first invocation is always awaited (it is bounded by the route's timeout), and a
-    # client that goes away does not cut it short. Its record is awaited only until the hold
-    # is over: a store that refuses writes keeps the client no longer than that.
+    # client that goes away does not cut it short. Its record is awaited until the hold is
+    # over, and at least RECORD_GRACE after the answer (a slow upload may have used the hold
+    # up): a store that refuses writes keeps the client no longer than that.
     first: set[asyncio.Future[Any]] = {task, replied}
     await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
     hold_left = arrival + _hold(route, prefer) - time.monotonic()
-    done, _ = await asyncio.wait({task}, timeout=max(hold_left, 0.0))
+    done, _ = await asyncio.wait({task}, timeout=max(hold_left, RECORD_GRACE))
     if done:
         run = task.result() or run
     return await answer(engine, run, route, arrival, prefer)

@@ -125,3 +125,28 @@ async def test_a_retry_logs_its_attempt_at_debug(
     assert ("run.retry_scheduled", "info") in levels and ("run.completed", "info") in levels
     # The README: attempts show at debug, the first and the retry alike.
     assert {level for event, level in levels if event == "run.attempt"} == {"debug"}
+
+
+async def test_a_slow_upload_does_not_turn_a_first_answer_into_a_303(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    """The first invocation is always awaited and its answer given as it is (DESIGN, "What the
+    client sees"): a body that took longer than `hold` to arrive used to leave no time to record
+    the answer, and the client got a 303 for a run the service had answered in milliseconds."""
+    async def quick(request: web.Request) -> web.Response:
+        return web.Response(text="took " + (await request.text()))
+
+    app = web.Application()
+    app.router.add_post("/up", quick)
+    gw = await gateway([{"name": "up", "path": "/up", "upstream": await upstream(app),
+                         "durable": True, "hold": "500ms"}])
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\n")
+    for byte in b"slow":
+        await asyncio.sleep(0.25)  # 1 s in all, twice the hold
+        writer.write(bytes([byte]))
+        await writer.drain()
+    answer = await asyncio.wait_for(reader.read(-1), 10)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK"), answer[:200]
+    assert answer.endswith(b"took slow")
