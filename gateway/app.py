@@ -2,6 +2,7 @@
 
     public    (listen)           proxied routes, and poll URLs under /_stepgate/
     internal  (internal_listen)  callbacks, events, admin, /metrics, /healthz, /readyz, /ui
+    scrape    (metrics_listen)   /metrics, /healthz, /readyz only (optional)
 
 The shared resources outlive both listeners and are shut down in an order no single
 application's cleanup context can express: stop taking client requests, let invocations in
@@ -242,6 +243,10 @@ class Gateway:
             scrape[ENGINE] = engine
             scrape[METRICS] = self.metrics
             scrape.router.add_get("/metrics", metrics)
+            # Probes too: a kubelet reaches the pod's address, and the internal listener, with
+            # the admin API on it, can then stay on loopback.
+            scrape.router.add_get("/healthz", healthz)
+            scrape.router.add_get("/readyz", readyz)
             await self._listen(scrape, self.settings.metrics_listen)
         await engine.start()
         self._public = await self._listen(public, self.settings.listen)

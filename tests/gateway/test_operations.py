@@ -68,9 +68,12 @@ async def test_metrics_follow_a_retried_run(
     assert metric(text, "stepgate_replica", replica=gw.store.replica_id, dialect=dialect) == 1
     assert metric(text, "stepgate_runs_taken_over_total") == 0
     assert "run_id" not in text and "/work" not in text  # bounded labels only
-    # The scrape-only listener serves /metrics and nothing else.
+    # The scrape listener serves /metrics and the probes, and nothing else.
     scrape_base = f"http://127.0.0.1:{metrics_port}"
     assert "stepgate_requests_total" in await scrape(gw, scrape_base)
+    for probe in ("/healthz", "/readyz"):
+        async with gw.session.get(scrape_base + probe) as resp:
+            assert resp.status == 200
     async with gw.session.get(scrape_base + "/v1/runs") as resp:
         assert resp.status == 404
 
