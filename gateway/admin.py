@@ -4,6 +4,9 @@
     GET  /v1/runs/{id}            one run with its whole timeline
     POST /v1/runs/{id}/retry      re-run an ended run from its failed step
     POST /v1/runs/{id}/cancel     cancel a run that has not ended
+    POST /v1/runs/retry           the same for every run the filters select (status, route,
+    POST /v1/runs/cancel            since, until; at least one): {"count": runs acted on}
+    GET  /v1/replicas             the gateways serving the store
     POST /v1/events               deliver an event to waiting runs
 
 When `admin_token` is set every one of these needs it as a bearer token.
@@ -17,7 +20,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Final
@@ -138,21 +141,28 @@ def _decode_cursor(value: str) -> tuple[float, str]:
         raise Problem(400, "cursor is not one this gateway gave out") from exc
 
 
+def _filters(query: Mapping[str, str]) -> dict[str, Any]:
+    """The filters of GET /v1/runs and of the bulk actions: status, route, since, until."""
+    status = query.get("status") or None
+    if status is not None and status not in STATES:
+        raise Problem(400, f"status must be one of {', '.join(sorted(STATES))}")
+    return {
+        "status": status,
+        "route": query.get("route") or None,
+        "since": _moment(query["since"], "since") if query.get("since") else None,
+        "until": _moment(query["until"], "until") if query.get("until") else None,
+    }
+
+
 async def list_runs(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     _authorize(request, engine)
     query = request.query
-    status = query.get("status") or None
-    if status is not None and status not in STATES:
-        raise Problem(400, f"status must be one of {', '.join(sorted(STATES))}")
+    filters = _filters(query)
     limit = _limit(query.get("limit"))
-    since = _moment(query["since"], "since") if query.get("since") else None
-    until = _moment(query["until"], "until") if query.get("until") else None
     cursor = _decode_cursor(query["cursor"]) if query.get("cursor") else None
     with _store():
-        page = await engine.store.list_runs(status=status, route=query.get("route") or None,
-                                            since=since, until=until, limit=limit,
-                                            cursor=cursor)
+        page = await engine.store.list_runs(**filters, limit=limit, cursor=cursor)
     return web.json_response({
         "runs": [run_summary(run) for run in page.runs],
         "next_cursor": _encode_cursor(page.next_cursor) if page.next_cursor else None,
@@ -247,6 +257,48 @@ async def cancel_run(request: web.Request) -> web.StreamResponse:
     return web.json_response(run_summary(cancelled))
 
 
+_BULK_PAGE = 500
+
+
+async def _bulk(request: web.Request, act: Callable[[Engine, str], Awaitable[Run | None]]
+                ) -> web.StreamResponse:
+    """`act` on every run the filters select, one transaction a run (each is a compare-and-set,
+    so a run that moved on meanwhile is passed over); answers how many it acted on."""
+    engine = request.app[ENGINE]
+    _authorize(request, engine)
+    unknown = set(request.query) - {"status", "route", "since", "until"}
+    if unknown:
+        raise Problem(400, f"unknown parameter {sorted(unknown)[0]!r}: the filters are "
+                           "status, route, since and until")
+    filters = _filters(request.query)
+    if not any(value is not None for value in filters.values()):
+        raise Problem(400, "name at least one filter (status, route, since, until): a bulk "
+                           "action on every run is not taken by accident")
+    count = 0
+    cursor: tuple[float, str] | None = None
+    with _store():
+        while True:
+            page = await engine.store.list_runs(**filters, limit=_BULK_PAGE, cursor=cursor)
+            for run in page.runs:
+                if await act(engine, run.id) is not None:
+                    count += 1
+            if page.next_cursor is None:
+                break
+            created, _, last_id = page.next_cursor.partition("~")
+            cursor = (float(created), last_id)
+    log.info("runs.bulk", path=request.path, count=count,
+             **{k: v for k, v in filters.items() if v is not None})
+    return web.json_response({"count": count})
+
+
+async def retry_runs(request: web.Request) -> web.StreamResponse:
+    return await _bulk(request, lambda engine, run_id: engine.retry_ended(run_id))
+
+
+async def cancel_runs(request: web.Request) -> web.StreamResponse:
+    return await _bulk(request, lambda engine, run_id: engine.cancel(run_id))
+
+
 async def post_event(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     _authorize(request, engine)
@@ -288,6 +340,8 @@ async def list_replicas(request: web.Request) -> web.StreamResponse:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/replicas", list_replicas)
     app.router.add_get("/v1/runs", list_runs)
+    app.router.add_post("/v1/runs/retry", retry_runs)
+    app.router.add_post("/v1/runs/cancel", cancel_runs)
     app.router.add_get("/v1/runs/{run_id}", show_run)
     app.router.add_post("/v1/runs/{run_id}/retry", retry_run)
     app.router.add_post("/v1/runs/{run_id}/cancel", cancel_run)

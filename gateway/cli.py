@@ -477,6 +477,27 @@ def _cmd_runs_show(args: argparse.Namespace, child: list[str] | None) -> int:
 
 def _run_action(action: str, done: str) -> Callable[[argparse.Namespace, list[str] | None], int]:
     def command(args: argparse.Namespace, child: list[str] | None) -> int:
+        filters = {
+            name: value
+            for name, value in (
+                ("status", args.status),
+                ("route", args.route),
+                ("since", _moment(args.since, "--since") if args.since else None),
+                ("until", _moment(args.until, "--until") if args.until else None),
+            )
+            if value is not None
+        }
+        if args.id is not None and filters:
+            raise _Failure("give a run ID or filters (--status, --route, --since, --until), "
+                           "not both", 2)
+        if args.id is None:
+            if not filters:
+                raise _Failure(f"give the ID of the run to {action}, or filters to {action} "
+                               "every run they select (--status, --route, --since, --until)", 2)
+            text, answer = _Admin.from_args(args).call("POST", f"/v1/runs/{action}",
+                                                       query=filters)
+            count = answer.get("count") if isinstance(answer, dict) else None
+            return _emit(args, text, lambda: f"{count} run{'' if count == 1 else 's'}: {done}")
         text, answer = _Admin.from_args(args).call("POST", _run_path(args.id, f"/{action}"))
         status = answer.get("status") if isinstance(answer, dict) else None
         return _emit(
@@ -591,15 +612,26 @@ def _parser() -> argparse.ArgumentParser:
         ),
         ("cancel", _run_action("cancel", "cancel requested"), "cancel a run that has not ended"),
     ):
+        bulk = action != "show"
         sub = run_commands.add_parser(
             action,
             parents=[common],
-            help=help_text,
+            help=help_text + (" (or every run the filters select)" if bulk else ""),
             usage=f"stepgate runs {action} [-h] [--url URL] [--config FILE] [--token TOKEN] "
-            "[--json] [--] ID",
-            epilog=f'An ID that starts with "-" can follow "--": stepgate runs {action} -- -AbC...',
+            "[--json] " + ("([--] ID | FILTERS)" if bulk else "[--] ID"),
+            epilog=f'An ID that starts with "-" can follow "--": stepgate runs {action} -- -AbC...'
+            + (f"\nFilters act on many runs: stepgate runs {action} --status failed --route X"
+               if bulk else ""),
         )
-        sub.add_argument("id", metavar="ID", help='the run id (one that starts with "-" too)')
+        if bulk:
+            sub.add_argument("id", metavar="ID", nargs="?",
+                             help='the run id (one that starts with "-" too)')
+            sub.add_argument("--status", help="every run in this state (e.g. failed)")
+            sub.add_argument("--route", help="every run of this route")
+            sub.add_argument("--since", help="created at or after: RFC 3339, or a duration ago")
+            sub.add_argument("--until", help="created before: RFC 3339, or a duration ago")
+        else:
+            sub.add_argument("id", metavar="ID", help='the run id (one that starts with "-" too)')
         sub.set_defaults(handler=handler)
 
     events = commands.add_parser("events", help="send events to waiting runs")
@@ -618,7 +650,8 @@ def _parser() -> argparse.ArgumentParser:
 
 _ID_ACTIONS: Final = ("show", "retry", "cancel")
 # The options of those commands (see _admin_options); argparse also takes unique abbreviations.
-_VALUED_OPTIONS: Final = ("--url", "--config", "--token")
+_VALUED_OPTIONS: Final = ("--url", "--config", "--token", "--status", "--route", "--since",
+                           "--until")
 _FLAG_OPTIONS: Final = ("--json", "--help")
 
 

@@ -90,6 +90,8 @@ class FakeAdmin:
             if request.method == "GET" and not action:
                 return web.json_response(RUN_DETAIL | {"id": run_id})
             return web.json_response(RUN_SUMMARY | {"id": run_id, "status": "running"})
+        if route in (("POST", "/v1/runs/retry"), ("POST", "/v1/runs/cancel")):
+            return web.json_response({"count": 3})
         if route == ("POST", "/v1/events"):
             return web.json_response({"id": body["id"], "woke": 2}, status=202)
         if request.path == "/v1/runs/secret":
@@ -211,6 +213,25 @@ async def test_url_and_token_from_config(
 
     await run_cli("runs", "list", "--config", str(path), "--token", "flag")
     assert admin.requests[1][3] == "Bearer flag"
+
+
+async def test_bulk_retry_and_cancel_send_the_filters(admin: Any, run_cli: Cli) -> None:
+    outcome = await run_cli("runs", "retry", "--url", admin.url, "--status", "failed",
+                            "--route", "trips", "--since", "2025-01-01T00:00:00Z")
+    assert (outcome.code, outcome.out.strip()) == (0, "3 runs: retry requested")
+    method, path, query, _, _ = admin.requests[-1]
+    assert (method, path) == ("POST", "/v1/runs/retry")
+    assert query == {"status": "failed", "route": "trips", "since": "2025-01-01T00:00:00Z"}
+    outcome = await run_cli("runs", "cancel", "--url", admin.url, "--status=retrying", "--json")
+    assert outcome.code == 0 and json.loads(outcome.out) == {"count": 3}
+    assert admin.requests[-1][:3] == ("POST", "/v1/runs/cancel", {"status": "retrying"})
+    # An id or filters, one of the two.
+    for args in (("runs", "retry", "--url", admin.url),
+                 ("runs", "cancel", "r-new", "--status", "failed", "--url", admin.url)):
+        before = len(admin.requests)
+        outcome = await run_cli(*args)
+        assert outcome.code == 2 and "filters" in outcome.err
+        assert len(admin.requests) == before
 
 
 async def test_admin_commands_do_not_need_the_store_key(

@@ -189,6 +189,49 @@ async def test_admin_retry_reruns_a_failed_run_from_its_failed_step(
         assert resp.status == 404
 
 
+async def test_bulk_retry_and_cancel_act_on_what_the_filters_select(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    """POST /v1/runs/retry and /v1/runs/cancel take GET /v1/runs's filters and say how many
+    runs they acted on; a run that does not qualify (not ended, ended) is passed over."""
+    flaky = Flaky(fail_times=6)  # the first two requests fail every attempt
+    failing = Flaky(fail_times=10**6)
+    slow_app = failing.app()
+    slow_app.router.add_route("*", "/slow", failing.handle)
+    gw = await gateway([durable(await upstream(flaky.app())),
+                        durable(await upstream(slow_app), name="slow",
+                                path="/slow", retry={"attempts": 5, "initial": "1h", "max": "1h"},
+                                hold="0s")])
+    failed = []
+    for _ in range(2):
+        async with gw.session.post(gw.url + "/work") as resp:
+            assert resp.status == 503
+            failed.append(resp.headers["Stepgate-Run-Id"])
+    async with gw.session.post(gw.url + "/work") as resp:
+        assert resp.status == 200  # completed: not selected by status=failed
+    parked = []
+    for _ in range(3):
+        async with gw.session.post(gw.url + "/slow", allow_redirects=False) as resp:
+            assert resp.status == 303  # retrying, in an hour
+            parked.append(resp.headers["Stepgate-Run-Id"])
+
+    async with gw.session.post(gw.internal + "/v1/runs/retry?status=failed") as resp:
+        assert resp.status == 200 and await resp.json() == {"count": 2}
+    for run_id in failed:
+        async with gw.session.get(f"{gw.url}/_stepgate/runs/{run_id}?token="
+                                  f"{(await gw.store.get_run(run_id)).poll_token}&wait=10") as resp:
+            assert resp.status == 200
+    async with gw.session.post(gw.internal + "/v1/runs/cancel?route=slow") as resp:
+        assert resp.status == 200 and await resp.json() == {"count": 3}
+    assert {(await gw.store.get_run(r)).status for r in parked} == {"cancelled"}
+    async with gw.session.post(gw.internal + "/v1/runs/cancel?route=slow") as resp:
+        assert await resp.json() == {"count": 0}  # cancelled already: ended
+    for bad in ("", "?status=weird", "?limit=5", "?since=yesterday"):
+        async with gw.session.post(gw.internal + "/v1/runs/retry" + bad) as resp:
+            assert resp.status == 400, bad
+            assert resp.content_type == "application/problem+json"
+
+
 async def test_admin_token_guards_admin_and_events_but_not_callbacks(
     gateway: GatewayFactory, upstream: UpstreamFactory
 ) -> None:
