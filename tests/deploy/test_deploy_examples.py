@@ -126,17 +126,33 @@ def test_routes_point_at_the_app_in_the_same_pod() -> None:
     assert is_loopback(host) and port == gateway.settings.internal_listen.port
 
 
-def test_probes_hit_the_internal_listener() -> None:
+def test_internal_listener_stays_on_loopback() -> None:
     gateway = k8s_gateway()
-    internal = gateway.settings.internal_listen
+    settings = gateway.settings
+    internal = settings.internal_listen
+    # The admin API is on it, without authentication unless admin_token is set.
+    assert is_loopback(internal.host), f"internal_listen {internal} answers on the pod's IP"
+    assert internal.port not in {settings.listen.port, metrics_address(settings).port}
+    declared = {p["containerPort"] for p in gateway.container["ports"]}
+    assert internal.port not in declared, "a containerPort for a loopback-only listener"
+
+
+def test_probes_hit_the_metrics_listener() -> None:
+    gateway = k8s_gateway()
+    metrics = gateway.settings.metrics_listen
+    # Without metrics_listen the probes would need the internal listener on the pod's IP.
+    assert metrics is not None, "no metrics_listen: nothing on the pod's IP serves the probes"
     # The kubelet connects to the pod's IP: a listener on loopback would fail every probe.
-    assert is_every_address(internal.host), f"internal_listen {internal.host} is loopback-only"
+    assert is_every_address(metrics.host), f"metrics_listen {metrics} is not on the pod's IP"
     expected = {"startupProbe": "/healthz", "livenessProbe": "/healthz",
                 "readinessProbe": "/readyz"}
     for probe, path in expected.items():
         check = gateway.container[probe]["httpGet"]
         assert check["path"] == path, f"{probe} asks {check['path']}"
-        assert container_port(gateway.container, check["port"]) == internal.port, probe
+        port = container_port(gateway.container, check["port"])
+        assert port == metrics.port, f"{probe} asks port {port}, metrics_listen is {metrics}"
+        assert "host" not in check, f"{probe} names a host; the kubelet should ask the pod's IP"
+        assert check.get("scheme", "HTTP") == "HTTP", probe
 
 
 def test_prometheus_annotations_match_the_metrics_listener() -> None:
@@ -154,8 +170,11 @@ def test_prometheus_annotations_match_the_metrics_listener() -> None:
 def test_declared_ports_are_the_listeners() -> None:
     gateway = k8s_gateway()
     settings = gateway.settings
-    listeners = {settings.listen.port, settings.internal_listen.port,
-                 metrics_address(settings).port}
+    # The listeners on the pod's IP, not the loopback-only internal one.
+    listeners = {address.port for address in (settings.listen, settings.internal_listen,
+                                              metrics_address(settings))
+                 if not is_loopback(address.host)}
+    assert listeners == {settings.listen.port, metrics_address(settings).port}
     assert {p["containerPort"] for p in gateway.container["ports"]} == listeners
     template = gateway.deployment["spec"]["template"]
     labels = template["metadata"]["labels"]
@@ -179,22 +198,31 @@ def test_the_store_password_comes_from_the_secret() -> None:
     assert secret_value(ref["name"], ref["key"])
 
 
-def test_network_policy_keeps_other_pods_off_the_internal_listener() -> None:
+def test_network_policy_opens_the_public_port_and_metrics_to_monitoring() -> None:
     gateway = k8s_gateway()
     labels = gateway.deployment["spec"]["template"]["metadata"]["labels"]
     policies = [p for p in k8s_objects("NetworkPolicy")
                 if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()]
     assert policies, "no NetworkPolicy selects the gateway's pods"
-    allowed = set()
+    sources: dict[int, list[list[Any]]] = {}  # port -> each rule's `from` ([] = anywhere)
     for policy in policies:
         assert "Ingress" in policy["spec"]["policyTypes"]
         for rule in policy["spec"].get("ingress", []):
-            assert rule.get("ports"), "a rule without ports opens every port, the internal too"
-            allowed |= {container_port(gateway.container, p["port"]) for p in rule["ports"]}
+            assert rule.get("ports"), "a rule without ports opens every port"
+            for port in rule["ports"]:
+                number = container_port(gateway.container, port["port"])
+                sources.setdefault(number, []).append(rule.get("from", []))
     settings = gateway.settings
-    assert settings.listen.port in allowed
-    assert metrics_address(settings).port in allowed
-    assert settings.internal_listen.port not in allowed
+    public, metrics = settings.listen.port, metrics_address(settings).port
+    assert set(sources) == {public, metrics}, f"the policies open {sorted(sources)}"
+    assert [] in sources[public], "clients from anywhere reach the public listener"
+    # Prometheus only; the kubelet's probes come from the node, which is always let in.
+    for peers in sources[metrics]:
+        assert peers, "the metrics listener is open to every pod"
+        for peer in peers:
+            assert "ipBlock" not in peer, peer
+            namespace = peer.get("namespaceSelector", {}).get("matchLabels", {})
+            assert namespace.get("kubernetes.io/metadata.name") == "monitoring", peer
 
 
 def test_termination_grace_covers_the_shutdown() -> None:
@@ -278,6 +306,9 @@ async def test_probe_and_scrape_paths_are_served(tmp_path: Path) -> None:
             port = ports[container_port(k8s.container, check["port"])]
             status, _ = await served(f"http://127.0.0.1:{port}{check['path']}")
             assert status == 200, f"{probe}: {check['path']} answered {status}"
+            # The port the kubelet reaches on the pod's IP keeps the admin API off it.
+            status, _ = await served(f"http://127.0.0.1:{port}/v1/runs")
+            assert status == 404, f"{probe}'s port serves the admin API ({status})"
         annotations = k8s.deployment["spec"]["template"]["metadata"]["annotations"]
         scrape = f"http://127.0.0.1:{ports[int(annotations['prometheus.io/port'])]}"
         status, text = await served(scrape + annotations["prometheus.io/path"])
