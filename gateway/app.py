@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import Final
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -27,11 +29,12 @@ from aiohttp.typedefs import Handler
 from yarl import URL
 
 from gateway import admin, callbacks, ui
-from gateway.config import Address, Settings
+from gateway.config import Address, ConfigError, Settings, load_settings
 from gateway.engine import ENGINE, Engine
 from gateway.errors import GatewayError
 from gateway.limits import BodyTimeout, GuardedSite, body_timeout_problem, raise_open_file_limit
 from gateway.logging import configure as configure_logging
+from gateway.logging import set_level as set_log_level
 from gateway.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from gateway.metrics import Metrics
 from gateway.poll import poll
@@ -181,6 +184,7 @@ class Gateway:
         self._internal: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
+        self.router: Router | None = None
         self._stopped = False
         self._store_open = False
 
@@ -190,7 +194,7 @@ class Gateway:
         public = web.Application(middlewares=[before_routes])
         public[ENGINE] = engine
         public[SESSION] = session
-        public[ROUTER] = Router(self.settings.routes)
+        public[ROUTER] = self.router = Router(self.settings.routes)
         public[METRICS] = self.metrics
         public.router.add_route("*", RESERVED_PREFIX + "runs/{run_id}", poll_any_method)
         public.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=defer_continue)
@@ -272,8 +276,45 @@ class Gateway:
             await self.store.close()
 
 
-async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
-    """Run until SIGTERM or SIGINT (or until the child exits); return the exit code."""
+# What a reload may change; the rest (listeners, store, limits, …) is bound at start.
+RELOADABLE: Final = ("routes", "log_level", "admin_token", "events_lookback", "retention",
+                     "shutdown_grace")
+
+
+def reload(gateway: Gateway, path: str) -> bool:
+    """Read the config again and take what may change without a restart (a SIGHUP). A config
+    that does not load is refused with its one-line error, and the running one stays."""
+    old = gateway.settings
+    try:
+        new = load_settings(path)
+    except ConfigError as exc:
+        log.error("config.reload_refused", error=str(exc), kept="the running config")
+        return False
+    if not new.routes:
+        log.error("config.reload_refused", error=f"{path}: routes: no routes",
+                  kept="the running config")
+        return False
+    kept = [field.name for field in dataclasses.fields(Settings) if field.name not in RELOADABLE
+            and getattr(new, field.name) != getattr(old, field.name)]
+    taken = dataclasses.replace(old, **{name: getattr(new, name) for name in RELOADABLE})
+    gateway.settings = taken
+    if gateway.router is not None:
+        gateway.router.load(taken.routes)
+    if gateway.engine is not None:
+        gateway.engine.reload(taken)
+    set_log_level(taken.log_level)
+    log.info("config.reloaded", routes=len(taken.routes),
+             changed=[name for name in RELOADABLE if getattr(taken, name) != getattr(old, name)])
+    if kept:
+        log.warning("config.reload_kept", keys=kept,
+                    why="listeners, the store and limits change only with a restart")
+    return True
+
+
+async def serve(settings: Settings, child: Sequence[str] | None = None,
+                config_path: str | None = None) -> int:
+    """Run until SIGTERM or SIGINT (or until the child exits); return the exit code. SIGHUP
+    reloads `config_path` (and is passed on to the child too, which may reload its own)."""
     configure_logging(settings.log_level, settings.log_format)
     was, now = raise_open_file_limit()
     log.info("gateway.open_files", limit=now, raised_from=was if was != now else None)
@@ -283,13 +324,22 @@ async def serve(settings: Settings, child: Sequence[str] | None = None) -> int:
         loop.add_signal_handler(sig, stop.set)
     process: ChildProcess | None = None
     gateway = Gateway(settings)
+
+    def hangup() -> None:
+        if config_path is not None:
+            reload(gateway, config_path)
+        if process is not None:
+            process.send_signal(signal.SIGHUP)
+
     code = 0
     try:
         await gateway.open_store()
         if child:
             process = await ChildProcess.start(child)
-            for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            for sig in (signal.SIGUSR1, signal.SIGUSR2):
                 loop.add_signal_handler(sig, process.send_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+        if process is not None:
             await process.wait_ready(
                 upstream_addresses(route.upstream for route in settings.routes), timeout=30.0
             )

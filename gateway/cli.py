@@ -89,7 +89,7 @@ def _cmd_serve(args: argparse.Namespace, child: list[str] | None) -> int:
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            code = runner.run(serve(settings, child))
+            code = runner.run(serve(settings, child, config_path=args.config))
     except KeyboardInterrupt:  # a second Ctrl-C before the gateway's own handler took over
         return 130
     except OSError as exc:  # e.g. the listen port is taken: an environment problem, not a bug

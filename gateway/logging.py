@@ -26,6 +26,40 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
            "error": logging.ERROR}
 
 
+# The level in force; a reload changes it here, and every logger reads it at each call
+# (structlog caches a logger on first use, so a level baked into its class would stay).
+_level = [logging.INFO]
+
+
+class _Logger(structlog.BoundLoggerBase):
+    """A bound logger that drops a call below the current level before anything is built."""
+
+    def _at(self, level: int, method: str, event: str | None, kw: dict[str, object]) -> None:
+        if level >= _level[0]:
+            self._proxy_to_logger(method, event, **kw)
+
+    def debug(self, event: str | None = None, **kw: object) -> None:
+        self._at(logging.DEBUG, "debug", event, kw)
+
+    def info(self, event: str | None = None, **kw: object) -> None:
+        self._at(logging.INFO, "info", event, kw)
+
+    def warning(self, event: str | None = None, **kw: object) -> None:
+        self._at(logging.WARNING, "warning", event, kw)
+
+    def error(self, event: str | None = None, **kw: object) -> None:
+        self._at(logging.ERROR, "error", event, kw)
+
+    def exception(self, event: str | None = None, **kw: object) -> None:
+        kw.setdefault("exc_info", True)
+        self._at(logging.ERROR, "error", event, kw)
+
+
+def set_level(level: str) -> None:
+    """Change the level of every logger at once (a reload)."""
+    _level[0] = _LEVELS.get(level, logging.INFO)
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     renderer: structlog.typing.Processor
     factory: Callable[..., object]
@@ -44,10 +78,11 @@ def configure(level: str = "info", fmt: str = "json") -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        wrapper_class=_Logger,
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    set_level(level)
 
 
 class Throttle:

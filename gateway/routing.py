@@ -81,6 +81,11 @@ class Router:
     __slots__ = ("_entries",)
 
     def __init__(self, routes: Sequence[Route]) -> None:
+        self.load(routes)
+
+    def load(self, routes: Sequence[Route]) -> None:
+        """Take a new route table (a reload): one assignment, so a match sees the old table or
+        the new one, never a mix."""
         # A linear scan over a few precomputed strings beats an index for the handful of
         # routes a sidecar has, and it is the configured order by construction.
         self._entries: tuple[_Entry, ...] = tuple(

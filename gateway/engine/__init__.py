@@ -157,6 +157,15 @@ class Engine:
         if purged:
             log.info("store.purged", runs=purged)
 
+    def reload(self, settings: Settings) -> None:
+        """Take new routes and the settings read per use (a SIGHUP); runs keep going, and one
+        whose route is gone ends failed at its next attempt's end, as after a restart."""
+        self.settings = settings
+        self.invoker.settings = settings
+        routes = {route.name: route for route in settings.routes}
+        self.routes.clear()
+        self.routes.update(routes)  # the invoker holds this same dict
+
     # -- requests ------------------------------------------------------------------------------
 
     async def handle(self, request: web.Request, route: Route) -> web.StreamResponse:
