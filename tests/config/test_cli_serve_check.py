@@ -23,10 +23,13 @@ class FakeApp:
     def __init__(self, code: int) -> None:
         self.code = code
         self.calls: list[tuple[Settings, Sequence[str] | None, str]] = []
+        self.config_paths: list[str | None] = []
 
-    async def serve(self, settings: Settings, child: Sequence[str] | None = None) -> int:
+    async def serve(self, settings: Settings, child: Sequence[str] | None = None,
+                    config_path: str | None = None) -> int:
         loop = type(asyncio.get_running_loop()).__module__
         self.calls.append((settings, child, loop))
+        self.config_paths.append(config_path)
         return self.code
 
 
@@ -52,6 +55,7 @@ def test_serve_hands_settings_and_child_to_the_app(
     assert settings.routes[0].name == "a"
     assert child == ["python", "app.py", "--port", "3000"]
     assert loop.startswith("uvloop")  # installed in the test environment
+    assert fake_app.config_paths == [str(path)]  # what a SIGHUP reads again
 
 
 def test_serve_without_child(fake_app: FakeApp, write_config: WriteConfig, cli: RunCli) -> None:
