@@ -1,7 +1,7 @@
 """The store interface: one method per named transaction, and the notification of committed
 changes.
 
-A dialect (SQLite now, PostgreSQL next) implements these; the domain rules they apply inside
+A dialect (SQLite, PostgreSQL) implements these; the domain rules they apply inside
 their transactions are the pure functions of `gateway.lifecycle` and `gateway.store.rules`.
 Every transition is a compare-and-set on the stored run: it reads the run, lets the rule decide
 on that, and writes the result in the same transaction, so concurrent callers can never undo

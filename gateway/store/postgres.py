@@ -382,8 +382,8 @@ class PostgresStore(Store):
             "DELETE FROM replicas WHERE last_seen < now() - interval '1 day'"))
 
     async def writable(self) -> bool:
-        try:
-            await self._tx(lambda conn: conn.execute("SELECT 1"))
+        try:  # a real write: a server in recovery (a standby) or read-only refuses it
+            await self._tx(self._renew_op)
         except StoreError:
             return False
         return self.last_write_failed is None
