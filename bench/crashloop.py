@@ -2,13 +2,13 @@
 
     python bench/crashloop.py [--kills 50] [--clients 8] [--out docs/reliability.md]
 
-The gateway runs as its own process (`python -m gateway serve`) on a fresh SQLite file, in
-front of an upstream in this process whose handler runs three steps through the raw callback
-protocol (each takes 10 to 80 ms, one in five 1 to 2 s: longer than a restart) and keeps running
-when the gateway hangs up on it, the way a threaded server does. Clients start runs with `Prefer: respond-async` and an `Idempotency-Key`;
-a client whose request was cut by a kill sends it again with the same key. A killer SIGKILLs the
-gateway at random moments and starts it again 0.05 to 0.3 s later, so attempts overlap with the
-handlers of the attempts they replace.
+The gateway runs as its own process (`python -m gateway serve`) on a fresh SQLite file, in front
+of an upstream in this process whose handler runs three steps through the raw callback protocol
+(each takes 10 to 80 ms, one in five 1 to 2 s: longer than a restart) and keeps running when the
+gateway hangs up on it, the way a threaded server does. Clients start runs with `Prefer:
+respond-async` and an `Idempotency-Key`; a client whose request was cut by a kill sends it again
+with the same key. A killer SIGKILLs the gateway at random moments and starts it again 0.05 to
+0.3 s later, so attempts overlap with the handlers of the attempts they replace.
 
 At the end, with the gateway stopped, it checks:
 - every accepted run has ended (completed);

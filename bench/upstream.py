@@ -7,6 +7,7 @@ same server:
     POST     /steps/{n}   durable handler: n `step.run` calls through the Stepgate SDK
     POST     /raw/{n}     the same handler speaking the step protocol itself (PUT per step)
     POST     /gate        held while the gate is closed (growth scenario: unfinished runs)
+    POST     /hold/{n}    /raw/{n} with a ledger; while held, step s1 blocks (take-over scenario)
 
 and a control surface for the harness under /_bench/ (health, gate, stats).
 
@@ -45,7 +46,21 @@ class GateState:
     last_since_open: float | None = None
 
 
+@dataclass(slots=True)
+class HoldLedger:
+    """/hold/{n}: every invocation, every step execution and every acknowledged step write,
+    with their times (time.time(), comparable across the upstreams of one machine)."""
+
+    holding: bool = False  # while on, step s1 blocks after s0 was acknowledged
+    released: asyncio.Event = field(default_factory=asyncio.Event)  # set: blocked ones go on
+    blocked: int = 0  # handlers blocked in s1 right now
+    invoked: dict[str, list[float]] = field(default_factory=dict)  # run id -> invocation times
+    executed: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # run -> step ->
+    acked: dict[str, dict[str, float]] = field(default_factory=dict)  # run -> step -> ack time
+
+
 GATE = web.AppKey("gate", GateState)
+HOLD = web.AppKey("hold", HoldLedger)
 CALLBACK_SESSION = web.AppKey("callback_session", aiohttp.ClientSession)
 
 
@@ -113,6 +128,52 @@ async def raw_steps(request: web.Request) -> web.Response:
                 detail = f"PUT {step_id} answered {resp.status}"
                 return problem(502, "Checkpoint failed", detail)
             stored = await resp.json()
+        total += int(stored["output"])
+    return web.json_response({"steps": n, "total": total})
+
+
+async def hold_steps(request: web.Request) -> web.Response:
+    """The raw step protocol as /raw/{n}, recorded in the ledger; only through the gateway."""
+    n = steps_of(request)
+    await request.read()
+    ledger = request.app[HOLD]
+    run_id = request.headers.get("Stepgate-Run-Id", "")
+    callback = request.headers.get("Stepgate-Callback")
+    token = request.headers.get("Stepgate-Token")
+    if not (callback and token and run_id):
+        return problem(400, "Not through a gateway", "/hold needs the Stepgate-* headers")
+    ledger.invoked.setdefault(run_id, []).append(time.time())
+    session = request.app[CALLBACK_SESSION]
+    auth = {"Authorization": f"Bearer {token}"}
+    recorded: dict[str, Any] = {}
+    if int(request.headers.get("Stepgate-Steps", "0")) > 0:
+        async with session.get(f"{callback}/steps", headers=auth) as resp:
+            if resp.status != 200:
+                return problem(502, "Step list failed", f"GET steps answered {resp.status}")
+            listing = await resp.json()
+        recorded = {s["id"]: s["output"] for s in listing["steps"] if s["status"] == "completed"}
+    total = 0
+    for i in range(n):
+        step_id = f"s{i}"
+        if step_id in recorded:
+            total += int(recorded[step_id])
+            continue
+        ledger.executed.setdefault(run_id, {}).setdefault(step_id, []).append(time.time())
+        output = await bump(i)
+        if i == 1 and ledger.holding:
+            # Mid-step: s0 is acknowledged, s1 has started and does not return.
+            ledger.blocked += 1
+            try:
+                await ledger.released.wait()
+            finally:
+                ledger.blocked -= 1
+            return problem(503, "Released", "the hold was released before the step ended")
+        body = {"output": output, "seq": i}
+        async with session.put(f"{callback}/steps/{step_id}", json=body, headers=auth) as resp:
+            if resp.status not in (200, 201):
+                return problem(502, "Checkpoint failed", f"PUT {step_id} answered {resp.status}")
+            stored = await resp.json()
+        ledger.acked.setdefault(run_id, {}).setdefault(step_id, time.time())
         total += int(stored["output"])
     return web.json_response({"steps": n, "total": total})
 
@@ -210,6 +271,27 @@ async def stats(request: web.Request) -> web.Response:
     )
 
 
+async def control_hold(request: web.Request) -> web.Response:
+    """POST ?on=1: s1 of /hold blocks from now on; ?on=0: it does not, and blocked ones end."""
+    ledger = request.app[HOLD]
+    ledger.holding = request.query.get("on") == "1"
+    if ledger.holding:
+        ledger.released.clear()
+    else:
+        ledger.released.set()
+    return web.json_response({"holding": ledger.holding})
+
+
+async def hold_stats(request: web.Request) -> web.Response:
+    ledger = request.app[HOLD]
+    if request.query.get("full") != "1":
+        return web.json_response({"holding": ledger.holding, "blocked": ledger.blocked,
+                                  "invoked": len(ledger.invoked)})
+    return web.json_response({"holding": ledger.holding, "blocked": ledger.blocked,
+                              "invoked": ledger.invoked, "executed": ledger.executed,
+                              "acked": ledger.acked})
+
+
 async def health(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
@@ -218,8 +300,10 @@ async def gate_ctx(app: web.Application) -> AsyncIterator[None]:
     # The Event must be created inside the running loop.
     app[GATE] = GateState()
     app[GATE].opened.set()
+    app[HOLD] = HoldLedger()
     yield
     app[GATE].opened.set()  # release held requests so shutdown is quick
+    app[HOLD].released.set()
 
 
 def make_app() -> web.Application:
@@ -230,6 +314,9 @@ def make_app() -> web.Application:
     app.router.add_post("/plain", plain)
     app.router.add_post("/raw/{n}", raw_steps)
     app.router.add_post("/gate", gate)
+    app.router.add_post("/hold/{n}", hold_steps)
+    app.router.add_post("/_bench/hold", control_hold)
+    app.router.add_get("/_bench/hold", hold_stats)
     app.router.add_get("/_bench/health", health)
     app.router.add_post("/_bench/gate", control_gate)
     app.router.add_get("/_bench/stats", stats)

@@ -84,3 +84,48 @@ async def test_sdk_route_runs_steps_in_process_outside_the_gateway(aiohttp_clien
     resp = await client.post("/steps/3", data=b"{}")
     assert resp.status == 200, await resp.text()
     assert await resp.json() == {"steps": 3, "total": 6}
+
+
+async def test_hold_records_steps_and_blocks_s1_while_held(
+    aiohttp_client: Any, aiohttp_server: Any
+) -> None:
+    steps: dict[str, Any] = {}
+
+    async def list_steps(request: web.Request) -> web.Response:
+        listed = [{"id": k, "status": "completed", "output": v} for k, v in steps.items()]
+        return web.json_response({"steps": listed})
+
+    async def put_step(request: web.Request) -> web.Response:
+        body = await request.json()
+        steps[request.match_info["step"]] = body["output"]
+        return web.json_response({"status": "completed", "output": body["output"]}, status=201)
+
+    gateway = web.Application()
+    gateway.router.add_get("/v1/runs/r1/steps", list_steps)
+    gateway.router.add_put("/v1/runs/r1/steps/{step}", put_step)
+    server: TestServer = await aiohttp_server(gateway)
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(upstream.make_app())
+    headers = {
+        "Stepgate-Callback": str(server.make_url("/v1/runs/r1")),
+        "Stepgate-Token": "tok",
+        "Stepgate-Run-Id": "r1",
+    }
+
+    await client.post("/_bench/hold?on=1")
+    blocked = asyncio.ensure_future(client.post("/hold/3", data=b"{}", headers=headers))
+    for _ in range(100):
+        if (await (await client.get("/_bench/hold")).json())["blocked"] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert not blocked.done()
+    assert steps == {"s0": 1}  # s0 acknowledged, s1 started and blocked
+
+    # Another attempt, not held, replays s0 and runs s1 and s2.
+    await client.post("/_bench/hold?on=0")
+    assert (await blocked).status == 503
+    resp = await client.post("/hold/3", data=b"{}", headers={**headers, "Stepgate-Steps": "1"})
+    assert await resp.json() == {"steps": 3, "total": 1 + 2 + 3}
+    ledger = await (await client.get("/_bench/hold?full=1")).json()
+    assert len(ledger["invoked"]["r1"]) == 2
+    assert {k: len(v) for k, v in ledger["executed"]["r1"].items()} == {"s0": 1, "s1": 2, "s2": 1}
+    assert set(ledger["acked"]["r1"]) == {"s0", "s1", "s2"}
