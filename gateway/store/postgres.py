@@ -16,8 +16,9 @@ fences the running runs of replicas silent for longer than the lease (a crashed 
 a restart) so that some replica resumes them; the claim of a due run is a compare-and-set, so
 each timer is acted on by one replica only.
 
-Notifications. Every transaction that changes a run sends `NOTIFY stepgate` with
-`<replica> <status> <due_at> <run id>`, delivered at commit. Each replica LISTENs on a
+Notifications. Every insert or update of a run's status or due time sends `NOTIFY stepgate`
+with `<replica> <status> <due_at> <run id>` from a trigger (runs_notify), delivered at commit;
+the replica is the `stepgate.replica` setting each gateway connects with. Each replica LISTENs on a
 connection of its own and tells its listeners of changes committed elsewhere. While that
 connection is down (it is re-established every second), `live_notifications` is false and the
 waiters read the store instead.
@@ -159,6 +160,21 @@ MIGRATIONS: tuple[str, ...] = (
 
     CREATE TABLE meta (name TEXT PRIMARY KEY, value BYTEA NOT NULL);
     """,
+    # Notifications are sent by the database as part of each write, rather than as a statement
+    # of their own: a round trip less for every change to a run. The replica comes from the
+    # session setting each gateway connects with.
+    """
+    CREATE FUNCTION stepgate_notify() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN
+        PERFORM pg_notify('stepgate', concat_ws(' ',
+            coalesce(current_setting('stepgate.replica', true), '-'), NEW.status,
+            coalesce(NEW.due_at::text, '-'), NEW.id));
+        RETURN NULL;
+    END
+    $fn$;
+    CREATE TRIGGER runs_notify AFTER INSERT OR UPDATE OF status, due_at ON runs
+        FOR EACH ROW EXECUTE FUNCTION stepgate_notify();
+    """,
 )
 
 
@@ -176,9 +192,30 @@ _INSERT_RUN: Final = (
     f"INSERT INTO runs ({RUN_COLUMNS}, owner) VALUES "
     f"({', '.join(f'${n}' for n in range(1, RUN_COLUMNS.count(',') + 3))})"
 )
-_NOTIFY: Final = "SELECT pg_notify($1, $2)"
+# The run row, locked, with one step of it (or nulls): a step write's two reads in one.
+_LOCK_RUN_AND_STEP: Final = (
+    f"SELECT {', '.join('r.' + c.strip() for c in RUN_COLUMNS.split(','))}, "
+    f"{', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} FROM runs r "
+    "LEFT JOIN steps s ON s.run_id = r.id AND s.step_id = $2 WHERE r.id = $1 FOR UPDATE OF r"
+)
+# The run row, locked, with each of its parked steps (one row, with nulls, if none).
+_LOCK_RUN_AND_PARKED: Final = (
+    f"SELECT {', '.join('r.' + c.strip() for c in RUN_COLUMNS.split(','))}, "
+    f"{', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} FROM runs r "
+    "LEFT JOIN steps s ON s.run_id = r.id AND s.status IN ('sleeping', 'waiting') "
+    "WHERE r.id = $1 FOR UPDATE OF r"
+)
+_RUN_WIDTH: Final = RUN_COLUMNS.count(",") + 1
+# A claim's update also names the replica that will invoke the run.
+_UPDATE_RUN_OWNED: Final = numbered(UPDATE_RUN.replace(" WHERE id = ?", ", owner = ? WHERE id = ?"))
 # PostgreSQL's text cannot hold NUL; ids that hold one name nothing stored, and say so.
 _NUL: Final = "\x00"
+
+
+async def _keep_session(conn: object) -> None:
+    """A pool connection given back needs no reset: no transaction outlives its `_tx`, advisory
+    locks are transaction-scoped, and nothing else sets session state. asyncpg's default
+    reset is a statement of four commands on every release."""
 
 
 def safe_url(url: str) -> str:
@@ -230,12 +267,14 @@ class PostgresStore(Store):
     # -- lifetime ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        settings = {"application_name": f"stepgate {self.replica_id}"[:63]}
+        settings = {"application_name": f"stepgate {self.replica_id}"[:63],
+                    "stepgate.replica": self.replica_id}  # read by the runs_notify trigger
         if self._durability != "full":
             settings["synchronous_commit"] = "off"
         try:
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self._pool_size, server_settings=settings,
+                reset=_keep_session,
                 command_timeout=30,
             )
             async with self._pool.acquire() as conn:
@@ -435,15 +474,13 @@ class PostgresStore(Store):
         return self._rows.run(row) if row else None
 
     async def _write_run(self, conn: Conn, run: Run) -> None:
+        """Store a run's new state; the database notifies the other replicas (runs_notify)."""
         await conn.execute(_UPDATE_RUN, *self._rows.update(run))
-        await self._notify(conn, run)
 
-    async def _notify(self, conn: Conn, run: Run) -> None:
-        due = "-" if run.due_at is None else repr(run.due_at)
-        await conn.execute(_NOTIFY, CHANNEL, f"{self.replica_id} {run.status} {due} {run.id}")
-
-    async def _owned(self, conn: Conn, run_id: str) -> None:
-        await conn.execute("UPDATE runs SET owner = $1 WHERE id = $2", self.replica_id, run_id)
+    def _split(self, row: asyncpg.Record) -> tuple[Run, Step | None]:
+        """A row of _LOCK_RUN_AND_*: the run, and the step joined to it, if any."""
+        step = tuple(row[_RUN_WIDTH:])
+        return self._rows.run(row), step_from_row(step) if step[0] is not None else None
 
     @staticmethod
     async def _write_attempt(conn: Conn, run_id: str, attempt: Attempt) -> None:
@@ -524,7 +561,6 @@ class PostgresStore(Store):
 
         async def op(conn: Conn) -> None:
             await conn.execute(_INSERT_RUN, *params)
-            await self._notify(conn, run)
 
         await self._tx(op)
         self._changed(run)
@@ -572,8 +608,8 @@ class PostgresStore(Store):
                     "UPDATE steps SET status = 'completed', output = 'null', updated_at = $1 "
                     "WHERE run_id = $2 AND status IN ('sleeping', 'waiting') AND wake_at <= $1",
                     now, run_id)
-            await self._write_run(conn, claimed)
-            await self._owned(conn, run_id)
+            await conn.execute(_UPDATE_RUN_OWNED,
+                               *self._rows.update(claimed)[:-1], self.replica_id, run_id)
             return claimed
 
         claimed = await self._tx(op)
@@ -584,13 +620,12 @@ class PostgresStore(Store):
     async def finish_attempt(self, run_id: str, outcome: Outcome,
                              rule: AttemptRule) -> AfterAttempt:
         async def op(conn: Conn) -> AfterAttempt:
-            run = await self._read(conn, run_id)
-            if run is None:
+            rows = await conn.fetch(_LOCK_RUN_AND_PARKED, run_id) if _NUL not in run_id else []
+            if not rows:
                 raise UnknownRun(run_id)
-            rows = await conn.fetch(
-                f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 "
-                "AND status IN ('sleeping', 'waiting')", run_id)
-            after = rule(run, [step_from_row(r) for r in rows])
+            joined = [self._split(row) for row in rows]
+            run = joined[0][0]
+            after = rule(run, [step for _, step in joined if step is not None])
             if after.decision is not None:
                 await self._write_run(conn, after.run)
             await self._write_attempt(conn, run_id, after.attempt)
@@ -610,11 +645,10 @@ class PostgresStore(Store):
         async def op(conn: Conn) -> StepWrite:
             if call.kind == StepKind.WAIT:
                 await self._lock_event(conn, call.event)
-            run, _ = authorize_callback(await self._read(conn, run_id), run_id, token)
-            row = await conn.fetchrow(
-                f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND step_id = $2",
-                run_id, step_id)
-            current = step_from_row(row) if row else None
+            row = (await conn.fetchrow(_LOCK_RUN_AND_STEP, run_id, step_id)
+                   if _NUL not in run_id else None)
+            stored, current = self._split(row) if row is not None else (None, None)
+            run, _ = authorize_callback(stored, run_id, token)
             call_now = call
             if call.kind == StepKind.WAIT and (current is None
                                                 or current.status == StepStatus.FAILED):
