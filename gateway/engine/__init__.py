@@ -106,8 +106,9 @@ class Engine:
                                                     name="stepgate-take-over")
 
     async def _take_over(self, lease: float) -> None:
-        """Every half lease, fence what replicas that stopped renewing theirs left running:
-        counted as crashed attempts, then resumed by whichever replica claims them first."""
+        """Every fifth of a lease, fence what replicas that stopped renewing theirs left
+        running: counted as crashed attempts, then resumed by whichever replica claims them
+        first. A dead replica's runs restart within 1.2 leases of its last renewal."""
         now = time.time()
 
         def rule(run: Run) -> AfterAttempt:
@@ -125,7 +126,7 @@ class Engine:
                 self.metrics.taken_over.inc(len(taken))
                 log.info("gateway.took_over", runs=len(taken),
                          run_ids=sorted(after.run.id for after in taken)[:10])
-            await asyncio.sleep(lease / 2)
+            await asyncio.sleep(lease / 5)
 
     async def _recover_later(self, started: float) -> None:
         while True:

@@ -206,6 +206,20 @@ _LOCK_RUN_AND_PARKED: Final = (
     "WHERE r.id = $1 FOR UPDATE OF r"
 )
 _RUN_WIDTH: Final = RUN_COLUMNS.count(",") + 1
+_UPSERT_ATTEMPT: Final = (
+    "INSERT INTO attempts (run_id, n, started_at, ended_at, outcome, status, error) "
+    "VALUES ({}) ON CONFLICT (run_id, n) DO UPDATE SET "
+    "started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at, "
+    "outcome = EXCLUDED.outcome, status = EXCLUDED.status, error = EXCLUDED.error"
+)
+_UPDATE_WIDTH: Final = UPDATE_RUN.count("?")
+# An attempt's end: its record and the run's new state in one statement (the run's id, the
+# last parameter of the update, is the attempt's run too).
+_FINISH: Final = (
+    "WITH attempt AS (" + _UPSERT_ATTEMPT.format(", ".join(
+        [f"${_UPDATE_WIDTH}", *(f"${_UPDATE_WIDTH + n}" for n in range(1, 7))])) + ") "
+    + numbered(UPDATE_RUN)
+)
 # A claim's update also names the replica that will invoke the run.
 _UPDATE_RUN_OWNED: Final = numbered(UPDATE_RUN.replace(" WHERE id = ?", ", owner = ? WHERE id = ?"))
 # PostgreSQL's text cannot hold NUL; ids that hold one name nothing stored, and say so.
@@ -429,16 +443,21 @@ class PostgresStore(Store):
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    async def _tx(self, op: Callable[[Conn], Awaitable[T]]) -> T:
-        """Run `op` in a transaction of its own; translate what fails."""
+    async def _tx(self, op: Callable[[Conn], Awaitable[T]], *, single: bool = False) -> T:
+        """Run `op` in a transaction of its own; translate what fails. `single`: `op` is one
+        statement, atomic by itself, and BEGIN and COMMIT would only add two round trips."""
         if self._pool is None:
             raise StoreError("the store is closed")
         started = time.perf_counter()
         try:
             for attempt in range(_TRIES):
                 try:
-                    async with self._pool.acquire() as conn, conn.transaction():
-                        result = await op(conn)
+                    async with self._pool.acquire() as conn:
+                        if single:
+                            result = await op(conn)
+                        else:
+                            async with conn.transaction():
+                                result = await op(conn)
                     break
                 except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
                     if attempt == _TRIES - 1:
@@ -484,14 +503,9 @@ class PostgresStore(Store):
 
     @staticmethod
     async def _write_attempt(conn: Conn, run_id: str, attempt: Attempt) -> None:
-        await conn.execute(
-            "INSERT INTO attempts (run_id, n, started_at, ended_at, outcome, status, error) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (run_id, n) DO UPDATE SET "
-            "started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at, "
-            "outcome = EXCLUDED.outcome, status = EXCLUDED.status, error = EXCLUDED.error",
-            run_id, attempt.n, attempt.started_at, attempt.ended_at, attempt.outcome,
-            attempt.status, attempt.error,
-        )
+        await conn.execute(_UPSERT_ATTEMPT.format("$1, $2, $3, $4, $5, $6, $7"), run_id,
+                           attempt.n, attempt.started_at, attempt.ended_at, attempt.outcome,
+                           attempt.status, attempt.error)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -562,7 +576,7 @@ class PostgresStore(Store):
         async def op(conn: Conn) -> None:
             await conn.execute(_INSERT_RUN, *params)
 
-        await self._tx(op)
+        await self._tx(op, single=True)
         self._changed(run)
 
     async def _fence(self, rule: InterruptRule, where: str, *params: Any) -> list[AfterAttempt]:
@@ -626,9 +640,13 @@ class PostgresStore(Store):
             joined = [self._split(row) for row in rows]
             run = joined[0][0]
             after = rule(run, [step for _, step in joined if step is not None])
-            if after.decision is not None:
-                await self._write_run(conn, after.run)
-            await self._write_attempt(conn, run_id, after.attempt)
+            if after.decision is not None:  # the run and its attempt in one statement
+                attempt = after.attempt
+                await conn.execute(_FINISH, *self._rows.update(after.run), attempt.n,
+                                   attempt.started_at, attempt.ended_at, attempt.outcome,
+                                   attempt.status, attempt.error)
+            else:
+                await self._write_attempt(conn, run_id, after.attempt)
             return after
 
         after = await self._tx(op)
