@@ -69,15 +69,21 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return (not self.repeated_after_ack and not self.key_mismatches and not self.unended
-                and self.integrity == "ok" and self.runs_in_store == self.accepted
-                and self.completed == self.accepted)
+        return (
+            not self.repeated_after_ack
+            and not self.key_mismatches
+            and not self.unended
+            and self.integrity == "ok"
+            and self.runs_in_store == self.accepted
+            and self.completed == self.accepted
+        )
 
     def problems(self) -> list[str]:
         found = []
         if self.repeated_after_ack:
-            found.append(f"steps run again after their write was acknowledged: "
-                         f"{self.repeated_after_ack[:5]}")
+            found.append(
+                f"steps run again after their write was acknowledged: {self.repeated_after_ack[:5]}"
+            )
         if self.key_mismatches:
             found.append(f"keys answered with two run ids: {self.key_mismatches[:5]}")
         if self.unended:
@@ -132,10 +138,12 @@ class Upstream:
                 # Now and then a step outlasts a gateway restart, so the attempt that replaces
                 # this one starts while this one is still going.
                 slow = self.rng.random() < 0.2
-                await asyncio.sleep(self.rng.uniform(1.0, 2.0) if slow else
-                                    self.rng.uniform(0.01, 0.08))
+                await asyncio.sleep(
+                    self.rng.uniform(1.0, 2.0) if slow else self.rng.uniform(0.01, 0.08)
+                )
                 async with self.session.put(
-                    f"{callback}/steps/{quote(name, safe='')}", headers=auth,
+                    f"{callback}/steps/{quote(name, safe='')}",
+                    headers=auth,
                     json={"output": f"{name}-done", "seq": seq},
                 ) as resp:
                     answer = await resp.json(content_type=None)
@@ -157,17 +165,27 @@ class Gateway:
         self.internal = free_port()
         self.db = tmp / "stepgate.db"
         self.config = tmp / "stepgate.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "listen": f"127.0.0.1:{self.public}",
-            "internal_listen": f"127.0.0.1:{self.internal}",
-            "store": f"sqlite:///{self.db}",
-            "log_level": "warning",
-            "routes": [{
-                "name": "work", "path": "/work", "upstream": upstream, "durable": True,
-                "timeout": "5s", "hold": "1s",
-                "retry": {"attempts": 100, "initial": "20ms", "max": "200ms"},
-            }],
-        }))
+        self.config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": f"127.0.0.1:{self.public}",
+                    "internal_listen": f"127.0.0.1:{self.internal}",
+                    "store": f"sqlite:///{self.db}",
+                    "log_level": "warning",
+                    "routes": [
+                        {
+                            "name": "work",
+                            "path": "/work",
+                            "upstream": upstream,
+                            "durable": True,
+                            "timeout": "5s",
+                            "hold": "1s",
+                            "retry": {"attempts": 100, "initial": "20ms", "max": "200ms"},
+                        }
+                    ],
+                }
+            )
+        )
         self.log = tmp / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -183,7 +201,8 @@ class Gateway:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the wait is async
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -214,16 +233,23 @@ class Gateway:
                 self.proc.wait()
 
 
-async def _client(gw: Gateway, session: aiohttp.ClientSession, report: Report,
-                  keys: dict[str, set[str]], stop: asyncio.Event) -> None:
+async def _client(
+    gw: Gateway,
+    session: aiohttp.ClientSession,
+    report: Report,
+    keys: dict[str, set[str]],
+    stop: asyncio.Event,
+) -> None:
     while not stop.is_set():
         key = secrets.token_urlsafe(12)
         while True:
             try:
-                async with session.post(gw.url + "/work", data=b'{"order": 1}',
-                                        headers={"Idempotency-Key": key,
-                                                 "Prefer": "respond-async"},
-                                        allow_redirects=False) as resp:
+                async with session.post(
+                    gw.url + "/work",
+                    data=b'{"order": 1}',
+                    headers={"Idempotency-Key": key, "Prefer": "respond-async"},
+                    allow_redirects=False,
+                ) as resp:
                     if resp.status in (200, 202):
                         keys.setdefault(key, set()).add(resp.headers["Stepgate-Run-Id"])
                         break
@@ -234,8 +260,7 @@ async def _client(gw: Gateway, session: aiohttp.ClientSession, report: Report,
         await asyncio.sleep(0.02)
 
 
-async def run_crash_loop(tmp: Path, *, kills: int = 10, clients: int = 8,
-                         seed: int = 1) -> Report:
+async def run_crash_loop(tmp: Path, *, kills: int = 10, clients: int = 8, seed: int = 1) -> Report:
     report = Report(kills=kills, clients=clients)
     started = time.monotonic()
     upstream = Upstream(report)
@@ -253,8 +278,9 @@ async def run_crash_loop(tmp: Path, *, kills: int = 10, clients: int = 8,
         gw = Gateway(tmp, f"http://127.0.0.1:{port}")
         await gw.start(session)
         stop = asyncio.Event()
-        workers = [asyncio.ensure_future(_client(gw, session, report, keys, stop))
-                   for _ in range(clients)]
+        workers = [
+            asyncio.ensure_future(_client(gw, session, report, keys, stop)) for _ in range(clients)
+        ]
         try:
             for _ in range(kills):
                 await asyncio.sleep(rng.uniform(0.5, 2.0))
@@ -277,9 +303,9 @@ async def run_crash_loop(tmp: Path, *, kills: int = 10, clients: int = 8,
         report.integrity = conn.execute("PRAGMA integrity_check").fetchone()[0]
         report.runs_in_store = conn.execute("SELECT count(*) FROM runs").fetchone()[0]
         report.completed = conn.execute(
-            "SELECT count(*) FROM runs WHERE status = 'completed'").fetchone()[0]
-        report.unended = [r for (r,) in conn.execute(
-            "SELECT id FROM runs WHERE ended_at IS NULL")]
+            "SELECT count(*) FROM runs WHERE status = 'completed'"
+        ).fetchone()[0]
+        report.unended = [r for (r,) in conn.execute("SELECT id FROM runs WHERE ended_at IS NULL")]
         report.attempts = Counter(n for (n,) in conn.execute("SELECT attempt FROM runs"))
         distinct = conn.execute("SELECT count(DISTINCT idem_key) FROM runs").fetchone()[0]
         if distinct != report.runs_in_store:
@@ -288,8 +314,9 @@ async def run_crash_loop(tmp: Path, *, kills: int = 10, clients: int = 8,
     return report
 
 
-async def _wait_all_ended(gw: Gateway, session: aiohttp.ClientSession, report: Report,
-                          deadline: float) -> None:
+async def _wait_all_ended(
+    gw: Gateway, session: aiohttp.ClientSession, report: Report, deadline: float
+) -> None:
     while time.monotonic() < deadline:
         pending = 0
         for status in ("running", "retrying", "sleeping", "waiting"):
@@ -327,11 +354,14 @@ def main() -> int:
     reports = []
     for n in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:
-            report = asyncio.run(run_crash_loop(Path(tmp), kills=args.kills,
-                                                clients=args.clients, seed=n + 1))
+            report = asyncio.run(
+                run_crash_loop(Path(tmp), kills=args.kills, clients=args.clients, seed=n + 1)
+            )
         reports.append(report)
-        print(f"round {n + 1}: {'ok' if report.ok else 'FAILED: ' + '; '.join(report.problems())}",
-              file=sys.stderr)
+        print(
+            f"round {n + 1}: {'ok' if report.ok else 'FAILED: ' + '; '.join(report.problems())}",
+            file=sys.stderr,
+        )
     print(markdown(reports))
     return 0 if all(r.ok for r in reports) else 1
 

@@ -62,12 +62,24 @@ async def main(runs: int, sleep: float, concurrency: int, settle: float) -> None
 
     with tempfile.TemporaryDirectory(prefix="stepgate-parked-") as tmp:
         config = Path(tmp) / "stepgate.yaml"
-        config.write_text(yaml.safe_dump({
-            "listen": f"127.0.0.1:{public}", "internal_listen": f"127.0.0.1:{internal}",
-            "store": f"sqlite:///{tmp}/stepgate.db", "log_level": "warning",
-            "routes": [{"name": "nap", "path": "/nap", "upstream": f"http://127.0.0.1:{up_port}",
-                        "durable": True}],
-        }))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "listen": f"127.0.0.1:{public}",
+                    "internal_listen": f"127.0.0.1:{internal}",
+                    "store": f"sqlite:///{tmp}/stepgate.db",
+                    "log_level": "warning",
+                    "routes": [
+                        {
+                            "name": "nap",
+                            "path": "/nap",
+                            "upstream": f"http://127.0.0.1:{up_port}",
+                            "durable": True,
+                        }
+                    ],
+                }
+            )
+        )
         gateway = subprocess.Popen(  # noqa: ASYNC220 - started once, before any load
             [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
         )
@@ -87,9 +99,12 @@ async def main(runs: int, sleep: float, concurrency: int, settle: float) -> None
                 gate = asyncio.Semaphore(concurrency)
 
                 async def one() -> None:
-                    async with gate, client.post(
-                        f"http://127.0.0.1:{public}/nap", headers={"Prefer": "respond-async"}
-                    ) as resp:
+                    async with (
+                        gate,
+                        client.post(
+                            f"http://127.0.0.1:{public}/nap", headers={"Prefer": "respond-async"}
+                        ) as resp,
+                    ):
                         assert resp.status == 202, resp.status
 
                 async def parked_now() -> int:
@@ -116,13 +131,19 @@ async def main(runs: int, sleep: float, concurrency: int, settle: float) -> None
             gateway.wait(30)
     await callbacks.close()
     await runner.cleanup()
-    print(f"parked runs: {parked:,} ({2 * runs:,} asked) in {took:.1f} s, "
-          f"each sleeping {sleep:.0f} s")
-    print(f"gateway RSS: {rss[0]:.1f} MB at start, {rss[1]:.1f} MB with {runs:,} parked, "
-          f"{rss[2]:.1f} MB with {2 * runs:,} parked")
+    print(
+        f"parked runs: {parked:,} ({2 * runs:,} asked) in {took:.1f} s, each sleeping {sleep:.0f} s"
+    )
+    print(
+        f"gateway RSS: {rss[0]:.1f} MB at start, {rss[1]:.1f} MB with {runs:,} parked, "
+        f"{rss[2]:.1f} MB with {2 * runs:,} parked"
+    )
     per_run = (rss[2] - rss[1]) * 1024 * 1024 / runs
-    print(f"the second {runs:,} parked runs cost {rss[2] - rss[1]:+.1f} MB "
-          f"({per_run:,.0f} bytes a run)")
+    print(
+        f"the second {runs:,} parked runs cost {rss[2] - rss[1]:+.1f} MB "
+        f"({per_run:,.0f} bytes a run)"
+    )
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

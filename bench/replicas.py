@@ -341,8 +341,15 @@ def gateway_settings(
     return settings, public, internal
 
 
-def write_config(bench: Bench, name: str, upstream: Upstream, *, store: str | None,
-                 replica_id: str | None = None, lease: float = 10.0) -> StepgateConfig:
+def write_config(
+    bench: Bench,
+    name: str,
+    upstream: Upstream,
+    *,
+    store: str | None,
+    replica_id: str | None = None,
+    lease: float = 10.0,
+) -> StepgateConfig:
     home = bench.work_dir / f"stepgate-{name}"
     home.mkdir(parents=True, exist_ok=True)
     db = home / "stepgate.db"
@@ -359,12 +366,14 @@ def write_config(bench: Bench, name: str, upstream: Upstream, *, store: str | No
     )
 
 
-def start_all(bench: Bench, command: list[str],
-              configs: dict[str, StepgateConfig]) -> dict[str, Stepgate]:
+def start_all(
+    bench: Bench, command: list[str], configs: dict[str, StepgateConfig]
+) -> dict[str, Stepgate]:
     """Start the gateways one after the other, from this thread: a child started from a
     worker thread would get its PR_SET_PDEATHSIG signal when that thread ends."""
-    return {name: start_stepgate(bench, command, config, name=name)
-            for name, config in configs.items()}
+    return {
+        name: start_stepgate(bench, command, config, name=name) for name, config in configs.items()
+    }
 
 
 # --- part 1: side by side -------------------------------------------------------------------
@@ -398,13 +407,31 @@ def measure_rounds(bench: Bench, targets: list[Target], opts: Options) -> None:
         for t in live[shift:] + live[:shift]:
             try:
                 if opts.warmup > 0:
-                    load(bench.procs, t.urls_at_top, t.body, connections=TOP,
-                         seconds=opts.warmup, target_pids=t.pids)
+                    load(
+                        bench.procs,
+                        t.urls_at_top,
+                        t.body,
+                        connections=TOP,
+                        seconds=opts.warmup,
+                        target_pids=t.pids,
+                    )
                 figures = {
-                    1: load(bench.procs, [t.url_at_1], t.body, connections=1,
-                            seconds=opts.duration, target_pids=t.pids),
-                    TOP: load(bench.procs, t.urls_at_top, t.body, connections=TOP,
-                              seconds=opts.duration, target_pids=t.pids),
+                    1: load(
+                        bench.procs,
+                        [t.url_at_1],
+                        t.body,
+                        connections=1,
+                        seconds=opts.duration,
+                        target_pids=t.pids,
+                    ),
+                    TOP: load(
+                        bench.procs,
+                        t.urls_at_top,
+                        t.body,
+                        connections=TOP,
+                        seconds=opts.duration,
+                        target_pids=t.pids,
+                    ),
                 }
             except LoadError as exc:
                 say(f"  {t.label}: wrk failed: {exc}")
@@ -447,7 +474,8 @@ def render_table(targets: list[Target]) -> str:
         ref_rps = base.median(TOP, "rps") if base else None
         vs_restate = (
             ratio(rps, restate.median(TOP, "rps"))
-            if restate and restate.rounds and t.key != "restate" else None
+            if restate and restate.rounds and t.key != "restate"
+            else None
         )
         per_round = ", ".join(f"{r[TOP].rps:,.0f}" for r in t.rounds)
         is_restate = t.key == "restate"
@@ -532,8 +560,9 @@ def post(url: str) -> None:
         pass
 
 
-async def block_runs(url: str, upstream: str, n: int, kill: Callable[[], None],
-                     timeout: float) -> tuple[list[str], float, float, float]:
+async def block_runs(
+    url: str, upstream: str, n: int, kill: Callable[[], None], timeout: float
+) -> tuple[list[str], float, float, float]:
     """Send n requests to replica A at once and keep them open (the first invocation of a run
     is always awaited, whatever the route's hold) until A's upstream holds all n blocked in
     step s1; then `kill` A. Returns the run ids (as A's upstream saw them), the seconds until
@@ -543,8 +572,10 @@ async def block_runs(url: str, upstream: str, n: int, kill: Callable[[], None],
     started = time.monotonic()
     headers = {"Content-Type": "application/json"}
     no_limit = aiohttp.ClientTimeout(total=None)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=no_limit) as clients, aiohttp.ClientSession() as ctl:
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=no_limit) as clients,
+        aiohttp.ClientSession() as ctl,
+    ):
 
         async def one() -> int:
             async with clients.post(url, data=BODY, headers=headers) as resp:
@@ -561,8 +592,10 @@ async def block_runs(url: str, upstream: str, n: int, kill: Callable[[], None],
                 done = [t for t in sent if t.done()]
                 if done:
                     outcome = done[0].exception() or f"HTTP {done[0].result()}"
-                    raise RuntimeError(f"{len(done)} of {n} requests ended before the kill, "
-                                       f"the first with {outcome!r}")
+                    raise RuntimeError(
+                        f"{len(done)} of {n} requests ended before the kill, "
+                        f"the first with {outcome!r}"
+                    )
                 if time.monotonic() - started > timeout:
                     raise RuntimeError(f"only {count} of {n} runs blocked in step s1 on A")
                 await asyncio.sleep(0.1)
@@ -615,28 +648,42 @@ async def watch_store(url: str, n: int, deadline: float) -> dict[str, Any]:
         await conn.close()
 
 
-def take_over(bench: Bench, command: list[str], upstreams: dict[str, Upstream], pg_url: str,
-              opts: Options) -> dict[str, Any]:
+def take_over(
+    bench: Bench, command: list[str], upstreams: dict[str, Upstream], pg_url: str, opts: Options
+) -> dict[str, Any]:
     names = ("A", "B", "C")
     configs = {
-        name: write_config(bench, f"takeover-{name.lower()}", upstreams[name], store=pg_url,
-                           replica_id=f"takeover-{name.lower()}", lease=opts.lease)
+        name: write_config(
+            bench,
+            f"takeover-{name.lower()}",
+            upstreams[name],
+            store=pg_url,
+            replica_id=f"takeover-{name.lower()}",
+            lease=opts.lease,
+        )
         for name in names
     }
     gateways = start_all(bench, command, configs)
     try:
         for name in names:
             post(f"{upstreams[name].url}/_bench/hold?on={1 if name == 'A' else 0}")
-        ids, accept_s, killed_wall, killed = asyncio.run(block_runs(
-            f"{configs['A'].public_url}/hold/{STEPS}", upstreams["A"].url, opts.runs,
-            lambda: bench.procs.kill(gateways["A"].child), timeout=60 + opts.runs / 50))
-        say(f"  {len(ids):,} runs blocked in step s1 on A's upstream after {accept_s:.1f} s; "
-            "A was killed with SIGKILL")
+        ids, accept_s, killed_wall, killed = asyncio.run(
+            block_runs(
+                f"{configs['A'].public_url}/hold/{STEPS}",
+                upstreams["A"].url,
+                opts.runs,
+                lambda: bench.procs.kill(gateways["A"].child),
+                timeout=60 + opts.runs / 50,
+            )
+        )
+        say(
+            f"  {len(ids):,} runs blocked in step s1 on A's upstream after {accept_s:.1f} s; "
+            "A was killed with SIGKILL"
+        )
         limit = opts.lease + TAKEOVER_SLACK
         store = asyncio.run(watch_store(pg_url, len(ids), killed + limit + 60))
         waited = time.monotonic() - killed
-        ledgers = {name: get_json(f"{up.url}/_bench/hold?full=1") for name, up in
-                   upstreams.items()}
+        ledgers = {name: get_json(f"{up.url}/_bench/hold?full=1") for name, up in upstreams.items()}
         post(f"{upstreams['A'].url}/_bench/hold?on=0")  # let A's orphaned handlers go
     finally:
         for gw in gateways.values():
@@ -670,17 +717,32 @@ def takeover_verdicts(t: dict[str, Any]) -> list[tuple[str, str, str]]:
     n = t["runs"]
     out = []
     if t["all_ended_s"] is None:
-        out.append(("FAIL", f"{n:,} runs of a killed replica ended <= lease + 10 s "
-                    f"({limit:g} s)", f"only {t['ended']:,} ended in {t['waited_s']:.0f} s"))
+        out.append(
+            (
+                "FAIL",
+                f"{n:,} runs of a killed replica ended <= lease + 10 s ({limit:g} s)",
+                f"only {t['ended']:,} ended in {t['waited_s']:.0f} s",
+            )
+        )
     else:
         status = "PASS" if t["all_ended_s"] <= limit and t["completed"] == n else "FAIL"
-        out.append((status, f"{n:,} runs of a killed replica ended <= lease + 10 s ({limit:g} s)",
-                    f"{t['all_ended_s']:.1f} s after the kill ({t['completed']:,} completed; "
-                    f"first re-invoked at {t['first_resumed_s']} s; "
-                    f"resumed by {t['resumed_by']})"))
+        out.append(
+            (
+                status,
+                f"{n:,} runs of a killed replica ended <= lease + 10 s ({limit:g} s)",
+                f"{t['all_ended_s']:.1f} s after the kill ({t['completed']:,} completed; "
+                f"first re-invoked at {t['first_resumed_s']} s; "
+                f"resumed by {t['resumed_by']})",
+            )
+        )
     repeated = t["repeated_after_ack_count"]
-    out.append(("PASS" if repeated == 0 else "FAIL", "no acknowledged step executed again",
-                f"{repeated} repeated; executions by step {t['executions_by_step']}"))
+    out.append(
+        (
+            "PASS" if repeated == 0 else "FAIL",
+            "no acknowledged step executed again",
+            f"{repeated} repeated; executions by step {t['executions_by_step']}",
+        )
+    )
     return out
 
 
@@ -688,19 +750,39 @@ def takeover_verdicts(t: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def parse_args(argv: list[str]) -> Options:
-    p = argparse.ArgumentParser(prog="bench/replicas.py",
-                                description=(__doc__ or "").split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: 1 round of 3 s loads, 100 runs taken over with a 2 s lease")
+    p = argparse.ArgumentParser(
+        prog="bench/replicas.py", description=(__doc__ or "").split("\n\n")[0]
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 round of 3 s loads, 100 runs taken over with a 2 s lease",
+    )
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 3, quick 1)")
-    p.add_argument("--duration", type=float, default=None,
-                   help="seconds per measured load (default 8, quick 3)")
-    p.add_argument("--warmup", type=float, default=None,
-                   help="seconds of load before each configuration's loads (default 2, quick 1)")
-    p.add_argument("--runs", type=int, default=None,
-                   help="in-flight runs of the killed replica (default 1000, quick 100)")
-    p.add_argument("--lease", type=float, default=None,
-                   help="lease of the take-over cluster in seconds (default 10, quick 2)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="seconds per measured load (default 8, quick 3)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds of load before each configuration's loads (default 2, quick 1)",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="in-flight runs of the killed replica (default 1000, quick 100)",
+    )
+    p.add_argument(
+        "--lease",
+        type=float,
+        default=None,
+        help="lease of the take-over cluster in seconds (default 10, quick 2)",
+    )
     p.add_argument("--no-restate", action="store_true", help="leave Restate out")
     p.add_argument("--work-dir", type=Path, default=None)
     p.add_argument("--keep-work", action="store_true", help="keep configs and logs")
@@ -743,8 +825,10 @@ def run(opts: Options, procs: Processes, dbs: Databases, argv: Sequence[str]) ->
         return 2
     say(f"Stepgate replicas benchmark, {started:%Y-%m-%d %H:%M} UTC")
     say(f"machine: {machine.one_line(info)}")
-    say(f"PostgreSQL {pg['version']} at {PG_SERVER}: fsync {pg['fsync']}, synchronous_commit "
-        f"{pg['synchronous_commit']}, wal_sync_method {pg['wal_sync_method']}")
+    say(
+        f"PostgreSQL {pg['version']} at {PG_SERVER}: fsync {pg['fsync']}, synchronous_commit "
+        f"{pg['synchronous_commit']}, wal_sync_method {pg['wal_sync_method']}"
+    )
     load1 = info["load_average"][0]
     if load1 > 0.25 * (info["cpus"] or 1):
         say(f"WARNING: the machine is busy (load average {load1:.2f}); figures will be noisy")
@@ -755,8 +839,13 @@ def run(opts: Options, procs: Processes, dbs: Databases, argv: Sequence[str]) ->
         "sqlite": write_config(bench, "sqlite", upstreams["A"], store=None),
         "pg1": write_config(bench, "pg1", upstreams["A"], store=solo_url, replica_id="solo"),
         **{
-            f"pg3-{n.lower()}": write_config(bench, f"pg3-{n.lower()}", upstreams[n],
-                                             store=trio_url, replica_id=f"trio-{n.lower()}")
+            f"pg3-{n.lower()}": write_config(
+                bench,
+                f"pg3-{n.lower()}",
+                upstreams[n],
+                store=trio_url,
+                replica_id=f"trio-{n.lower()}",
+            )
             for n in ("A", "B", "C")
         },
     }
@@ -770,27 +859,58 @@ def run(opts: Options, procs: Processes, dbs: Databases, argv: Sequence[str]) ->
     check = expect_json(steps=STEPS)
     trio = [configs[f"pg3-{n}"].public_url + path for n in "abc"]
     targets = [
-        Target("sqlite", "SQLite, 1 gateway", configs["sqlite"].public_url + path,
-               [configs["sqlite"].public_url + path], BODY, [gateways["sqlite"].child.pid],
-               check),
-        Target("pg1", "PostgreSQL, 1 replica", configs["pg1"].public_url + path,
-               [configs["pg1"].public_url + path], BODY, [gateways["pg1"].child.pid], check),
-        Target("pg3", "PostgreSQL, 3 replicas", trio[0], trio, BODY,
-               [gateways[f"pg3-{n}"].child.pid for n in "abc"], check),
+        Target(
+            "sqlite",
+            "SQLite, 1 gateway",
+            configs["sqlite"].public_url + path,
+            [configs["sqlite"].public_url + path],
+            BODY,
+            [gateways["sqlite"].child.pid],
+            check,
+        ),
+        Target(
+            "pg1",
+            "PostgreSQL, 1 replica",
+            configs["pg1"].public_url + path,
+            [configs["pg1"].public_url + path],
+            BODY,
+            [gateways["pg1"].child.pid],
+            check,
+        ),
+        Target(
+            "pg3",
+            "PostgreSQL, 3 replicas",
+            trio[0],
+            trio,
+            BODY,
+            [gateways[f"pg3-{n}"].child.pid for n in "abc"],
+            check,
+        ),
     ]
     restate = None
     if opts.restate:
         try:
             restate = start_restate(bench)
             url = restate.ingress_url + "/bench/steps"
-            targets.append(Target("restate", "Restate 1.7.12", url, [url], str(STEPS),
-                                  [restate.server.pid, restate.service.pid], check))
+            targets.append(
+                Target(
+                    "restate",
+                    "Restate 1.7.12",
+                    url,
+                    [url],
+                    str(STEPS),
+                    [restate.server.pid, restate.service.pid],
+                    check,
+                )
+            )
             say(f"Restate: {restate.version}")
         except PeerUnavailable as exc:
             say(f"SKIP  Restate: {exc}")
-    say(f"{opts.rounds} round(s) of {opts.duration:g} s loads after {opts.warmup:g} s warm-up, "
+    say(
+        f"{opts.rounds} round(s) of {opts.duration:g} s loads after {opts.warmup:g} s warm-up, "
         f"durable {STEPS} steps [raw]; then {opts.runs:,} runs taken over (lease "
-        f"{opts.lease:g} s)")
+        f"{opts.lease:g} s)"
+    )
 
     measure_rounds(bench, targets, opts)
     rss = {name: rss_bytes(gw.child.pid) for name, gw in gateways.items()}
@@ -808,8 +928,9 @@ def run(opts: Options, procs: Processes, dbs: Databases, argv: Sequence[str]) ->
 
     table = render_table(targets)
     status, note = pg1_verdict(targets)
-    verdicts = [(status, f"PostgreSQL 1 replica throughput >= {PG1_TARGET} x SQLite's "
-                 f"({TOP} conns)", note)]
+    verdicts = [
+        (status, f"PostgreSQL 1 replica throughput >= {PG1_TARGET} x SQLite's ({TOP} conns)", note)
+    ]
     if "error" in takeover:
         verdicts.append(("FAIL", "take-over", takeover["error"]))
     else:
@@ -835,8 +956,12 @@ def run(opts: Options, procs: Processes, dbs: Databases, argv: Sequence[str]) ->
         "machine": info,
         "postgresql": pg,
         "targets": [
-            {"key": t.key, "label": t.label, "skipped": t.skipped,
-             "rounds": [{str(c): asdict(load) for c, load in r.items()} for r in t.rounds]}
+            {
+                "key": t.key,
+                "label": t.label,
+                "skipped": t.skipped,
+                "rounds": [{str(c): asdict(load) for c, load in r.items()} for r in t.rounds],
+            }
             for t in targets
         ],
         "rss_bytes": rss,

@@ -38,9 +38,14 @@ from gateway.store import SQLiteStore
 from gateway.store.sealing import Sealer
 
 KEY = secrets.token_bytes(32)
-HEADERS = [("Host", "api.example"), ("Authorization", "Bearer " + "t" * 40),
-           ("Cookie", "session=" + "c" * 60), ("Content-Type", "application/json"),
-           ("X-Forwarded-For", "127.0.0.1"), ("Via", "1.1 stepgate")]
+HEADERS = [
+    ("Host", "api.example"),
+    ("Authorization", "Bearer " + "t" * 40),
+    ("Cookie", "session=" + "c" * 60),
+    ("Content-Type", "application/json"),
+    ("X-Forwarded-For", "127.0.0.1"),
+    ("Via", "1.1 stepgate"),
+]
 ROUNDS = 5
 
 
@@ -50,20 +55,33 @@ def outcome(now: float) -> Outcome:
 
 def ended(run: Run, body: bytes) -> AfterAttempt:
     """The run as the gateway records it after a 200 (the rule's decision, made here)."""
-    done = run.but(status=RunStatus.COMPLETED, resp_status=200, resp_reason="OK",
-                   resp_headers=[("Content-Type", "application/json")], resp_body=body,
-                   ended_at=run.created_at)
-    return AfterAttempt(done, Attempt(1, run.created_at, run.created_at, "response", 200, None),
-                        Decision("end", RunStatus.COMPLETED))
+    done = run.but(
+        status=RunStatus.COMPLETED,
+        resp_status=200,
+        resp_reason="OK",
+        resp_headers=[("Content-Type", "application/json")],
+        resp_body=body,
+        ended_at=run.created_at,
+    )
+    return AfterAttempt(
+        done,
+        Attempt(1, run.created_at, run.created_at, "response", 200, None),
+        Decision("end", RunStatus.COMPLETED),
+    )
 
 
 def seal_round(*, runs: int, body: bytes) -> float:
     """Seconds per run that sealing adds on its own: a run's seven values sealed when it is
     written and opened when it is read (what the store does on top of its plain work)."""
     sealer = Sealer(KEY)
-    values = [("target", b"/work?order=1"), ("headers", json.dumps(HEADERS).encode()),
-              ("body", body), ("request_hash", b"0" * 64),
-              ("resp_headers", b'[["Content-Type","application/json"]]'), ("resp_body", body)]
+    values = [
+        ("target", b"/work?order=1"),
+        ("headers", json.dumps(HEADERS).encode()),
+        ("body", body),
+        ("request_hash", b"0" * 64),
+        ("resp_headers", b'[["Content-Type","application/json"]]'),
+        ("resp_body", body),
+    ]
     started = time.perf_counter()
     for index in range(runs):
         run_id = f"run-{index}"
@@ -72,8 +90,9 @@ def seal_round(*, runs: int, body: bytes) -> float:
     return (time.perf_counter() - started) / runs
 
 
-async def store_round(folder: Path, *, key: bytes | None, durability: str, runs: int,
-                      body: bytes) -> float:
+async def store_round(
+    folder: Path, *, key: bytes | None, durability: str, runs: int, body: bytes
+) -> float:
     """Seconds per run: create, record the answer, read back."""
     path = folder / f"store-{secrets.token_hex(4)}.db"
     store = SQLiteStore(str(path), durability=durability, key=key)
@@ -82,10 +101,20 @@ async def store_round(folder: Path, *, key: bytes | None, durability: str, runs:
         started = time.perf_counter()
         for _ in range(runs):
             now = time.time()
-            run = Run(id=secrets.token_urlsafe(16), route="work", status=RunStatus.RUNNING,
-                      attempt=1, token="t", poll_token="p", method="POST",
-                      target="/work?order=1", headers=HEADERS, body=body, created_at=now,
-                      updated_at=now)
+            run = Run(
+                id=secrets.token_urlsafe(16),
+                route="work",
+                status=RunStatus.RUNNING,
+                attempt=1,
+                token="t",
+                poll_token="p",
+                method="POST",
+                target="/work?order=1",
+                headers=HEADERS,
+                body=body,
+                created_at=now,
+                updated_at=now,
+            )
             await store.create_run(run)
             await store.finish_attempt(run.id, outcome(now), lambda stored, _: ended(stored, body))
             fetched = await store.get_run(run.id)
@@ -104,7 +133,8 @@ def remove(folder: Path, name: str) -> None:
 async def e2e_round(folder: Path, base: str, *, key: bool, requests: int) -> float:
     """Seconds per durable request, one at a time."""
     data: dict[str, Any] = {
-        "listen": "127.0.0.1:0", "internal_listen": "127.0.0.1:0",
+        "listen": "127.0.0.1:0",
+        "internal_listen": "127.0.0.1:0",
         "store": f"sqlite:///{folder / ('e2e-' + secrets.token_hex(4) + '.db')}",
         "routes": [{"name": "work", "path": "/work", "upstream": base, "durable": True}],
     }
@@ -118,8 +148,9 @@ async def e2e_round(folder: Path, base: str, *, key: bool, requests: int) -> flo
         async with aiohttp.ClientSession() as session:
             started = time.perf_counter()
             for _ in range(requests):
-                async with session.post(url, data=body,
-                                        headers={"Authorization": "Bearer " + "t" * 40}) as r:
+                async with session.post(
+                    url, data=body, headers={"Authorization": "Bearer " + "t" * 40}
+                ) as r:
                     assert r.status == 200, r.status
                     await r.read()
             return (time.perf_counter() - started) / requests
@@ -129,9 +160,11 @@ async def e2e_round(folder: Path, base: str, *, key: bool, requests: int) -> flo
 
 def ratio_line(name: str, plain: list[float], sealed: list[float]) -> str:
     best_plain, best_sealed = min(plain), min(sealed)
-    return (f"| {name} | {best_plain * 1e6:,.0f} µs | {best_sealed * 1e6:,.0f} µs | "
-            f"{best_sealed / best_plain:.2f}x | "
-            f"{statistics.median(sealed) / statistics.median(plain):.2f}x |")
+    return (
+        f"| {name} | {best_plain * 1e6:,.0f} µs | {best_sealed * 1e6:,.0f} µs | "
+        f"{best_sealed / best_plain:.2f}x | "
+        f"{statistics.median(sealed) / statistics.median(plain):.2f}x |"
+    )
 
 
 async def main() -> None:
@@ -141,27 +174,41 @@ async def main() -> None:
     args = parser.parse_args()
     configure_logging("warning", "json")
     os.environ["STEPGATE_BENCH_STORE_KEY"] = base64.b64encode(KEY).decode()
-    lines = ["| work | without key | with key | ratio (best) | ratio (median) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| work | without key | with key | ratio (best) | ratio (median) |",
+        "|---|---|---|---|---|",
+    ]
     for label, body in (("1 KiB", b"b" * 1024), ("1 MiB", b"b" * (1 << 20))):
         runs = args.runs if len(body) < 65536 else max(1, args.runs // 20)
         cost = min(seal_round(runs=runs, body=body) for _ in range(ROUNDS))
-        lines.append(f"| sealing alone, {label} body and answer | - | +{cost * 1e6:,.0f} µs | "
-                     "- | - |")
+        lines.append(
+            f"| sealing alone, {label} body and answer | - | +{cost * 1e6:,.0f} µs | - | - |"
+        )
         print(lines[-1], flush=True)
     with tempfile.TemporaryDirectory(prefix="stepgate-bench-key-") as tmp:
         folder = Path(tmp)
         for durability in ("relaxed", "full"):
-            for label, body, runs in (("1 KiB", b"b" * 1024, args.runs),
-                                      ("1 MiB", b"b" * (1 << 20), max(1, args.runs // 20))):
+            for label, body, runs in (
+                ("1 KiB", b"b" * 1024, args.runs),
+                ("1 MiB", b"b" * (1 << 20), max(1, args.runs // 20)),
+            ):
                 times: dict[bool, list[float]] = {False: [], True: []}
                 for _ in range(ROUNDS):
                     for sealed in (False, True):
-                        times[sealed].append(await store_round(
-                            folder, key=KEY if sealed else None, durability=durability,
-                            runs=runs, body=body))
-                lines.append(ratio_line(f"store, {label} body and answer, {durability}",
-                                        times[False], times[True]))
+                        times[sealed].append(
+                            await store_round(
+                                folder,
+                                key=KEY if sealed else None,
+                                durability=durability,
+                                runs=runs,
+                                body=body,
+                            )
+                        )
+                lines.append(
+                    ratio_line(
+                        f"store, {label} body and answer, {durability}", times[False], times[True]
+                    )
+                )
                 print(lines[-1], flush=True)
 
         async def answer(request: web.Request) -> web.Response:
@@ -178,11 +225,14 @@ async def main() -> None:
             times = {False: [], True: []}
             for _ in range(ROUNDS):
                 for sealed in (False, True):
-                    times[sealed].append(await e2e_round(
-                        folder, f"http://127.0.0.1:{port}", key=sealed,
-                        requests=args.requests))
-            lines.append(ratio_line("end to end, durable POST (1 KiB), full", times[False],
-                                    times[True]))
+                    times[sealed].append(
+                        await e2e_round(
+                            folder, f"http://127.0.0.1:{port}", key=sealed, requests=args.requests
+                        )
+                    )
+            lines.append(
+                ratio_line("end to end, durable POST (1 KiB), full", times[False], times[True])
+            )
         finally:
             await runner.cleanup()
     print("\n".join(lines))

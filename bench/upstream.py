@@ -285,11 +285,18 @@ async def control_hold(request: web.Request) -> web.Response:
 async def hold_stats(request: web.Request) -> web.Response:
     ledger = request.app[HOLD]
     if request.query.get("full") != "1":
-        return web.json_response({"holding": ledger.holding, "blocked": ledger.blocked,
-                                  "invoked": len(ledger.invoked)})
-    return web.json_response({"holding": ledger.holding, "blocked": ledger.blocked,
-                              "invoked": ledger.invoked, "executed": ledger.executed,
-                              "acked": ledger.acked})
+        return web.json_response(
+            {"holding": ledger.holding, "blocked": ledger.blocked, "invoked": len(ledger.invoked)}
+        )
+    return web.json_response(
+        {
+            "holding": ledger.holding,
+            "blocked": ledger.blocked,
+            "invoked": ledger.invoked,
+            "executed": ledger.executed,
+            "acked": ledger.acked,
+        }
+    )
 
 
 async def health(request: web.Request) -> web.Response:

@@ -60,8 +60,11 @@ def _authorize(request: web.Request, engine: Engine) -> None:
         return
     given = bearer_token(request)
     if given is None or not same_secret(given, expected):
-        raise Problem(401, "this call needs the admin token as a bearer token",
-                      headers={"WWW-Authenticate": "Bearer"})
+        raise Problem(
+            401,
+            "this call needs the admin token as a bearer token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 @contextmanager
@@ -71,8 +74,11 @@ def _store() -> Iterator[None]:
         yield
     except StoreError as exc:
         log.warning("store.write_failed", during="admin", error=str(exc))
-        raise Problem(503, "the run store is not available; nothing was changed, try again",
-                      headers={"Retry-After": "1"}) from exc
+        raise Problem(
+            503,
+            "the run store is not available; nothing was changed, try again",
+            headers={"Retry-After": "1"},
+        ) from exc
 
 
 def _time(value: float | None) -> str | None:
@@ -163,10 +169,12 @@ async def list_runs(request: web.Request) -> web.StreamResponse:
     cursor = _decode_cursor(query["cursor"]) if query.get("cursor") else None
     with _store():
         page = await engine.store.list_runs(**filters, limit=limit, cursor=cursor)
-    return web.json_response({
-        "runs": [run_summary(run) for run in page.runs],
-        "next_cursor": _encode_cursor(page.next_cursor) if page.next_cursor else None,
-    })
+    return web.json_response(
+        {
+            "runs": [run_summary(run) for run in page.runs],
+            "next_cursor": _encode_cursor(page.next_cursor) if page.next_cursor else None,
+        }
+    )
 
 
 async def _run(request: web.Request, engine: Engine) -> Run:
@@ -182,25 +190,29 @@ def _raw_object(fields: dict[str, Any], raw: dict[str, str | None]) -> str:
     """A JSON object of `fields`, then of `raw`: members whose values are stored JSON texts,
     spliced in as they are (null for None) rather than parsed and dumped again."""
     head = jsonin.dump(fields)[:-1]
-    tail = "".join(f",{jsonin.dump(name)}:{'null' if text is None else text}"
-                   for name, text in raw.items())
+    tail = "".join(
+        f",{jsonin.dump(name)}:{'null' if text is None else text}" for name, text in raw.items()
+    )
     return head + tail + "}" if fields else "{" + tail[1:] + "}"
 
 
 def _step(step: Step) -> str:
-    return _raw_object({
-        "id": step.id,
-        "seq": step.seq,
-        "kind": step.kind,
-        "status": step.status,
-        "attempts": step.attempts,
-        "created_at": _time(step.created_at),
-        "updated_at": _time(step.updated_at),
-        "duration_ms": _ms(step.created_at, step.updated_at),
-        "output_size": len(step.output) if step.output is not None else 0,
-        "wake_at": _time(step.wake_at),
-        "event": step.event,
-    }, {"output": step.output, "error": step.error, "match": step.match or None})
+    return _raw_object(
+        {
+            "id": step.id,
+            "seq": step.seq,
+            "kind": step.kind,
+            "status": step.status,
+            "attempts": step.attempts,
+            "created_at": _time(step.created_at),
+            "updated_at": _time(step.updated_at),
+            "duration_ms": _ms(step.created_at, step.updated_at),
+            "output_size": len(step.output) if step.output is not None else 0,
+            "wake_at": _time(step.wake_at),
+            "event": step.event,
+        },
+        {"output": step.output, "error": step.error, "match": step.match or None},
+    )
 
 
 async def show_run(request: web.Request) -> web.StreamResponse:
@@ -260,20 +272,27 @@ async def cancel_run(request: web.Request) -> web.StreamResponse:
 _BULK_PAGE = 500
 
 
-async def _bulk(request: web.Request, act: Callable[[Engine, str], Awaitable[Run | None]]
-                ) -> web.StreamResponse:
+async def _bulk(
+    request: web.Request, act: Callable[[Engine, str], Awaitable[Run | None]]
+) -> web.StreamResponse:
     """`act` on every run the filters select, one transaction a run (each is a compare-and-set,
     so a run that moved on meanwhile is passed over); answers how many it acted on."""
     engine = request.app[ENGINE]
     _authorize(request, engine)
     unknown = set(request.query) - {"status", "route", "since", "until"}
     if unknown:
-        raise Problem(400, f"unknown parameter {sorted(unknown)[0]!r}: the filters are "
-                           "status, route, since and until")
+        raise Problem(
+            400,
+            f"unknown parameter {sorted(unknown)[0]!r}: the filters are "
+            "status, route, since and until",
+        )
     filters = _filters(request.query)
     if not any(value is not None for value in filters.values()):
-        raise Problem(400, "name at least one filter (status, route, since, until): a bulk "
-                           "action on every run is not taken by accident")
+        raise Problem(
+            400,
+            "name at least one filter (status, route, since, until): a bulk "
+            "action on every run is not taken by accident",
+        )
     count = 0
     cursor: tuple[float, str] | None = None
     with _store():
@@ -286,8 +305,12 @@ async def _bulk(request: web.Request, act: Callable[[Engine, str], Awaitable[Run
                 break
             created, _, last_id = page.next_cursor.partition("~")
             cursor = (float(created), last_id)
-    log.info("runs.bulk", path=request.path, count=count,
-             **{k: v for k, v in filters.items() if v is not None})
+    log.info(
+        "runs.bulk",
+        path=request.path,
+        count=count,
+        **{k: v for k, v in filters.items() if v is not None},
+    )
     return web.json_response({"count": count})
 
 
@@ -315,8 +338,7 @@ async def post_event(request: web.Request) -> web.StreamResponse:
         raise Problem(400, f"id must be a string of 1 to {MAX_NAME} characters, without NUL")
     now = time.time()
     with _store():
-        woken = await engine.store.deliver_event(event_id, name, jsonin.dump(body.get("data")),
-                                                 now)
+        woken = await engine.store.deliver_event(event_id, name, jsonin.dump(body.get("data")), now)
     if woken is None:
         return web.json_response({"id": event_id, "woke": 0, "duplicate": True}, status=202)
     log.info("event.received", name=name, event_id=event_id, woke=len(woken))
@@ -329,12 +351,21 @@ async def list_replicas(request: web.Request) -> web.StreamResponse:
     _authorize(request, engine)
     with _store():
         replicas = await engine.store.replicas()
-    return web.json_response({
-        "self": engine.store.replica_id,
-        "lease_s": engine.store.lease,
-        "replicas": [{"id": r.id, "started_at": _time(r.started_at),
-                      "last_seen": _time(r.last_seen), "runs": r.runs} for r in replicas],
-    })
+    return web.json_response(
+        {
+            "self": engine.store.replica_id,
+            "lease_s": engine.store.lease,
+            "replicas": [
+                {
+                    "id": r.id,
+                    "started_at": _time(r.started_at),
+                    "last_seen": _time(r.last_seen),
+                    "runs": r.runs,
+                }
+                for r in replicas
+            ],
+        }
+    )
 
 
 def add_routes(app: web.Application) -> None:

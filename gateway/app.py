@@ -75,8 +75,11 @@ async def before_routes(request: web.Request, handler: Handler) -> web.StreamRes
     if isinstance(target, BadTarget):
         response: web.StreamResponse = problem(target.status, detail=target.detail)
     elif undecodable is not None:
-        response = problem(400, detail=f"the value of {undecodable} is not UTF-8, and the "
-                                       "gateway cannot forward its bytes unchanged")
+        response = problem(
+            400,
+            detail=f"the value of {undecodable} is not UTF-8, and the "
+            "gateway cannot forward its bytes unchanged",
+        )
     elif target.path == "*":
         # `OPTIONS *` asks about the server itself; Go's server answers it the same way.
         response = web.Response(headers={hdrs.CONTENT_LENGTH: "0"})
@@ -92,8 +95,9 @@ async def before_routes(request: web.Request, handler: Handler) -> web.StreamRes
         return response
     if expects_continue(request):
         response.force_close()
-    request.app[METRICS].request("none", request.method, response.status,
-                                 time.perf_counter() - started)
+    request.app[METRICS].request(
+        "none", request.method, response.status, time.perf_counter() - started
+    )
     return response
 
 
@@ -102,8 +106,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     then proxy or run it durably."""
     started = time.perf_counter()
     label, response = await _dispatch(request)
-    request.app[METRICS].request(label, request.method, response.status,
-                                 time.perf_counter() - started)
+    request.app[METRICS].request(
+        label, request.method, response.status, time.perf_counter() - started
+    )
     return response
 
 
@@ -118,8 +123,11 @@ async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
     if match is None or target.path.startswith(RESERVED_PREFIX):
         return "none", problem(404, detail="no route matches this path")
     if isinstance(match, MethodNotAllowed):
-        return "none", problem(405, detail=f"this path takes {match.allow_header}",
-                               headers={"Allow": match.allow_header})
+        return "none", problem(
+            405,
+            detail=f"this path takes {match.allow_header}",
+            headers={"Allow": match.allow_header},
+        )
     if not match.durable or (request.content_length or 0) <= match.max_body:
         await send_continue(request)  # else the engine answers 413 without wanting the body
     if match.durable:
@@ -175,8 +183,9 @@ class Gateway:
         self.metrics = Metrics()
         self.store = open_store(settings)
         self.store.write_observer = self.metrics.store_write_duration.observe
-        self.metrics.replica.labels(self.store.replica_id,
-                                    "postgresql" if settings.postgres else "sqlite").set(1)
+        self.metrics.replica.labels(
+            self.store.replica_id, "postgresql" if settings.postgres else "sqlite"
+        ).set(1)
         self.public_port = 0
         self.internal_port = 0
         self._runners: list[web.AppRunner] = []
@@ -188,9 +197,9 @@ class Gateway:
         self._stopped = False
         self._store_open = False
 
-    def _apps(self, engine: Engine, session: aiohttp.ClientSession) -> tuple[
-        web.Application, web.Application
-    ]:
+    def _apps(
+        self, engine: Engine, session: aiohttp.ClientSession
+    ) -> tuple[web.Application, web.Application]:
         public = web.Application(middlewares=[before_routes])
         public[ENGINE] = engine
         public[SESSION] = session
@@ -255,8 +264,12 @@ class Gateway:
         await engine.start()
         self._public = await self._listen(public, self.settings.listen)
         self.public_port = _bound_port(self._public)
-        log.info("gateway.listening", public=self.public_port, internal=self.internal_port,
-                 routes=len(self.settings.routes))
+        log.info(
+            "gateway.listening",
+            public=self.public_port,
+            internal=self.internal_port,
+            routes=len(self.settings.routes),
+        )
 
     async def stop(self) -> None:
         if self._stopped:
@@ -277,8 +290,14 @@ class Gateway:
 
 
 # What a reload may change; the rest (listeners, store, limits, …) is bound at start.
-RELOADABLE: Final = ("routes", "log_level", "admin_token", "events_lookback", "retention",
-                     "shutdown_grace")
+RELOADABLE: Final = (
+    "routes",
+    "log_level",
+    "admin_token",
+    "events_lookback",
+    "retention",
+    "shutdown_grace",
+)
 
 
 def reload(gateway: Gateway, path: str) -> bool:
@@ -291,11 +310,15 @@ def reload(gateway: Gateway, path: str) -> bool:
         log.error("config.reload_refused", error=str(exc), kept="the running config")
         return False
     if not new.routes:
-        log.error("config.reload_refused", error=f"{path}: routes: no routes",
-                  kept="the running config")
+        log.error(
+            "config.reload_refused", error=f"{path}: routes: no routes", kept="the running config"
+        )
         return False
-    kept = [field.name for field in dataclasses.fields(Settings) if field.name not in RELOADABLE
-            and getattr(new, field.name) != getattr(old, field.name)]
+    kept = [
+        field.name
+        for field in dataclasses.fields(Settings)
+        if field.name not in RELOADABLE and getattr(new, field.name) != getattr(old, field.name)
+    ]
     taken = dataclasses.replace(old, **{name: getattr(new, name) for name in RELOADABLE})
     gateway.settings = taken
     if gateway.router is not None:
@@ -303,16 +326,23 @@ def reload(gateway: Gateway, path: str) -> bool:
     if gateway.engine is not None:
         gateway.engine.reload(taken)
     set_log_level(taken.log_level)
-    log.info("config.reloaded", routes=len(taken.routes),
-             changed=[name for name in RELOADABLE if getattr(taken, name) != getattr(old, name)])
+    log.info(
+        "config.reloaded",
+        routes=len(taken.routes),
+        changed=[name for name in RELOADABLE if getattr(taken, name) != getattr(old, name)],
+    )
     if kept:
-        log.warning("config.reload_kept", keys=kept,
-                    why="listeners, the store and limits change only with a restart")
+        log.warning(
+            "config.reload_kept",
+            keys=kept,
+            why="listeners, the store and limits change only with a restart",
+        )
     return True
 
 
-async def serve(settings: Settings, child: Sequence[str] | None = None,
-                config_path: str | None = None) -> int:
+async def serve(
+    settings: Settings, child: Sequence[str] | None = None, config_path: str | None = None
+) -> int:
     """Run until SIGTERM or SIGINT (or until the child exits); return the exit code. SIGHUP
     reloads `config_path` (and is passed on to the child too, which may reload its own)."""
     configure_logging(settings.log_level, settings.log_format)

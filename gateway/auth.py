@@ -27,8 +27,9 @@ def bearer_token(request: web.Request) -> str | None:
 
 def same_secret(given: str, expected: str) -> bool:
     """Compare in constant time, so a token can't be guessed byte by byte from timings."""
-    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"),
-                               expected.encode("utf-8", "surrogateescape"))
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
 
 
 def _mac(secret: str, attempt: int) -> str:

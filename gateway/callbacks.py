@@ -92,26 +92,44 @@ def _refusal(exc: Refused | StoreError) -> Problem:
         if run.ended:
             detail = f"the run has ended ({run.status}); attempt {exc.attempt} may record nothing"
         else:
-            detail = (f"attempt {exc.attempt} was superseded (the run is {run.status}, "
-                      f"attempt {run.attempt}); stop: nothing more of it is recorded")
-        return Problem(409, detail, title="Attempt superseded", type=SUPERSEDED, run_id=run.id,
-                       attempt=exc.attempt, current_attempt=run.attempt,
-                       run_status=str(run.status))
+            detail = (
+                f"attempt {exc.attempt} was superseded (the run is {run.status}, "
+                f"attempt {run.attempt}); stop: nothing more of it is recorded"
+            )
+        return Problem(
+            409,
+            detail,
+            title="Attempt superseded",
+            type=SUPERSEDED,
+            run_id=run.id,
+            attempt=exc.attempt,
+            current_attempt=run.attempt,
+            run_status=str(run.status),
+        )
     if isinstance(exc, UnknownRun):
         return Problem(404, "no such run")
     if isinstance(exc, WrongToken):
-        return Problem(401, "wrong token for this run",
-                       headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return Problem(
+            401,
+            "wrong token for this run",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
     log.warning("store.write_failed", during="callback", error=str(exc))
-    return Problem(503, "the run store is not available; nothing was recorded, try again",
-                   headers={"Retry-After": "1"})
+    return Problem(
+        503,
+        "the run store is not available; nothing was recorded, try again",
+        headers={"Retry-After": "1"},
+    )
 
 
 def _token(request: web.Request) -> str:
     token = bearer_token(request)
     if token is None:
-        raise Problem(401, "send the attempt's token as `Authorization: Bearer <token>`",
-                      headers={"WWW-Authenticate": "Bearer"})
+        raise Problem(
+            401,
+            "send the attempt's token as `Authorization: Bearer <token>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return token
 
 
@@ -147,8 +165,9 @@ async def _body(request: web.Request) -> dict[str, Any]:
     if unknown:
         raise Problem(400, f"unknown field {sorted(unknown)[0]!r}")
     seq = body.get("seq")
-    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)
-                            or not 0 <= seq <= MAX_SEQ):
+    if seq is not None and (
+        not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ
+    ):
         raise Problem(400, f"seq must be a whole number from 0 to {MAX_SEQ}")
     return body
 
@@ -168,7 +187,11 @@ async def put_step(request: web.Request) -> web.StreamResponse:
     call = _call(body, now)
     try:
         write = await engine.store.put_step(
-            run_id, token, step_id, call, now=now,
+            run_id,
+            token,
+            step_id,
+            call,
+            now=now,
             lookback_since=now - engine.settings.events_lookback,
         )
     except (Refused, StoreError) as exc:
@@ -176,8 +199,14 @@ async def put_step(request: web.Request) -> web.StreamResponse:
     _check_kind(write, call.kind)
     if write.created:
         engine.metrics.step(write.route, write.step.status)
-        log.debug("step.recorded", run_id=write.step.run_id, route=write.route,
-                  step=write.step.id, kind=str(write.step.kind), status=str(write.step.status))
+        log.debug(
+            "step.recorded",
+            run_id=write.step.run_id,
+            route=write.route,
+            step=write.step.id,
+            kind=str(write.step.kind),
+            status=str(write.step.status),
+        )
     engine.metrics.checkpoint_duration.observe(time.perf_counter() - started)
     return _answer(write, call)
 
@@ -189,16 +218,32 @@ def _call(body: dict[str, Any], now: float) -> StepCall:
         return StepCall(StepKind.RUN, StepStatus.COMPLETED, seq, output=_dump(body["output"]))
     if "error" in body:
         error = _error(body["error"])
-        return StepCall(StepKind.RUN, StepStatus.FAILED, seq, error=_dump(error),
-                        no_retry=error.get("retriable") is False)
+        return StepCall(
+            StepKind.RUN,
+            StepStatus.FAILED,
+            seq,
+            error=_dump(error),
+            no_retry=error.get("retriable") is False,
+        )
     if "sleep" in body:
         until = _until(body["sleep"], now)
         due = until <= now
-        return StepCall(StepKind.SLEEP, StepStatus.COMPLETED if due else StepStatus.SLEEPING,
-                        seq, output="null" if due else None, wake_at=until)
+        return StepCall(
+            StepKind.SLEEP,
+            StepStatus.COMPLETED if due else StepStatus.SLEEPING,
+            seq,
+            output="null" if due else None,
+            wake_at=until,
+        )
     match, event, timeout = _wait(body["wait"])
-    return StepCall(StepKind.WAIT, StepStatus.WAITING, seq, wake_at=now + timeout, event=event,
-                    match=_dump(match))
+    return StepCall(
+        StepKind.WAIT,
+        StepStatus.WAITING,
+        seq,
+        wake_at=now + timeout,
+        event=event,
+        match=_dump(match),
+    )
 
 
 def _answer(write: StepWrite, call: StepCall) -> web.Response:
@@ -215,8 +260,8 @@ def _answer(write: StepWrite, call: StepCall) -> web.Response:
 def _check_kind(write: StepWrite, kind: StepKind) -> None:
     if write.step.kind != kind:
         raise Problem(
-            409, f"step {write.step.id!r} is recorded as a {write.step.kind} step, "
-            f"not a {kind} step"
+            409,
+            f"step {write.step.id!r} is recorded as a {write.step.kind} step, not a {kind} step",
         )
 
 
@@ -242,8 +287,9 @@ def _until(value: object, now: float) -> float:
             raise ValueError(text)
         moment = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
     except ValueError as exc:
-        raise Problem(400, f"sleep.until is not an RFC 3339 timestamp: {text[:_MAX_TEXT]!r}"
-                      ) from exc
+        raise Problem(
+            400, f"sleep.until is not an RFC 3339 timestamp: {text[:_MAX_TEXT]!r}"
+        ) from exc
     if moment.tzinfo is None:
         raise Problem(400, "sleep.until needs a time zone offset (RFC 3339), e.g. Z")
     until = moment.timestamp()
@@ -262,8 +308,9 @@ def _wait(value: object) -> tuple[dict[str, Any], str, float]:
         raise Problem(400, f"unknown field wait.{sorted(unknown)[0]}")
     event = value.get("event")
     if not is_name(event):
-        raise Problem(400, f"wait.event must be a string of 1 to {MAX_NAME} characters, "
-                           "without NUL")
+        raise Problem(
+            400, f"wait.event must be a string of 1 to {MAX_NAME} characters, without NUL"
+        )
     match = value.get("match")
     if match is None:
         match = {}

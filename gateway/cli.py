@@ -488,14 +488,17 @@ def _run_action(action: str, done: str) -> Callable[[argparse.Namespace, list[st
             if value is not None
         }
         if args.id is not None and filters:
-            raise _Failure("give a run ID or filters (--status, --route, --since, --until), "
-                           "not both", 2)
+            raise _Failure(
+                "give a run ID or filters (--status, --route, --since, --until), not both", 2
+            )
         if args.id is None:
             if not filters:
-                raise _Failure(f"give the ID of the run to {action}, or filters to {action} "
-                               "every run they select (--status, --route, --since, --until)", 2)
-            text, answer = _Admin.from_args(args).call("POST", f"/v1/runs/{action}",
-                                                       query=filters)
+                raise _Failure(
+                    f"give the ID of the run to {action}, or filters to {action} "
+                    "every run they select (--status, --route, --since, --until)",
+                    2,
+                )
+            text, answer = _Admin.from_args(args).call("POST", f"/v1/runs/{action}", query=filters)
             count = answer.get("count") if isinstance(answer, dict) else None
             return _emit(args, text, lambda: f"{count} run{'' if count == 1 else 's'}: {done}")
         text, answer = _Admin.from_args(args).call("POST", _run_path(args.id, f"/{action}"))
@@ -620,12 +623,16 @@ def _parser() -> argparse.ArgumentParser:
             usage=f"stepgate runs {action} [-h] [--url URL] [--config FILE] [--token TOKEN] "
             "[--json] " + ("([--] ID | FILTERS)" if bulk else "[--] ID"),
             epilog=f'An ID that starts with "-" can follow "--": stepgate runs {action} -- -AbC...'
-            + (f"\nFilters act on many runs: stepgate runs {action} --status failed --route X"
-               if bulk else ""),
+            + (
+                f"\nFilters act on many runs: stepgate runs {action} --status failed --route X"
+                if bulk
+                else ""
+            ),
         )
         if bulk:
-            sub.add_argument("id", metavar="ID", nargs="?",
-                             help='the run id (one that starts with "-" too)')
+            sub.add_argument(
+                "id", metavar="ID", nargs="?", help='the run id (one that starts with "-" too)'
+            )
             sub.add_argument("--status", help="every run in this state (e.g. failed)")
             sub.add_argument("--route", help="every run of this route")
             sub.add_argument("--since", help="created at or after: RFC 3339, or a duration ago")
@@ -642,16 +649,24 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--id", help="an id for deduplication: a repeated id is accepted once")
     send.set_defaults(handler=_cmd_events_send)
 
-    replicas = commands.add_parser("replicas", parents=[common],
-                                   help="list the gateways serving the store")
+    replicas = commands.add_parser(
+        "replicas", parents=[common], help="list the gateways serving the store"
+    )
     replicas.set_defaults(handler=_cmd_replicas)
     return parser
 
 
 _ID_ACTIONS: Final = ("show", "retry", "cancel")
 # The options of those commands (see _admin_options); argparse also takes unique abbreviations.
-_VALUED_OPTIONS: Final = ("--url", "--config", "--token", "--status", "--route", "--since",
-                           "--until")
+_VALUED_OPTIONS: Final = (
+    "--url",
+    "--config",
+    "--token",
+    "--status",
+    "--route",
+    "--since",
+    "--until",
+)
 _FLAG_OPTIONS: Final = ("--json", "--help")
 
 

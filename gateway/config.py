@@ -475,8 +475,10 @@ def _store(value: object, key: str) -> tuple[str, str]:
     scheme = text.partition(":")[0].lower()
     if scheme in ("postgresql", "postgres"):
         return _postgres_url(text, key), ""
-    usage = ("use sqlite:///relative/path, sqlite:////absolute/path or "
-             "postgresql://user@host:5432/database")
+    usage = (
+        "use sqlite:///relative/path, sqlite:////absolute/path or "
+        "postgresql://user@host:5432/database"
+    )
     if not text.startswith("sqlite://"):
         raise _Invalid(key, f"{_show(text)} is not a store URL: {usage}")
     rest = text.removeprefix("sqlite://")
@@ -495,16 +497,20 @@ def _postgres_url(text: str, key: str) -> str:
     start). Written in lower case, so `postgresql://`."""
     scheme, _, rest = text.partition("://")
     if scheme not in ("postgresql", "postgres") or not rest:
-        raise _Invalid(key, f"{_show(text)} is not a PostgreSQL URL: use "
-                            "postgresql://user@host:5432/database")
+        raise _Invalid(
+            key, f"{_show(text)} is not a PostgreSQL URL: use postgresql://user@host:5432/database"
+        )
     try:
         parts = urllib.parse.urlsplit(text)
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as exc:
         raise _Invalid(key, f"not a PostgreSQL URL: {exc}") from None
     if not parts.path.strip("/") and "dbname=" not in parts.query:
-        raise _Invalid(key, "the PostgreSQL URL names no database: add /DATABASE, e.g. "
-                            "postgresql://stepgate@db:5432/stepgate")
+        raise _Invalid(
+            key,
+            "the PostgreSQL URL names no database: add /DATABASE, e.g. "
+            "postgresql://stepgate@db:5432/stepgate",
+        )
     return text
 
 
@@ -516,8 +522,11 @@ def _replica_id(value: object, key: str) -> str:
         return ""  # the default: the gateway picks one at start
     text = _string(value, key)
     if not _REPLICA_ID.fullmatch(text):
-        raise _Invalid(key, f"{_show(text)} is not a replica id: use letters, digits, '_', '.', "
-                            "':' and '-' (at most 100, starting with a letter or digit)")
+        raise _Invalid(
+            key,
+            f"{_show(text)} is not a replica id: use letters, digits, '_', '.', "
+            "':' and '-' (at most 100, starting with a letter or digit)",
+        )
     return text
 
 
@@ -691,9 +700,11 @@ def _limits(value: object, key: str) -> Limits:
     default = Limits()
     header_size = section.optional("max_header_size", _size, default.max_header_size)
     if header_size < _MIN_HEADER_SIZE:
-        raise _Invalid(section.key("max_header_size"),
-                       f"must be at least {_MIN_HEADER_SIZE} bytes (1KiB): an ordinary browser "
-                       "request is larger")
+        raise _Invalid(
+            section.key("max_header_size"),
+            f"must be at least {_MIN_HEADER_SIZE} bytes (1KiB): an ordinary browser "
+            "request is larger",
+        )
     return Limits(
         header_timeout=section.optional("header_timeout", _duration(allow_zero=False),
                                         default.header_timeout),
@@ -816,12 +827,14 @@ def _store_key(value: object, key: str) -> StoreKey | None:
         raise _Invalid(key, f"expected env:NAME or file:PATH, got {type(value).__name__}")
     kind, colon, where = value.strip().partition(":")
     if not colon or kind not in ("env", "file"):
-        raise _Invalid(key, "expected env:NAME or file:PATH (the key itself never goes in the "
-                            "config file)")
+        raise _Invalid(
+            key, "expected env:NAME or file:PATH (the key itself never goes in the config file)"
+        )
     if kind == "env":
         if not _ENV_NAME.fullmatch(where):
-            raise _Invalid(key, "env: needs an environment variable name, e.g. "
-                                "env:STEPGATE_STORE_KEY")
+            raise _Invalid(
+                key, "env: needs an environment variable name, e.g. env:STEPGATE_STORE_KEY"
+            )
         text = os.environ.get(where)
         if not text:
             raise _Invalid(key, f"the environment variable {where} is not set")
@@ -852,11 +865,14 @@ def _store_key(value: object, key: str) -> StoreKey | None:
 def _lease(section: _Section, store: str) -> float:
     lease: float = section.optional("lease", _duration(allow_zero=False), 10.0)
     if lease < 1.0:
-        raise _Invalid(section.key("lease"), "must be at least 1s: a replica renews it every "
-                                             "third of it")
+        raise _Invalid(
+            section.key("lease"), "must be at least 1s: a replica renews it every third of it"
+        )
     if section.raw("lease") is not _Section._MISSING and not store.startswith("postgres"):
-        raise _Invalid(section.key("lease"), "only a PostgreSQL store has leases: one gateway "
-                                             "serves an SQLite file")
+        raise _Invalid(
+            section.key("lease"),
+            "only a PostgreSQL store has leases: one gateway serves an SQLite file",
+        )
     return lease
 
 
@@ -872,8 +888,7 @@ def _decode_key(text: str) -> bytes | None:
         else:
             url_safe = "-" in text or "_" in text
             padded = text + "=" * (-len(text) % 4)
-            secret = base64.b64decode(padded, altchars=b"-_" if url_safe else None,
-                                      validate=True)
+            secret = base64.b64decode(padded, altchars=b"-_" if url_safe else None, validate=True)
     except (ValueError, binascii.Error):
         return None
     return secret if len(secret) == _KEY_BYTES else None

@@ -25,9 +25,7 @@ def event_object(event_id: str, name: str, data: Any, ts: float) -> dict[str, An
 
 
 def rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z"
-    )
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _lookup(obj: Any, path: str) -> Any:

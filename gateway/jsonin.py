@@ -92,8 +92,9 @@ def _text(text: str) -> None:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise BadJSON("a string holds a lone surrogate (such as \\ud800): not Unicode "
-                          "text") from exc
+            raise BadJSON(
+                "a string holds a lone surrogate (such as \\ud800): not Unicode text"
+            ) from exc
 
 
 def loads(raw: bytes) -> Any:
@@ -117,8 +118,9 @@ def loads(raw: bytes) -> Any:
         raise BadJSON(f"nested deeper than {MAX_DEPTH} arrays and objects") from exc
     except ValueError as exc:
         if "integer string conversion" in str(exc):  # the interpreter's bound, as above
-            raise BadJSON(f"an integer has more than {sys.get_int_max_str_digits()} digits"
-                          ) from exc
+            raise BadJSON(
+                f"an integer has more than {sys.get_int_max_str_digits()} digits"
+            ) from exc
         raise BadJSON(f"the body is not JSON: {exc}") from exc
     surrogates = _SURROGATE_ESCAPE.search(text) is not None
     # Fewer openers than the bound cannot nest past it: most bodies skip the walk.

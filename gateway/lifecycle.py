@@ -44,8 +44,10 @@ _NEXT: Final[dict[RunStatus, frozenset[RunStatus]]] = {
 }
 
 SUSPENDED_WITH_NOTHING_PARKED: Final = "the handler suspended without a sleeping or waiting step"
-REQUEST_UNREADABLE: Final = ("the stored request does not open with the store_key (it was "
-                             "changed, or sealed with another key), so it cannot be replayed")
+REQUEST_UNREADABLE: Final = (
+    "the stored request does not open with the store_key (it was "
+    "changed, or sealed with another key), so it cannot be replayed"
+)
 
 
 class IllegalTransition(ValueError):
@@ -109,17 +111,20 @@ def decide(
         failed = retry_reason is not None or ended_status(result.status) == RunStatus.FAILED
         return Decision("end", ended_status(result.status), counts_as_failure=failed)
     if run_no_retry:
-        return Decision("end", RunStatus.FAILED, reason="non_retriable_step",
-                        counts_as_failure=True)
+        return Decision(
+            "end", RunStatus.FAILED, reason="non_retriable_step", counts_as_failure=True
+        )
     if failures + 1 >= attempts:
-        return Decision("end", RunStatus.FAILED, reason="attempts_exhausted",
-                        counts_as_failure=True)
+        return Decision(
+            "end", RunStatus.FAILED, reason="attempts_exhausted", counts_as_failure=True
+        )
     return Decision("retry", RunStatus.RETRYING, reason=retry_reason, counts_as_failure=True)
 
 
 def _ended(run: Run, status: RunStatus, now: float, error: str | None) -> Run:
-    return run.but(status=status, ended_at=now, updated_at=now, due_at=None, error=error,
-                   wake_pending=False)
+    return run.but(
+        status=status, ended_at=now, updated_at=now, due_at=None, error=error, wake_pending=False
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +148,10 @@ def outcome_label(outcome: Outcome) -> str:
 def attempt_record(outcome: Outcome, error: str | None = None) -> Attempt:
     reply = outcome.reply
     return Attempt(
-        outcome.attempt, outcome.started_at, outcome.ended_at, outcome_label(outcome),
+        outcome.attempt,
+        outcome.started_at,
+        outcome.ended_at,
+        outcome_label(outcome),
         reply.status if reply is not None else None,
         error if error is not None else outcome.error,
     )
@@ -166,8 +174,7 @@ def after_attempt(
         ended = _ended(run, RunStatus.FAILED, now, f"route {run.route!r} is no longer configured")
         return AfterAttempt(ended, attempt_record(outcome), Decision("end", RunStatus.FAILED))
     if run.request_unreadable:  # an earlier attempt's answer would hide why it ended
-        unanswered = run.but(resp_status=None, resp_reason=None, resp_headers=None,
-                             resp_body=None)
+        unanswered = run.but(resp_status=None, resp_reason=None, resp_headers=None, resp_body=None)
         ended = _ended(unanswered, RunStatus.FAILED, now, REQUEST_UNREADABLE)
         return AfterAttempt(ended, attempt_record(outcome), Decision("end", RunStatus.FAILED))
     reply = outcome.reply
@@ -180,14 +187,22 @@ def after_attempt(
         no_retry=bool(usable and usable.no_retry),
     )
     reason = retry.is_retriable(route.retry, status, outcome.failure)
-    decision = decide(result, retry_reason=reason, failures=run.failures,
-                      attempts=route.retry.attempts, run_no_retry=run.no_retry)
+    decision = decide(
+        result,
+        retry_reason=reason,
+        failures=run.failures,
+        attempts=route.retry.attempts,
+        run_no_retry=run.no_retry,
+    )
     record = attempt_record(outcome)
     changes: dict[str, object] = {"updated_at": now}
     if usable is not None and not result.suspend:
-        changes.update(resp_status=usable.status, resp_reason=usable.reason,
-                       resp_headers=usable.headers,
-                       resp_body=usable.body)
+        changes.update(
+            resp_status=usable.status,
+            resp_reason=usable.reason,
+            resp_headers=usable.headers,
+            resp_body=usable.body,
+        )
     failures = run.failures + (1 if decision.counts_as_failure else 0)
     changes["failures"] = failures
     current = run.but(**changes)
@@ -195,11 +210,15 @@ def after_attempt(
         return _park(current, route, parked, now, rng, record, decision)
     if decision.action == "retry":
         assert reason is not None
-        delay = retry.next_delay(route.retry, failures, status,
-                                 usable.retry_after if usable else None, now, rng)
-        retrying = current.but(status=RunStatus.RETRYING, due_at=now + delay,
-                               error=f"{reason}: {outcome.failure or status}",
-                               wake_pending=False)
+        delay = retry.next_delay(
+            route.retry, failures, status, usable.retry_after if usable else None, now, rng
+        )
+        retrying = current.but(
+            status=RunStatus.RETRYING,
+            due_at=now + delay,
+            error=f"{reason}: {outcome.failure or status}",
+            wake_pending=False,
+        )
         return AfterAttempt(retrying, record, decision, retry_reason=reason, delay=delay)
     if status is not None:
         error = None
@@ -234,31 +253,46 @@ def _park(
     # attempt rather than re-invoking it in a tight loop.
     failures = run.failures + 1
     if failures >= route.retry.attempts:
-        ended = _ended(run.but(failures=failures), RunStatus.FAILED, now,
-                       SUSPENDED_WITH_NOTHING_PARKED)
-        return AfterAttempt(ended, record, Decision("end", RunStatus.FAILED,
-                                                   counts_as_failure=True))
+        ended = _ended(
+            run.but(failures=failures), RunStatus.FAILED, now, SUSPENDED_WITH_NOTHING_PARKED
+        )
+        return AfterAttempt(
+            ended, record, Decision("end", RunStatus.FAILED, counts_as_failure=True)
+        )
     delay = retry.backoff(route.retry, failures, rng)
-    retrying = run.but(status=RunStatus.RETRYING, failures=failures, due_at=now + delay,
-                       error=SUSPENDED_WITH_NOTHING_PARKED)
-    return AfterAttempt(retrying, record, Decision("retry", RunStatus.RETRYING,
-                                                  counts_as_failure=True), delay=delay)
+    retrying = run.but(
+        status=RunStatus.RETRYING,
+        failures=failures,
+        due_at=now + delay,
+        error=SUSPENDED_WITH_NOTHING_PARKED,
+    )
+    return AfterAttempt(
+        retrying, record, Decision("retry", RunStatus.RETRYING, counts_as_failure=True), delay=delay
+    )
 
 
 def after_interruption(run: Run, route: Route | None, now: float, *, crashed: bool) -> AfterAttempt:
     """An invocation was cut short and is fenced here. A crash counts as a failed attempt; a
     graceful shutdown doesn't. Either way the run is due again at once."""
-    record = Attempt(run.attempt, run.updated_at, now, "interrupted", None,
-                     "gateway crashed" if crashed else "gateway shut down")
+    record = Attempt(
+        run.attempt,
+        run.updated_at,
+        now,
+        "interrupted",
+        None,
+        "gateway crashed" if crashed else "gateway shut down",
+    )
     failures = run.failures + (1 if crashed else 0)
     current = run.but(failures=failures, updated_at=now)
     if route is None:
-        ended = _ended(current, RunStatus.FAILED, now,
-                       f"route {run.route!r} is no longer configured")
+        ended = _ended(
+            current, RunStatus.FAILED, now, f"route {run.route!r} is no longer configured"
+        )
         return AfterAttempt(ended, record, Decision("end", RunStatus.FAILED))
     if crashed and (run.no_retry or failures >= route.retry.attempts):
-        ended = _ended(current, RunStatus.FAILED, now,
-                       "attempts exhausted (gateway crashed mid-attempt)")
+        ended = _ended(
+            current, RunStatus.FAILED, now, "attempts exhausted (gateway crashed mid-attempt)"
+        )
         return AfterAttempt(ended, record, Decision("end", RunStatus.FAILED))
     retrying = current.but(status=RunStatus.RETRYING, due_at=now)
     return AfterAttempt(retrying, record, Decision("retry", RunStatus.RETRYING))
@@ -269,8 +303,13 @@ def claim(run: Run, now: float) -> Run | None:
     stale timer) or not parked any more."""
     if run.status not in PARKED or run.due_at is None or run.due_at > now + 0.001:
         return None
-    return run.but(status=RunStatus.RUNNING, attempt=run.attempt + 1, due_at=None,
-                   updated_at=now, wake_pending=False)
+    return run.but(
+        status=RunStatus.RUNNING,
+        attempt=run.attempt + 1,
+        due_at=None,
+        updated_at=now,
+        wake_pending=False,
+    )
 
 
 def cancel(run: Run, now: float) -> Run | None:
@@ -283,5 +322,12 @@ def retry_ended(run: Run, now: float) -> Run | None:
     """Re-run an ended run at once; its recorded steps stay recorded."""
     if run.status not in ENDED:
         return None
-    return run.but(status=RunStatus.RETRYING, ended_at=None, failures=0, no_retry=False,
-                   due_at=now, updated_at=now, wake_pending=False)
+    return run.but(
+        status=RunStatus.RETRYING,
+        ended_at=None,
+        failures=0,
+        no_retry=False,
+        due_at=now,
+        updated_at=now,
+        wake_pending=False,
+    )

@@ -122,8 +122,12 @@ class Guard:
         if self.open >= self.limits.max_connections:
             suppressed = _REFUSED_CONNECTIONS.admit()
             if suppressed is not None:
-                log.warning("http.connection_refused", listener=self.name,
-                            max_connections=self.limits.max_connections, suppressed=suppressed)
+                log.warning(
+                    "http.connection_refused",
+                    listener=self.name,
+                    max_connections=self.limits.max_connections,
+                    suppressed=suppressed,
+                )
             return _Refused()
         return GuardedHandler(self._server, guard=self, loop=asyncio.get_running_loop())
 
@@ -328,15 +332,18 @@ class GuardedHandler(RequestHandler):
             self._arm_body_timer(self._body_seen + self._guard.limits.body_timeout)
 
     def _oversize(self) -> tuple[int, str]:
-        return 431, (f"the request's header fields are larger than limits.max_header_size "
-                     f"({self._guard.limits.max_header_size} bytes)")
+        return 431, (
+            f"the request's header fields are larger than limits.max_header_size "
+            f"({self._guard.limits.max_header_size} bytes)"
+        )
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer `status` after whatever is being answered now, then close."""
         self._refused = True
         self._cancel_timers()
-        self._messages.append((_ErrInfo(status=status, exc=_Refusal(status, detail),
-                                        message=detail), EMPTY_PAYLOAD))
+        self._messages.append(
+            (_ErrInfo(status=status, exc=_Refusal(status, detail), message=detail), EMPTY_PAYLOAD)
+        )
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -353,8 +360,11 @@ class GuardedHandler(RequestHandler):
         if self._head_bytes == 0 and self._request_count == 0:
             self.force_close()  # never said a word: nobody to answer (nginx does the same)
             return
-        self._refuse(408, f"the request head did not arrive within limits.header_timeout "
-                          f"({self._guard.limits.header_timeout:g}s)")
+        self._refuse(
+            408,
+            f"the request head did not arrive within limits.header_timeout "
+            f"({self._guard.limits.header_timeout:g}s)",
+        )
 
     # -- bodies ---------------------------------------------------------------------------
 
@@ -385,8 +395,9 @@ class GuardedHandler(RequestHandler):
         self._cancel_send_timer()
         if self.transport is not None:
             self._send_left = self.transport.get_write_buffer_size()
-            self._send_timer = self._loop.call_later(self._guard.limits.send_timeout,
-                                                     self._send_check)
+            self._send_timer = self._loop.call_later(
+                self._guard.limits.send_timeout, self._send_check
+            )
 
     def _send_check(self) -> None:
         self._send_timer = None
@@ -398,9 +409,13 @@ class GuardedHandler(RequestHandler):
             return
         suppressed = _BAD_REQUESTS.admit()
         if suppressed is not None:
-            log.info("http.send_timeout", listener=self._guard.name,
-                     waiting_bytes=self._send_left, seconds=self._guard.limits.send_timeout,
-                     suppressed=suppressed)
+            log.info(
+                "http.send_timeout",
+                listener=self._guard.name,
+                waiting_bytes=self._send_left,
+                seconds=self._guard.limits.send_timeout,
+                suppressed=suppressed,
+            )
         transport.abort()  # what is buffered cannot be sent; wakes the writer with an error
 
     def _cancel_send_timer(self) -> None:
@@ -433,13 +448,24 @@ class GuardedHandler(RequestHandler):
         # A 5xx of our own choosing (505 for HTTP/2.0) is the client's doing, logged as such;
         # only what went wrong inside the gateway is an error.
         if status >= 500 and not isinstance(exc, _Refusal):
-            log.error("http.handler_failed", peer=request.remote, method=request.method,
-                      status=status, exc_info=exc)
+            log.error(
+                "http.handler_failed",
+                peer=request.remote,
+                method=request.method,
+                status=status,
+                exc_info=exc,
+            )
         else:
             suppressed = _BAD_REQUESTS.admit()
             if suppressed is not None:
-                log.info("http.bad_request", listener=self._guard.name, peer=request.remote,
-                         status=status, reason=detail, suppressed=suppressed)
+                log.info(
+                    "http.bad_request",
+                    listener=self._guard.name,
+                    peer=request.remote,
+                    status=status,
+                    reason=detail,
+                    suppressed=suppressed,
+                )
         if request.writer.output_size > 0:
             # Part of an answer is out already; the connection is all that can be cut.
             raise ConnectionError("an answer was under way; cannot send an error answer")
@@ -485,8 +511,10 @@ class GuardedHandler(RequestHandler):
             return exc.status, exc.detail
         if isinstance(exc, LineTooLong):
             if exc.args[1] == self.max_line_size:
-                return 414, (f"the request target is longer than limits.max_header_size "
-                             f"({self._guard.limits.max_header_size} bytes)")
+                return 414, (
+                    f"the request target is longer than limits.max_header_size "
+                    f"({self._guard.limits.max_header_size} bytes)"
+                )
             return self._oversize()
         if isinstance(exc, BadHttpMessage):
             if exc.message.startswith("Too many headers"):
@@ -502,8 +530,11 @@ class GuardedHandler(RequestHandler):
     def log_exception(self, *args: object, **kw: object) -> None:
         """aiohttp's own error lines ("Unhandled exception", …) as structured ones."""
         exc_info = kw.get("exc_info")
-        log.error("http.server_error", message=str(args[0]) if args else None,
-                  exc_info=exc_info if isinstance(exc_info, BaseException) else True)
+        log.error(
+            "http.server_error",
+            message=str(args[0]) if args else None,
+            exc_info=exc_info if isinstance(exc_info, BaseException) else True,
+        )
 
 
 def _reason(message: str) -> str:

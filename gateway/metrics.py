@@ -28,7 +28,21 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # 0.5 ms to 60 s: a pass-through answers in about a millisecond, a held run in up to `hold`.
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
     60.0,
 )
 _METHODS = frozenset(
@@ -49,44 +63,66 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         self.requests = Counter(
-            "stepgate_requests", "Client requests answered, by route, method and status code.",
-            ["route", "method", "code"], registry=registry,
+            "stepgate_requests",
+            "Client requests answered, by route, method and status code.",
+            ["route", "method", "code"],
+            registry=registry,
         )
         self.request_duration = Histogram(
-            "stepgate_request_duration_seconds", "Time to answer a client request.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=registry,
+            "stepgate_request_duration_seconds",
+            "Time to answer a client request.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.upstream_attempts = Counter(
-            "stepgate_upstream_attempts", "Invocations of an upstream, by outcome "
-            "(response, connect, timeout).", ["route", "outcome"], registry=registry,
+            "stepgate_upstream_attempts",
+            "Invocations of an upstream, by outcome (response, connect, timeout).",
+            ["route", "outcome"],
+            registry=registry,
         )
         self.retries = Counter(
-            "stepgate_retries", "Retries scheduled, by reason.", ["route", "reason"],
+            "stepgate_retries",
+            "Retries scheduled, by reason.",
+            ["route", "reason"],
             registry=registry,
         )
         self.runs = Gauge(
-            "stepgate_runs", "Runs in the store, by state.", ["state"], registry=registry,
+            "stepgate_runs",
+            "Runs in the store, by state.",
+            ["state"],
+            registry=registry,
         )
         self.steps = Counter(
-            "stepgate_steps", "Step records written through the callback API, by status.",
-            ["route", "status"], registry=registry,
+            "stepgate_steps",
+            "Step records written through the callback API, by status.",
+            ["route", "status"],
+            registry=registry,
         )
         self.checkpoint_duration = Histogram(
-            "stepgate_checkpoint_duration_seconds", "Time to answer a step callback, "
-            "commit included.", buckets=_FAST_BUCKETS, registry=registry,
+            "stepgate_checkpoint_duration_seconds",
+            "Time to answer a step callback, commit included.",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
         )
         self.store_write_duration = Histogram(
-            "stepgate_store_write_duration_seconds", "Time from a store write being queued to "
-            "its commit.", buckets=_FAST_BUCKETS, registry=registry,
+            "stepgate_store_write_duration_seconds",
+            "Time from a store write being queued to its commit.",
+            buckets=_FAST_BUCKETS,
+            registry=registry,
         )
 
         self.replica = Gauge(
-            "stepgate_replica", "This gateway among the replicas of its store (always 1): its "
-            "replica id and the store's dialect.", ["replica", "dialect"], registry=registry,
+            "stepgate_replica",
+            "This gateway among the replicas of its store (always 1): its "
+            "replica id and the store's dialect.",
+            ["replica", "dialect"],
+            registry=registry,
         )
         self.taken_over = Counter(
-            "stepgate_runs_taken_over", "Running runs of replicas whose lease expired that "
-            "this replica fenced, to be resumed.", registry=registry,
+            "stepgate_runs_taken_over",
+            "Running runs of replicas whose lease expired that this replica fenced, to be resumed.",
+            registry=registry,
         )
 
     def _child(self, metric: Counter | Histogram, *labels: str) -> Any:

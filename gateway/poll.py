@@ -45,8 +45,11 @@ async def poll(request: web.Request) -> web.StreamResponse:
         if not run.ended:
             run = await engine.wait_end(run, wait)
     except StoreError:
-        return problem(503, detail="the run store is not available; poll again",
-                       headers={"Retry-After": "1", **NO_STORE})
+        return problem(
+            503,
+            detail="the run store is not available; poll again",
+            headers={"Retry-After": "1", **NO_STORE},
+        )
     if run.ended:
         response = final_response(run)
         response.headers.update(NO_STORE)

@@ -91,8 +91,11 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return exc.response()
     except StoreError as exc:
         log.warning("store.unavailable", path=request.path, error=str(exc))
-        return problem(503, detail="the run store is not available; nothing was recorded, "
-                       "try again", headers={"Retry-After": "1"})
+        return problem(
+            503,
+            detail="the run store is not available; nothing was recorded, try again",
+            headers={"Retry-After": "1"},
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -172,8 +172,9 @@ def read_target(method: str, raw: str, host: str | None) -> Target | BadTarget:
 
 
 def _absolute(raw: str, host: str | None) -> Target | BadTarget:
-    foreign = BadTarget(400, "an absolute-form target for another host: this gateway is not "
-                             "a forward proxy")
+    foreign = BadTarget(
+        400, "an absolute-form target for another host: this gateway is not a forward proxy"
+    )
     try:
         parts = urlsplit(raw)
     except ValueError:  # an unbalanced "[" in the authority
@@ -183,7 +184,7 @@ def _absolute(raw: str, host: str | None) -> Target | BadTarget:
         return foreign
     if _authority(parts.netloc, scheme) != _authority(host, scheme):
         return foreign
-    path = raw[len(parts.scheme) + 3 + len(parts.netloc):] or "/"
+    path = raw[len(parts.scheme) + 3 + len(parts.netloc) :] or "/"
     if path.startswith("?"):
         path = "/" + path
     if not path.startswith("/"):
@@ -215,8 +216,9 @@ def _origin(raw: str) -> Target | BadTarget:
             for piece in decoded.replace("\\", "/").split("/"):
                 if piece.partition(";")[0] in _DOTS:
                     return BadTarget(
-                        400, "the path has a dot segment ('.' or '..', maybe percent-encoded); "
-                             "resolve it before sending (RFC 3986 §5.2.4)"
+                        400,
+                        "the path has a dot segment ('.' or '..', maybe percent-encoded); "
+                        "resolve it before sending (RFC 3986 §5.2.4)",
                     )
     if "%" not in raw_path:
         return Target(forward=raw, path=raw_path)

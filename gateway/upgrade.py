@@ -74,7 +74,9 @@ async def relay_upgrade(
     """Forward the handshake `request` to `route.upstream`; see the module docstring. Returns
     once the tunnel has closed (or at once, when the service declined)."""
     headers, _trace_id = forward_request_headers(
-        request.headers, peer=request.remote, scheme=request.scheme,
+        request.headers,
+        peer=request.remote,
+        scheme=request.scheme,
         host=request.headers.get(hdrs.HOST),
     )
     headers[hdrs.CONNECTION] = "Upgrade"
@@ -93,8 +95,11 @@ async def relay_upgrade(
         return problem(504, detail=f"upstream of route {route.name!r} did not answer in time")
     except (OSError, _BadAnswer, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
         _report(on_attempt, Outcome(None, "connect"))
-        return problem(502, detail=f"upstream of route {route.name!r} could not be reached or "
-                                   "did not answer the WebSocket handshake in HTTP")
+        return problem(
+            502,
+            detail=f"upstream of route {route.name!r} could not be reached or "
+            "did not answer the WebSocket handshake in HTTP",
+        )
     _report(on_attempt, Outcome(status))
 
     response = RelayedResponse(status=status, reason=reason)
@@ -133,15 +138,19 @@ async def _connect(url: URL) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
     secure = url.scheme == "https"
     context = ssl.create_default_context() if secure else None
     return await asyncio.open_connection(
-        url.host, url.port, ssl=context, server_hostname=url.host if secure else None,
+        url.host,
+        url.port,
+        ssl=context,
+        server_hostname=url.host if secure else None,
         limit=_MAX_HEAD,
     )
 
 
 def _request_head(method: str, target: str, headers: CIMultiDict[str]) -> bytes:
     lines = [f"{method} {target} HTTP/1.1".encode()]
-    lines += [f"{name}: {value}".encode("utf-8", "surrogateescape")
-              for name, value in headers.items()]
+    lines += [
+        f"{name}: {value}".encode("utf-8", "surrogateescape") for name, value in headers.items()
+    ]
     return b"\r\n".join([*lines, b"", b""])
 
 

@@ -75,8 +75,10 @@ def pg_database() -> Iterator[str]:
     try:
         run(f'CREATE DATABASE "{name}"')
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {PG_SERVER} ({exc}); "
-                    "set STEPGATE_TEST_PG to a server's URL to run these tests")
+        pytest.skip(
+            f"PostgreSQL is not reachable at {PG_SERVER} ({exc}); "
+            "set STEPGATE_TEST_PG to a server's URL to run these tests"
+        )
     yield f"{PG_SERVER}/{name}"
     run(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

@@ -28,8 +28,9 @@ def test_javascript_client_suite() -> None:
     if major is None or major < 18 or shutil.which("npm") is None:
         pytest.skip("Node.js >= 18 with npm is needed for the JavaScript client's tests")
     env = dict(os.environ, STEPGATE_E2E_CMD=f"{sys.executable} -m gateway serve")
-    done = subprocess.run(["npm", "test", "--silent"], cwd=JS, env=env, capture_output=True,
-                          text=True, timeout=280)
+    done = subprocess.run(
+        ["npm", "test", "--silent"], cwd=JS, env=env, capture_output=True, text=True, timeout=280
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
     assert "# fail 0" in done.stdout
     assert "# skipped 0" in done.stdout or "# skip 0" in done.stdout, done.stdout[-2000:]

@@ -45,26 +45,30 @@ from aiohttp import web
 
 try:
     import stepgate.aiohttp
-except ImportError:   # run from a checkout without `pip install .`
+except ImportError:  # run from a checkout without `pip install .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "client" / "python"))
     import stepgate.aiohttp
 from stepgate import NonRetriableError, step
 
 STEPS = ("reserve-flight", "reserve-hotel", "charge-card", "send-confirmation")
 TRIP_PRICE_CENTS = 42_000
-FATAL_STATUS = 422   # ?fail=STEP:fatal
+FATAL_STATUS = 422  # ?fail=STEP:fatal
 
-executions: Counter[str] = Counter(dict.fromkeys(STEPS, 0))   # behind GET /stats
-failed_once: set[tuple[str, str]] = set()   # (run, step) pairs that already failed, for ?fail
-stalled_once: set[tuple[str, str]] = set()   # (run, step) pairs that already stalled, for ?stall
+executions: Counter[str] = Counter(dict.fromkeys(STEPS, 0))  # behind GET /stats
+failed_once: set[tuple[str, str]] = set()  # (run, step) pairs that already failed, for ?fail
+stalled_once: set[tuple[str, str]] = set()  # (run, step) pairs that already stalled, for ?stall
 
 T = TypeVar("T")
 
 
 async def create_trip(request: web.Request) -> web.Response:
     trip = await read_trip(request)
-    failures = parse_failures([*request.query.getall("fail", []),
-                               *filter(None, os.environ.get("TRIP_FAIL", "").split(","))])
+    failures = parse_failures(
+        [
+            *request.query.getall("fail", []),
+            *filter(None, os.environ.get("TRIP_FAIL", "").split(",")),
+        ]
+    )
     cooloff = parse_cooloff(request.query.get("cooloff", "0"))
     payment_timeout = parse_await(request.query.get("await"))
     latency = parse_seconds("latency", request.query.get("latency", "0"), 60)
@@ -76,21 +80,24 @@ async def create_trip(request: web.Request) -> web.Response:
     # ?drift=1: from attempt 2 on the record no longer fits the code (see the docstring).
     drifted = "charge-card" if drift and attempt >= 2 else None
 
-    def booking_step(name: str, work: Callable[[], T], *,
-                     takes: float = 0) -> Coroutine[Any, Any, T]:
+    def booking_step(
+        name: str, work: Callable[[], T], *, takes: float = 0
+    ) -> Coroutine[Any, Any, T]:
         """A step that counts its executions, fails when ?fail asks, else takes `takes` s."""
+
         async def execute() -> T:
             executions[name] += 1
             mode = failures.get(name)
             if mode == "fatal":
-                raise NonRetriableError(f"{name} failed for good (fail={name}:fatal)",
-                                        status=FATAL_STATUS)
+                raise NonRetriableError(
+                    f"{name} failed for good (fail={name}:fatal)", status=FATAL_STATUS
+                )
             if mode == "always":
                 raise RuntimeError(f"{name} failed (fail={name}:always)")
             if mode == "once" and (run, name) not in failed_once:
                 failed_once.add((run, name))
                 raise RuntimeError(f"{name} failed once for this run (fail={name})")
-            if takes:   # after the failures: a failing call fails fast, as they tend to
+            if takes:  # after the failures: a failing call fails fast, as they tend to
                 await asyncio.sleep(takes)
             if name in stalls and (run, name) not in stalled_once:
                 stalled_once.add((run, name))
@@ -101,29 +108,51 @@ async def create_trip(request: web.Request) -> web.Response:
 
     # Random references are made inside the steps: a replay returns the recorded ones.
     flight, hotel = await asyncio.gather(
-        booking_step("reserve-flight",
-                     lambda: {"flight": trip["flight"], "reference": reference("FL")},
-                     takes=latency),
-        booking_step("reserve-hotel",
-                     lambda: {"hotel": trip["hotel"], "reference": reference("HT")},
-                     takes=latency),
+        booking_step(
+            "reserve-flight",
+            lambda: {"flight": trip["flight"], "reference": reference("FL")},
+            takes=latency,
+        ),
+        booking_step(
+            "reserve-hotel",
+            lambda: {"hotel": trip["hotel"], "reference": reference("HT")},
+            takes=latency,
+        ),
     )
     if cooloff:
-        await step.sleep("cool-off", cooloff)   # durable: the run is parked, not this process
+        await step.sleep("cool-off", cooloff)  # durable: the run is parked, not this process
     extra: dict[str, Any] = {}
     if payment_timeout is not None:
         # Durable too: the run is parked until the event arrives or the wait times out.
         extra["payment"] = await step.wait_for_event(
-            "payment", event="trip.paid", match={"data.trip": run}, timeout=payment_timeout)
-    charge = await booking_step("charge-card", lambda: {
-        "reference": reference("CH"), "amount_cents": TRIP_PRICE_CENTS,
-        "traveller": trip["traveller"]})
-    confirmation = await booking_step("send-confirmation", lambda: {
-        "to": trip["traveller"],
-        "text": f"Flight {flight['reference']}, hotel {hotel['reference']},"
-                f" charge {charge['reference']}"})
-    return web.json_response({"traveller": trip["traveller"], "flight": flight, "hotel": hotel,
-                              "charge": charge, "confirmation": confirmation, **extra})
+            "payment", event="trip.paid", match={"data.trip": run}, timeout=payment_timeout
+        )
+    charge = await booking_step(
+        "charge-card",
+        lambda: {
+            "reference": reference("CH"),
+            "amount_cents": TRIP_PRICE_CENTS,
+            "traveller": trip["traveller"],
+        },
+    )
+    confirmation = await booking_step(
+        "send-confirmation",
+        lambda: {
+            "to": trip["traveller"],
+            "text": f"Flight {flight['reference']}, hotel {hotel['reference']},"
+            f" charge {charge['reference']}",
+        },
+    )
+    return web.json_response(
+        {
+            "traveller": trip["traveller"],
+            "flight": flight,
+            "hotel": hotel,
+            "charge": charge,
+            "confirmation": confirmation,
+            **extra,
+        }
+    )
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -147,9 +176,11 @@ def parse_failures(values: list[str]) -> dict[str, str]:
     for value in values:
         name, _, mode = value.strip().partition(":")
         if name not in STEPS or mode not in ("", "once", "always", "fatal"):
-            raise NonRetriableError(f"fail={value}: expected STEP, STEP:always or STEP:fatal,"
-                                    " STEP one of "
-                                    + ", ".join(STEPS), status=400)
+            raise NonRetriableError(
+                f"fail={value}: expected STEP, STEP:always or STEP:fatal,"
+                " STEP one of " + ", ".join(STEPS),
+                status=400,
+            )
         failures[name] = mode or "once"
     return failures
 
@@ -164,8 +195,7 @@ def parse_seconds(knob: str, value: str, most: float) -> float:
     except ValueError:
         seconds = -1.0
     if not 0 <= seconds <= most:
-        raise NonRetriableError(f"{knob}={value}: expected seconds from 0 to {most:g}",
-                                status=400)
+        raise NonRetriableError(f"{knob}={value}: expected seconds from 0 to {most:g}", status=400)
     return seconds
 
 
@@ -176,8 +206,7 @@ def parse_await(value: str | None) -> float | None:
     what, colon, timeout = value.partition(":")
     seconds = parse_seconds("await", timeout, 86_400) if colon else 3600.0
     if what != "payment" or seconds == 0:
-        raise NonRetriableError(f"await={value}: expected payment or payment:SECONDS",
-                                status=400)
+        raise NonRetriableError(f"await={value}: expected payment or payment:SECONDS", status=400)
     return seconds
 
 
@@ -193,8 +222,9 @@ def parse_stalls(values: list[str]) -> dict[str, float]:
     for value in values:
         name, colon, seconds = value.partition(":")
         if name not in STEPS or not colon:
-            raise NonRetriableError(f"stall={value}: expected STEP:SECONDS, STEP one of "
-                                    + ", ".join(STEPS), status=400)
+            raise NonRetriableError(
+                f"stall={value}: expected STEP:SECONDS, STEP one of " + ", ".join(STEPS), status=400
+            )
         stalls[name] = parse_seconds("stall", seconds, 60)
     return stalls
 

@@ -56,8 +56,9 @@ class Engine:
         self.metrics = metrics
         self.routes = {route.name: route for route in settings.routes}
         self.waiters = EndWaiters(store)
-        self.invoker = Invoker(settings, store, transport or AiohttpTransport(session), metrics,
-                               self.routes)
+        self.invoker = Invoker(
+            settings, store, transport or AiohttpTransport(session), metrics, self.routes
+        )
         self.scheduler = Scheduler(store, self.invoker.fire, housekeeping=self.housekeeping)
         self.invoker.on_retry_timer = self.scheduler.add
         self._recovering: asyncio.Task[None] | None = None
@@ -78,7 +79,10 @@ class Engine:
             run = change.run
             if run is not None:  # logged by the replica that ended it
                 log.info(
-                    f"run.{run.status}", run_id=run.id, route=run.route, attempt=run.attempt,
+                    f"run.{run.status}",
+                    run_id=run.id,
+                    route=run.route,
+                    attempt=run.attempt,
                     status=run.resp_status,
                     duration_ms=round((run.updated_at - run.created_at) * 1000),
                 )
@@ -96,14 +100,16 @@ class Engine:
             interrupted = await self.invoker.recover(crashed=True, before=started)
         except StoreError as exc:
             log.warning("store.write_failed", during="resume", error=str(exc), retrying=True)
-            self._recovering = asyncio.create_task(self._recover_later(started),
-                                                   name="stepgate-recover")
+            self._recovering = asyncio.create_task(
+                self._recover_later(started), name="stepgate-recover"
+            )
         else:
             log.info("gateway.resumed", interrupted=interrupted)
         self.scheduler.start()
         if self.store.lease is not None:
-            self._taking_over = asyncio.create_task(self._take_over(self.store.lease),
-                                                    name="stepgate-take-over")
+            self._taking_over = asyncio.create_task(
+                self._take_over(self.store.lease), name="stepgate-take-over"
+            )
 
     async def _take_over(self, lease: float) -> None:
         """Every fifth of a lease, fence what replicas that stopped renewing theirs left
@@ -112,8 +118,7 @@ class Engine:
         now = time.time()
 
         def rule(run: Run) -> AfterAttempt:
-            return lifecycle.after_interruption(run, self.routes.get(run.route), now,
-                                                crashed=True)
+            return lifecycle.after_interruption(run, self.routes.get(run.route), now, crashed=True)
 
         while True:
             now = time.time()
@@ -124,8 +129,11 @@ class Engine:
                 taken = []
             if taken:
                 self.metrics.taken_over.inc(len(taken))
-                log.info("gateway.took_over", runs=len(taken),
-                         run_ids=sorted(after.run.id for after in taken)[:10])
+                log.info(
+                    "gateway.took_over",
+                    runs=len(taken),
+                    run_ids=sorted(after.run.id for after in taken)[:10],
+                )
             await asyncio.sleep(lease / 5)
 
     async def _recover_later(self, started: float) -> None:

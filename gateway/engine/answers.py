@@ -71,11 +71,20 @@ def final_response(run: Run) -> web.StreamResponse:
     if run.status == RunStatus.CANCELLED:
         return problem(409, detail="the run was cancelled", headers=extra, run_id=run.id)
     if run.answer_unreadable:
-        return problem(500, detail="the recorded answer does not open with the store_key (it was "
-                       "changed, or sealed with another key)", headers=extra, run_id=run.id)
+        return problem(
+            500,
+            detail="the recorded answer does not open with the store_key (it was "
+            "changed, or sealed with another key)",
+            headers=extra,
+            run_id=run.id,
+        )
     if run.resp_status is None:
-        return problem(502, detail=run.error or "no response was received from the upstream",
-                       headers=extra, run_id=run.id)
+        return problem(
+            502,
+            detail=run.error or "no response was received from the upstream",
+            headers=extra,
+            run_id=run.id,
+        )
     return RecordedResponse(run)
 
 

@@ -62,10 +62,15 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
     arrival = time.monotonic()
     body = await read_body(request, route.max_body)
     if body is None:
-        return problem(413, detail=f"the request body is larger than {route.max_body} bytes, "
-                       f"the limit of route {route.name!r}")
+        return problem(
+            413,
+            detail=f"the request body is larger than {route.max_body} bytes, "
+            f"the limit of route {route.name!r}",
+        )
     headers, trace_id = forward_request_headers(
-        request.headers, peer=request.remote, scheme=request.scheme,
+        request.headers,
+        peer=request.remote,
+        scheme=request.scheme,
         host=request.headers.get("Host"),
     )
     prefer = parse_prefer(request.headers.getall("Prefer", ()))
@@ -73,10 +78,20 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
     key = request.headers.get("Idempotency-Key")
     target = request.raw_path
     run = Run(
-        id=secrets.token_urlsafe(16), route=route.name, status=RunStatus.RUNNING, attempt=1,
-        token=new_secret(), poll_token=new_secret(), method=request.method, target=target,
-        headers=list(headers.items()), body=body, created_at=now, updated_at=now,
-        idem_key=key, request_hash=request_hash(request.method, target, body) if key else None,
+        id=secrets.token_urlsafe(16),
+        route=route.name,
+        status=RunStatus.RUNNING,
+        attempt=1,
+        token=new_secret(),
+        poll_token=new_secret(),
+        method=request.method,
+        target=target,
+        headers=list(headers.items()),
+        body=body,
+        created_at=now,
+        updated_at=now,
+        idem_key=key,
+        request_hash=request_hash(request.method, target, body) if key else None,
         trace_id=trace_id,
     )
     try:
@@ -86,8 +101,11 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
         return await _attach(engine, route, key, run.request_hash, arrival, prefer)
     except StoreError as exc:
         log.error("store.write_failed", route=route.name, during="create", error=str(exc))
-        return problem(503, detail="the run store is not available; nothing was recorded",
-                       headers={"Retry-After": "1"})
+        return problem(
+            503,
+            detail="the run store is not available; nothing was recorded",
+            headers={"Retry-After": "1"},
+        )
     log.debug("run.started", run_id=run.id, route=route.name, trace_id=trace_id)
     invoker = engine.invoker
     if prefer.respond_async:
@@ -122,8 +140,11 @@ async def _attach(
     if existing is None:  # purged between our insert and this read
         return problem(409, detail="the run for this Idempotency-Key just expired; retry")
     if existing.request_hash != digest:
-        return problem(422, detail="this Idempotency-Key was used with a different request",
-                       headers={"Stepgate-Run-Id": existing.id})
+        return problem(
+            422,
+            detail="this Idempotency-Key was used with a different request",
+            headers={"Stepgate-Run-Id": existing.id},
+        )
     if prefer.respond_async and not existing.ended:
         return answers.accepted(existing)
     return await answer(engine, existing, route, arrival, prefer)

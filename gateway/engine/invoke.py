@@ -43,8 +43,14 @@ _STORE_RETRY_MAX: Final = 2.0
 
 
 class Invoker:
-    def __init__(self, settings: Settings, store: Store, transport: Transport,
-                 metrics: Metrics, routes: dict[str, Route]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        transport: Transport,
+        metrics: Metrics,
+        routes: dict[str, Route],
+    ) -> None:
         self.settings = settings
         self.store = store
         self.transport = transport
@@ -112,14 +118,24 @@ class Invoker:
         route = self.routes.get(run.route)
         if route is None or run.request_unreadable:
             now = time.time()
-            outcome = Outcome(run.attempt, now, now, None, "connect",
-                              f"route {run.route!r} is no longer configured" if route is None
-                              else lifecycle.REQUEST_UNREADABLE)
+            outcome = Outcome(
+                run.attempt,
+                now,
+                now,
+                None,
+                "connect",
+                f"route {run.route!r} is no longer configured"
+                if route is None
+                else lifecycle.REQUEST_UNREADABLE,
+            )
         else:
             outcome = await self._send(run, route)
             self.metrics.upstream_attempt(
-                route.name, RetryOutcome(outcome.reply.status if outcome.reply else None,
-                                         outcome.failure).label  # type: ignore[arg-type]
+                route.name,
+                RetryOutcome(
+                    outcome.reply.status if outcome.reply else None,
+                    outcome.failure,  # type: ignore[arg-type]
+                ).label,
             )
         if replied is not None and not replied.done():
             replied.set_result(None)
@@ -142,8 +158,15 @@ class Invoker:
             ("Stepgate-Token", attempt_token(run.token, run.attempt)),
             ("Stepgate-Steps", str(steps)),
         ]
-        call = Invocation(run.attempt, run.method, route.upstream + run.target, headers,
-                          run.body, route.timeout, route.max_response)
+        call = Invocation(
+            run.attempt,
+            run.method,
+            route.upstream + run.target,
+            headers,
+            run.body,
+            route.timeout,
+            route.max_response,
+        )
         return await self.transport.send(call)
 
     async def _finish(self, run: Run, outcome: Outcome, route: Route | None) -> AfterAttempt | None:
@@ -162,8 +185,9 @@ class Invoker:
                     log.warning("store.write_failed", during="finish", error=str(exc))
                     return None
                 if delay == _STORE_RETRY_FIRST:
-                    log.warning("store.write_failed", during="finish", error=str(exc),
-                                retrying=True)
+                    log.warning(
+                        "store.write_failed", during="finish", error=str(exc), retrying=True
+                    )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _STORE_RETRY_MAX)
 
@@ -174,11 +198,17 @@ class Invoker:
             return
         if decision.action == "retry" and after.retry_reason is not None:
             self.metrics.retry(after.run.route, after.retry_reason)
-            log.info("run.retry_scheduled", reason=after.retry_reason,
-                     delay_ms=round((after.delay or 0) * 1000))
+            log.info(
+                "run.retry_scheduled",
+                reason=after.retry_reason,
+                delay_ms=round((after.delay or 0) * 1000),
+            )
         elif decision.action == "retry":
-            log.info("run.retry_scheduled", reason="suspended_with_nothing_parked",
-                     delay_ms=round((after.delay or 0) * 1000))
+            log.info(
+                "run.retry_scheduled",
+                reason="suspended_with_nothing_parked",
+                delay_ms=round((after.delay or 0) * 1000),
+            )
         elif decision.action == "park":
             log.info("run.parked", status=str(after.run.status))
 
@@ -191,8 +221,9 @@ class Invoker:
         now = time.time()
 
         def rule(run: Run) -> AfterAttempt:
-            return lifecycle.after_interruption(run, self.routes.get(run.route), now,
-                                                crashed=crashed)
+            return lifecycle.after_interruption(
+                run, self.routes.get(run.route), now, crashed=crashed
+            )
 
         return len(await self.store.recover(rule, before=before))
 

@@ -72,13 +72,17 @@ class Transport(Protocol):
     async def send(self, call: Invocation) -> Outcome: ...
 
 
-def reply_from(status: int, reason: str | None, raw: list[tuple[str, str]], body: bytes,
-               method: str) -> UpstreamReply:
+def reply_from(
+    status: int, reason: str | None, raw: list[tuple[str, str]], body: bytes, method: str
+) -> UpstreamReply:
     """The reply as the gateway keeps it: headers filtered for the client, names as sent."""
     received: CIMultiDict[str] = CIMultiDict(raw)
     strip = frozenset() if method == "HEAD" else _STRIP_ON_RECORD
-    kept = [(name, value) for name, value in forward_response_headers(received).items()
-            if name.lower() not in strip]
+    kept = [
+        (name, value)
+        for name, value in forward_response_headers(received).items()
+        if name.lower() not in strip
+    ]
     return UpstreamReply(
         status=status,
         reason=reason,
@@ -100,21 +104,32 @@ class AiohttpTransport:
         started = time.time()
         try:
             async with self._session.request(
-                call.method, URL(call.url, encoded=True), headers=CIMultiDict(call.headers),
-                data=call.body or None, timeout=aiohttp.ClientTimeout(total=call.timeout),
+                call.method,
+                URL(call.url, encoded=True),
+                headers=CIMultiDict(call.headers),
+                data=call.body or None,
+                timeout=aiohttp.ClientTimeout(total=call.timeout),
                 allow_redirects=False,
             ) as upstream:
                 try:
                     body = await _read_bounded(upstream, call.method, call.max_response)
                 except _TooLarge:
                     upstream.close()  # the rest is not wanted: drop the connection, unread
-                    return Outcome(call.attempt, started, time.time(), None, "too_large",
-                                   too_large_error(call.max_response))
+                    return Outcome(
+                        call.attempt,
+                        started,
+                        time.time(),
+                        None,
+                        "too_large",
+                        too_large_error(call.max_response),
+                    )
                 # raw_headers keep the names as the service wrote them (ETag, not Etag); values
                 # are read as aiohttp reads them (bytes that are not UTF-8 kept as surrogate
                 # escapes), so that the recorded answer is written back with the same bytes.
-                raw = [(name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-                       for name, value in upstream.raw_headers]
+                raw = [
+                    (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+                    for name, value in upstream.raw_headers
+                ]
                 reply = reply_from(upstream.status, upstream.reason, raw, body, call.method)
                 return Outcome(call.attempt, started, time.time(), reply, None)
         except TimeoutError:

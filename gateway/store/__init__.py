@@ -59,11 +59,17 @@ def open_store(settings: Settings) -> Store:
     if settings.postgres:
         from gateway.store.postgres import PostgresStore  # asyncpg only where it is used
 
-        return PostgresStore(settings.store, replica_id=settings.replica_id
-                             or default_replica_id(), lease=settings.lease,
-                             durability=settings.durability, key=secret, key_source=source)
-    store = SQLiteStore(settings.store_path, durability=settings.durability, key=secret,
-                        key_source=source)
+        return PostgresStore(
+            settings.store,
+            replica_id=settings.replica_id or default_replica_id(),
+            lease=settings.lease,
+            durability=settings.durability,
+            key=secret,
+            key_source=source,
+        )
+    store = SQLiteStore(
+        settings.store_path, durability=settings.durability, key=secret, key_source=source
+    )
     if settings.replica_id:
         store.replica_id = settings.replica_id
     return store

@@ -245,13 +245,22 @@ class Store(abc.ABC):
         waits complete, it becomes running with attempt + 1. None: not due, or not parked."""
 
     @abc.abstractmethod
-    async def finish_attempt(self, run_id: str, outcome: Outcome,
-                             rule: AttemptRule) -> AfterAttempt:
+    async def finish_attempt(
+        self, run_id: str, outcome: Outcome, rule: AttemptRule
+    ) -> AfterAttempt:
         """Record the end of an attempt and apply `rule` to the run as stored."""
 
     @abc.abstractmethod
-    async def put_step(self, run_id: str, token: str, step_id: str, call: StepCall,
-                       *, now: float, lookback_since: float) -> StepWrite:
+    async def put_step(
+        self,
+        run_id: str,
+        token: str,
+        step_id: str,
+        call: StepCall,
+        *,
+        now: float,
+        lookback_since: float,
+    ) -> StepWrite:
         """Record a step for the attempt the token belongs to (raises UnknownRun, WrongToken,
         AttemptFenced). A new wait is completed at once by a matching event of the look-back."""
 
@@ -289,8 +298,9 @@ class Store(abc.ABC):
         """The run a read callback may see (raises like put_step)."""
 
     @abc.abstractmethod
-    async def deliver_event(self, event_id: str, name: str, data: str,
-                            ts: float) -> list[str] | None:
+    async def deliver_event(
+        self, event_id: str, name: str, data: str, ts: float
+    ) -> list[str] | None:
         """Store an event and complete every wait it matches; None if the id was seen before."""
 
     @abc.abstractmethod

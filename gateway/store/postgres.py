@@ -216,8 +216,11 @@ _UPDATE_WIDTH: Final = UPDATE_RUN.count("?")
 # An attempt's end: its record and the run's new state in one statement (the run's id, the
 # last parameter of the update, is the attempt's run too).
 _FINISH: Final = (
-    "WITH attempt AS (" + _UPSERT_ATTEMPT.format(", ".join(
-        [f"${_UPDATE_WIDTH}", *(f"${_UPDATE_WIDTH + n}" for n in range(1, 7))])) + ") "
+    "WITH attempt AS ("
+    + _UPSERT_ATTEMPT.format(
+        ", ".join([f"${_UPDATE_WIDTH}", *(f"${_UPDATE_WIDTH + n}" for n in range(1, 7))])
+    )
+    + ") "
     + numbered(UPDATE_RUN)
 )
 # A claim's update also names the replica that will invoke the run.
@@ -259,9 +262,17 @@ class PostgresStore(Store):
 
     lease: float
 
-    def __init__(self, url: str, *, replica_id: str, lease: float = 10.0,
-                 durability: str = "full", key: bytes | None = None,
-                 key_source: str = "store_key", pool_size: int = 16) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        replica_id: str,
+        lease: float = 10.0,
+        durability: str = "full",
+        key: bytes | None = None,
+        key_source: str = "store_key",
+        pool_size: int = 16,
+    ) -> None:
         super().__init__()
         self.url = url
         self.replica_id = replica_id
@@ -281,13 +292,18 @@ class PostgresStore(Store):
     # -- lifetime ------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        settings = {"application_name": f"stepgate {self.replica_id}"[:63],
-                    "stepgate.replica": self.replica_id}  # read by the runs_notify trigger
+        settings = {
+            "application_name": f"stepgate {self.replica_id}"[:63],
+            "stepgate.replica": self.replica_id,
+        }  # read by the runs_notify trigger
         if self._durability != "full":
             settings["synchronous_commit"] = "off"
         try:
             self._pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self._pool_size, server_settings=settings,
+                self.url,
+                min_size=1,
+                max_size=self._pool_size,
+                server_settings=settings,
                 reset=_keep_session,
                 command_timeout=30,
             )
@@ -305,8 +321,9 @@ class PostgresStore(Store):
             raise
         except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             await self._close_pool()
-            raise StoreError(f"cannot open the store {safe_url(self.url)}: "
-                             f"{str(exc) or type(exc).__name__}") from exc
+            raise StoreError(
+                f"cannot open the store {safe_url(self.url)}: {str(exc) or type(exc).__name__}"
+            ) from exc
         self._tasks = [
             asyncio.create_task(self._renew(), name="stepgate-lease"),
         ]
@@ -327,8 +344,7 @@ class PostgresStore(Store):
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 async with conn.transaction():
                     await conn.execute(script)
-                    await conn.execute("INSERT INTO stepgate_schema (version) VALUES ($1)",
-                                       number)
+                    await conn.execute("INSERT INTO stepgate_schema (version) VALUES ($1)", number)
                 log.info("store.migrated", version=number)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
@@ -337,30 +353,40 @@ class PostgresStore(Store):
         """As SQLite's: the key must be the store's, and sealed runs need one."""
         sealer, where = self._rows.sealer, safe_url(self.url)
         async with conn.transaction():
-            check = await conn.fetchval("SELECT value FROM meta WHERE name = $1 FOR UPDATE",
-                                        KEY_CHECK)
+            check = await conn.fetchval(
+                "SELECT value FROM meta WHERE name = $1 FOR UPDATE", KEY_CHECK
+            )
             if sealer is not None and check is not None:
                 if not sealer.matches(bytes(check)):
-                    raise StoreKeyError(f"the store_key ({self._key_source}) does not open the "
-                                        f"store {where}: it was sealed with another key")
+                    raise StoreKeyError(
+                        f"the store_key ({self._key_source}) does not open the "
+                        f"store {where}: it was sealed with another key"
+                    )
                 return
             count = await conn.fetchval("SELECT count(*) FROM runs WHERE sealed != 0")
             if count:
                 raise StoreKeyError(
                     f"the store {where} holds {count} run(s) sealed with a store_key"
-                    + (" but no check value for it" if sealer is not None else
-                       "; set store_key to the key they were sealed with")
+                    + (
+                        " but no check value for it"
+                        if sealer is not None
+                        else "; set store_key to the key they were sealed with"
+                    )
                 )
             if sealer is not None:
-                await conn.execute("INSERT INTO meta (name, value) VALUES ($1, $2) "
-                                   "ON CONFLICT (name) DO NOTHING", KEY_CHECK,
-                                   sealer.check_value())
+                await conn.execute(
+                    "INSERT INTO meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
+                    KEY_CHECK,
+                    sealer.check_value(),
+                )
             elif check is not None:
                 await conn.execute("DELETE FROM meta WHERE name = $1", KEY_CHECK)
 
     async def _listen(self) -> None:
-        conn = await asyncpg.connect(self.url, server_settings={
-            "application_name": f"stepgate-listen {self.replica_id}"[:63]})
+        conn = await asyncpg.connect(
+            self.url,
+            server_settings={"application_name": f"stepgate-listen {self.replica_id}"[:63]},
+        )
         conn.add_termination_listener(self._listener_lost)
         await conn.add_listener(CHANNEL, self._notified)
         self._listener = conn
@@ -403,7 +429,9 @@ class PostgresStore(Store):
     async def _renew_op(self, conn: Conn) -> None:
         await conn.execute(
             "INSERT INTO replicas (id, started_at, last_seen) VALUES ($1, now(), now()) "
-            "ON CONFLICT (id) DO UPDATE SET last_seen = now()", self.replica_id)
+            "ON CONFLICT (id) DO UPDATE SET last_seen = now()",
+            self.replica_id,
+        )
 
     async def close(self) -> None:
         self._closing = True
@@ -431,8 +459,11 @@ class PostgresStore(Store):
 
     async def checkpoint(self) -> None:
         """The server folds its own WAL; forget replicas gone for more than a day."""
-        await self._tx(lambda conn: conn.execute(
-            "DELETE FROM replicas WHERE last_seen < now() - interval '1 day'"))
+        await self._tx(
+            lambda conn: conn.execute(
+                "DELETE FROM replicas WHERE last_seen < now() - interval '1 day'"
+            )
+        )
 
     async def writable(self) -> bool:
         try:  # a real write: a server in recovery (a standby) or read-only refuses it
@@ -503,9 +534,16 @@ class PostgresStore(Store):
 
     @staticmethod
     async def _write_attempt(conn: Conn, run_id: str, attempt: Attempt) -> None:
-        await conn.execute(_UPSERT_ATTEMPT.format("$1, $2, $3, $4, $5, $6, $7"), run_id,
-                           attempt.n, attempt.started_at, attempt.ended_at, attempt.outcome,
-                           attempt.status, attempt.error)
+        await conn.execute(
+            _UPSERT_ATTEMPT.format("$1, $2, $3, $4, $5, $6, $7"),
+            run_id,
+            attempt.n,
+            attempt.started_at,
+            attempt.ended_at,
+            attempt.outcome,
+            attempt.status,
+            attempt.error,
+        )
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -519,7 +557,8 @@ class PostgresStore(Store):
         if _NUL in route + key:
             return None
         rows = await self._fetch(
-            f"SELECT {RUN_COLUMNS} FROM runs WHERE route = $1 AND idem_key = $2", route, key)
+            f"SELECT {RUN_COLUMNS} FROM runs WHERE route = $1 AND idem_key = $2", route, key
+        )
         return self._rows.run(rows[0]) if rows else None
 
     async def count_by_status(self) -> dict[str, int]:
@@ -529,7 +568,10 @@ class PostgresStore(Store):
     async def due(self, before: float, limit: int) -> list[tuple[float, str]]:
         rows = await self._fetch(
             "SELECT due_at, id FROM runs WHERE due_at IS NOT NULL AND due_at <= $1 "
-            "ORDER BY due_at LIMIT $2", before, limit)
+            "ORDER BY due_at LIMIT $2",
+            before,
+            limit,
+        )
         return [(due, run_id) for due, run_id in rows]
 
     async def _select_runs(self, sql: str, params: Sequence[Any]) -> list[Run]:
@@ -542,7 +584,9 @@ class PostgresStore(Store):
             return []
         rows = await self._fetch(
             f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 "
-            "ORDER BY seq IS NULL, seq, created_at", run_id)
+            "ORDER BY seq IS NULL, seq, created_at",
+            run_id,
+        )
         return [step_from_row(r) for r in rows]
 
     async def count_steps(self, run_id: str) -> int:
@@ -556,7 +600,9 @@ class PostgresStore(Store):
             return []
         rows = await self._fetch(
             "SELECT n, started_at, ended_at, outcome, status, error FROM attempts "
-            "WHERE run_id = $1 ORDER BY n", run_id)
+            "WHERE run_id = $1 ORDER BY n",
+            run_id,
+        )
         return [Attempt(*r) for r in rows]
 
     async def replicas(self) -> list[Replica]:
@@ -564,14 +610,18 @@ class PostgresStore(Store):
             "SELECT p.id, extract(epoch FROM p.started_at), extract(epoch FROM p.last_seen), "
             "(SELECT count(*) FROM runs r WHERE r.status = 'running' AND r.owner = p.id) "
             "FROM replicas p WHERE p.last_seen > now() - make_interval(secs => $1) "
-            "ORDER BY p.id", self.lease)
+            "ORDER BY p.id",
+            self.lease,
+        )
         return [Replica(r[0], float(r[1]), float(r[2]), int(r[3])) for r in rows]
 
     # -- transactions --------------------------------------------------------------------------
 
     async def create_run(self, run: Run) -> None:
-        params = (*self._rows.insert(run),
-                  self.replica_id if run.status == RunStatus.RUNNING else None)
+        params = (
+            *self._rows.insert(run),
+            self.replica_id if run.status == RunStatus.RUNNING else None,
+        )
 
         async def op(conn: Conn) -> None:
             await conn.execute(_INSERT_RUN, *params)
@@ -583,7 +633,9 @@ class PostgresStore(Store):
         async def op(conn: Conn) -> list[AfterAttempt]:
             rows = await conn.fetch(
                 f"SELECT {RUN_COLUMNS} FROM runs r WHERE status = 'running' AND {where} "
-                "FOR UPDATE SKIP LOCKED", *params)
+                "FOR UPDATE SKIP LOCKED",
+                *params,
+            )
             done = []
             for row in rows:
                 after = rule(self._rows.run(row))
@@ -600,8 +652,12 @@ class PostgresStore(Store):
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
         """This replica's own runs: an earlier process's under the same replica_id, at start,
         or ours, at shutdown. Other replicas' are `take_over`'s."""
-        return await self._fence(rule, "owner = $1 AND updated_at < $2", self.replica_id,
-                                 before if before != float("inf") else 1e300)
+        return await self._fence(
+            rule,
+            "owner = $1 AND updated_at < $2",
+            self.replica_id,
+            before if before != float("inf") else 1e300,
+        )
 
     async def take_over(self, rule: InterruptRule) -> list[AfterAttempt]:
         return await self._fence(
@@ -621,9 +677,12 @@ class PostgresStore(Store):
                 await conn.execute(
                     "UPDATE steps SET status = 'completed', output = 'null', updated_at = $1 "
                     "WHERE run_id = $2 AND status IN ('sleeping', 'waiting') AND wake_at <= $1",
-                    now, run_id)
-            await conn.execute(_UPDATE_RUN_OWNED,
-                               *self._rows.update(claimed)[:-1], self.replica_id, run_id)
+                    now,
+                    run_id,
+                )
+            await conn.execute(
+                _UPDATE_RUN_OWNED, *self._rows.update(claimed)[:-1], self.replica_id, run_id
+            )
             return claimed
 
         claimed = await self._tx(op)
@@ -631,8 +690,9 @@ class PostgresStore(Store):
             self._changed(claimed)
         return claimed
 
-    async def finish_attempt(self, run_id: str, outcome: Outcome,
-                             rule: AttemptRule) -> AfterAttempt:
+    async def finish_attempt(
+        self, run_id: str, outcome: Outcome, rule: AttemptRule
+    ) -> AfterAttempt:
         async def op(conn: Conn) -> AfterAttempt:
             rows = await conn.fetch(_LOCK_RUN_AND_PARKED, run_id) if _NUL not in run_id else []
             if not rows:
@@ -642,9 +702,16 @@ class PostgresStore(Store):
             after = rule(run, [step for _, step in joined if step is not None])
             if after.decision is not None:  # the run and its attempt in one statement
                 attempt = after.attempt
-                await conn.execute(_FINISH, *self._rows.update(after.run), attempt.n,
-                                   attempt.started_at, attempt.ended_at, attempt.outcome,
-                                   attempt.status, attempt.error)
+                await conn.execute(
+                    _FINISH,
+                    *self._rows.update(after.run),
+                    attempt.n,
+                    attempt.started_at,
+                    attempt.ended_at,
+                    attempt.outcome,
+                    attempt.status,
+                    attempt.error,
+                )
             else:
                 await self._write_attempt(conn, run_id, after.attempt)
             return after
@@ -658,18 +725,30 @@ class PostgresStore(Store):
         run, _ = authorize_callback(await self.get_run(run_id), run_id, token)
         return run
 
-    async def put_step(self, run_id: str, token: str, step_id: str, call: StepCall,
-                       *, now: float, lookback_since: float) -> StepWrite:
+    async def put_step(
+        self,
+        run_id: str,
+        token: str,
+        step_id: str,
+        call: StepCall,
+        *,
+        now: float,
+        lookback_since: float,
+    ) -> StepWrite:
         async def op(conn: Conn) -> StepWrite:
             if call.kind == StepKind.WAIT:
                 await self._lock_event(conn, call.event)
-            row = (await conn.fetchrow(_LOCK_RUN_AND_STEP, run_id, step_id)
-                   if _NUL not in run_id else None)
+            row = (
+                await conn.fetchrow(_LOCK_RUN_AND_STEP, run_id, step_id)
+                if _NUL not in run_id
+                else None
+            )
             stored, current = self._split(row) if row is not None else (None, None)
             run, _ = authorize_callback(stored, run_id, token)
             call_now = call
-            if call.kind == StepKind.WAIT and (current is None
-                                                or current.status == StepStatus.FAILED):
+            if call.kind == StepKind.WAIT and (
+                current is None or current.status == StepStatus.FAILED
+            ):
                 call_now = await self._lookback(conn, run_id, call, lookback_since)
             write = rules.merge_step(current, call_now, run_id, step_id, now)
             if write.created:
@@ -683,41 +762,58 @@ class PostgresStore(Store):
                     "error = EXCLUDED.error, attempts = EXCLUDED.attempts, "
                     "wake_at = EXCLUDED.wake_at, event = EXCLUDED.event, "
                     "match = EXCLUDED.match, updated_at = EXCLUDED.updated_at",
-                    *step_values(write.step))
+                    *step_values(write.step),
+                )
             return StepWrite(write.created, write.step, run.route)
 
         return await self._tx(op)
 
     @staticmethod
     async def _lock_event(conn: Conn, name: str | None) -> None:
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                           f"event:{name}")
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", f"event:{name}")
 
     @staticmethod
-    async def _lookback(conn: Conn, run_id: str, call: StepCall,
-                        since: float) -> StepCall:
+    async def _lookback(conn: Conn, run_id: str, call: StepCall, since: float) -> StepCall:
         assert call.event is not None
         outputs = await conn.fetch(
             "SELECT output FROM steps WHERE run_id = $1 AND kind = 'wait' "
-            "AND status = 'completed' AND output != 'null'", run_id)
+            "AND status = 'completed' AND output != 'null'",
+            run_id,
+        )
         taken = rules.taken_event_ids(row[0] for row in outputs)
         events = await conn.fetch(
             "SELECT id, data, ts FROM events WHERE name = $1 AND ts >= $2 ORDER BY ts",
-            call.event, since)
-        output = rules.lookback_match(call.event, call.match or "{}",
-                                      [tuple(e) for e in events], taken)
+            call.event,
+            since,
+        )
+        output = rules.lookback_match(
+            call.event, call.match or "{}", [tuple(e) for e in events], taken
+        )
         if output is None:
             return call
-        return StepCall(kind=call.kind, status=StepStatus.COMPLETED, seq=call.seq, output=output,
-                        wake_at=call.wake_at, event=call.event, match=call.match)
+        return StepCall(
+            kind=call.kind,
+            status=StepStatus.COMPLETED,
+            seq=call.seq,
+            output=output,
+            wake_at=call.wake_at,
+            event=call.event,
+            match=call.match,
+        )
 
-    async def deliver_event(self, event_id: str, name: str, data: str,
-                            ts: float) -> list[str] | None:
+    async def deliver_event(
+        self, event_id: str, name: str, data: str, ts: float
+    ) -> list[str] | None:
         async def op(conn: Conn) -> list[Run] | None:
             await self._lock_event(conn, name)
             inserted = await conn.fetchval(
                 "INSERT INTO events (id, name, data, ts) VALUES ($1, $2, $3, $4) "
-                "ON CONFLICT (id) DO NOTHING RETURNING true", event_id, name, data, ts)
+                "ON CONFLICT (id) DO NOTHING RETURNING true",
+                event_id,
+                name,
+                data,
+                ts,
+            )
             if not inserted:
                 return None
             obj = event_object(event_id, name, json.loads(data), ts)
@@ -726,7 +822,9 @@ class PostgresStore(Store):
             waiting = await conn.fetch(
                 f"SELECT {columns} FROM steps s JOIN runs r ON r.id = s.run_id "
                 "WHERE s.status = 'waiting' AND s.event = $1 AND r.ended_at IS NULL "
-                "ORDER BY s.run_id", name)
+                "ORDER BY s.run_id",
+                name,
+            )
             woken: dict[str, Run] = {}
             for row in waiting:
                 step = step_from_row(row)
@@ -734,7 +832,12 @@ class PostgresStore(Store):
                     continue
                 await conn.execute(
                     "UPDATE steps SET status = 'completed', output = $1, updated_at = $2 "
-                    "WHERE run_id = $3 AND step_id = $4", output, ts, step.run_id, step.id)
+                    "WHERE run_id = $3 AND step_id = $4",
+                    output,
+                    ts,
+                    step.run_id,
+                    step.id,
+                )
                 if step.run_id not in woken:
                     run = await self._read(conn, step.run_id)
                     assert run is not None
@@ -773,7 +876,9 @@ class PostgresStore(Store):
         async def op(conn: Conn) -> int:
             status = await conn.execute(
                 "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE ended_at IS NOT NULL "
-                "AND ended_at < $1 LIMIT 5000)", before)
+                "AND ended_at < $1 LIMIT 5000)",
+                before,
+            )
             return int(status.split()[-1])
 
         return await self._tx(op)

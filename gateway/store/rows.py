@@ -48,15 +48,40 @@ def dump_headers(headers: Headers | None) -> str | None:
 
 
 def step_from_row(row: Row) -> Step:
-    return Step(row[0], row[1], row[2], StepKind(row[3]), StepStatus(row[4]), row[5], row[6],
-                row[7], row[8], row[9], row[10], row[11], row[12])
+    return Step(
+        row[0],
+        row[1],
+        row[2],
+        StepKind(row[3]),
+        StepStatus(row[4]),
+        row[5],
+        row[6],
+        row[7],
+        row[8],
+        row[9],
+        row[10],
+        row[11],
+        row[12],
+    )
 
 
 def step_values(step: Step) -> tuple[Any, ...]:
     """The values of STEP_COLUMNS."""
-    return (step.run_id, step.id, step.seq, str(step.kind), str(step.status), step.output,
-            step.error, step.attempts, step.wake_at, step.event, step.match, step.created_at,
-            step.updated_at)
+    return (
+        step.run_id,
+        step.id,
+        step.seq,
+        str(step.kind),
+        str(step.status),
+        step.output,
+        step.error,
+        step.attempts,
+        step.wake_at,
+        step.event,
+        step.match,
+        step.created_at,
+        step.updated_at,
+    )
 
 
 class Rows:
@@ -99,39 +124,85 @@ class Rows:
         resp_headers = headers_from(text("resp_headers", row[21], answer))
         resp_body = blob("resp_body", row[22], answer)
         return Run(
-            id=run_id, route=row[1], status=RunStatus(row[2]), attempt=row[3], token=row[4],
-            poll_token=row[5], method=row[6], target=target or "", headers=headers, body=body,
-            created_at=row[10], updated_at=row[11], failures=row[12], no_retry=bool(row[13]),
-            wake_pending=bool(row[14]), idem_key=row[15], request_hash=request_hash,
-            trace_id=row[17], due_at=row[18], resp_status=row[19], resp_reason=row[20],
-            resp_headers=resp_headers, resp_body=resp_body, error=row[23], ended_at=row[24],
+            id=run_id,
+            route=row[1],
+            status=RunStatus(row[2]),
+            attempt=row[3],
+            token=row[4],
+            poll_token=row[5],
+            method=row[6],
+            target=target or "",
+            headers=headers,
+            body=body,
+            created_at=row[10],
+            updated_at=row[11],
+            failures=row[12],
+            no_retry=bool(row[13]),
+            wake_pending=bool(row[14]),
+            idem_key=row[15],
+            request_hash=request_hash,
+            trace_id=row[17],
+            due_at=row[18],
+            resp_status=row[19],
+            resp_reason=row[20],
+            resp_headers=resp_headers,
+            resp_body=resp_body,
+            error=row[23],
+            ended_at=row[24],
             unreadable=tuple(broken),
         )
 
     def insert(self, run: Run) -> tuple[Any, ...]:
         """The values of RUN_COLUMNS for a new row."""
         return (
-            run.id, run.route, str(run.status), run.attempt, run.token, run.poll_token,
-            run.method, self._seal_text(run.id, "target", run.target),
+            run.id,
+            run.route,
+            str(run.status),
+            run.attempt,
+            run.token,
+            run.poll_token,
+            run.method,
+            self._seal_text(run.id, "target", run.target),
             self._seal_text(run.id, "headers", dump_headers(run.headers)),
-            self._seal_blob(run.id, "body", run.body), run.created_at, run.updated_at,
-            run.failures, int(run.no_retry), int(run.wake_pending), run.idem_key,
+            self._seal_blob(run.id, "body", run.body),
+            run.created_at,
+            run.updated_at,
+            run.failures,
+            int(run.no_retry),
+            int(run.wake_pending),
+            run.idem_key,
             # The body's hash too: a guess at a short body could be checked against it.
-            self._seal_text(run.id, "request_hash", run.request_hash), run.trace_id,
-            run.due_at, run.resp_status, run.resp_reason,
+            self._seal_text(run.id, "request_hash", run.request_hash),
+            run.trace_id,
+            run.due_at,
+            run.resp_status,
+            run.resp_reason,
             self._seal_text(run.id, "resp_headers", dump_headers(run.resp_headers)),
-            self._seal_blob(run.id, "resp_body", run.resp_body), run.error, run.ended_at,
+            self._seal_blob(run.id, "resp_body", run.resp_body),
+            run.error,
+            run.ended_at,
             SEALED_REQUEST | SEALED_ANSWER if self.sealer else 0,
         )
 
     def update(self, run: Run) -> tuple[Any, ...]:
         """The values of UPDATE_RUN."""
         return (
-            str(run.status), run.attempt, run.failures, int(run.no_retry),
-            int(run.wake_pending), run.due_at, run.resp_status, run.resp_reason,
+            str(run.status),
+            run.attempt,
+            run.failures,
+            int(run.no_retry),
+            int(run.wake_pending),
+            run.due_at,
+            run.resp_status,
+            run.resp_reason,
             self._seal_text(run.id, "resp_headers", dump_headers(run.resp_headers)),
-            self._seal_blob(run.id, "resp_body", run.resp_body), run.error, run.updated_at,
-            run.ended_at, SEALED_REQUEST, SEALED_ANSWER if self.sealer else 0, run.id,
+            self._seal_blob(run.id, "resp_body", run.resp_body),
+            run.error,
+            run.updated_at,
+            run.ended_at,
+            SEALED_REQUEST,
+            SEALED_ANSWER if self.sealer else 0,
+            run.id,
         )
 
     def _seal_text(self, run_id: str, column: str, text: str | None) -> str | bytes | None:

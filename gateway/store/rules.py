@@ -50,8 +50,9 @@ def fenced(run: Run, attempt: int) -> bool:
     return run.status != RunStatus.RUNNING or run.attempt != attempt
 
 
-def merge_step(current: Step | None, call: StepCall, run_id: str, step_id: str,
-               now: float) -> StepWrite:
+def merge_step(
+    current: Step | None, call: StepCall, run_id: str, step_id: str, now: float
+) -> StepWrite:
     """First write wins: a completed or parked record is kept as it is (a parked one changes
     only when a wake-up completes it). A failed record takes the next write."""
     if current is not None and (current.status != StepStatus.FAILED or current.kind != call.kind):
@@ -61,8 +62,19 @@ def merge_step(current: Step | None, call: StepCall, run_id: str, step_id: str,
     last_error = call.error if call.error is not None or current is None else current.error
     seq = call.seq if current is None or call.seq is not None else current.seq
     step = Step(
-        run_id, step_id, seq, call.kind, call.status, call.output, last_error, attempts,
-        call.wake_at, call.event, call.match, current.created_at if current else now, now,
+        run_id,
+        step_id,
+        seq,
+        call.kind,
+        call.status,
+        call.output,
+        last_error,
+        attempts,
+        call.wake_at,
+        call.event,
+        call.match,
+        current.created_at if current else now,
+        now,
     )
     return StepWrite(created=True, step=step)
 
@@ -99,8 +111,11 @@ def lookback_match(
 
 
 def wait_is_completed_by(step: Step, event: dict[str, Any]) -> bool:
-    return (step.kind == StepKind.WAIT and step.status == StepStatus.WAITING
-            and matches_text(step.match, event))
+    return (
+        step.kind == StepKind.WAIT
+        and step.status == StepStatus.WAITING
+        and matches_text(step.match, event)
+    )
 
 
 def woken(run: Run, now: float) -> Run:

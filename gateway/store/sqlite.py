@@ -148,12 +148,12 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 
+
 class _Rows(Rows):
     """Rows read and written on the writer's connection."""
 
     def read(self, conn: sqlite3.Connection, run_id: str) -> Run | None:
-        row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?",
-                           (run_id,)).fetchone()
+        row = conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
         return self.run(row) if row else None
 
     def write(self, conn: sqlite3.Connection, run: Run) -> None:
@@ -164,15 +164,21 @@ def _write_attempt(conn: sqlite3.Connection, run_id: str, attempt: Attempt) -> N
     conn.execute(
         "INSERT OR REPLACE INTO attempts (run_id, n, started_at, ended_at, outcome, status, "
         "error) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (run_id, attempt.n, attempt.started_at, attempt.ended_at, attempt.outcome,
-         attempt.status, attempt.error),
+        (
+            run_id,
+            attempt.n,
+            attempt.started_at,
+            attempt.ended_at,
+            attempt.outcome,
+            attempt.status,
+            attempt.error,
+        ),
     )
 
 
 def _parked_steps(conn: sqlite3.Connection, run_id: str) -> list[Step]:
     rows = conn.execute(
-        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? "
-        "AND status IN ('sleeping', 'waiting')",
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND status IN ('sleeping', 'waiting')",
         (run_id,),
     ).fetchall()
     return [step_from_row(r) for r in rows]
@@ -191,7 +197,6 @@ def _write_step(conn: sqlite3.Connection, step: Step) -> None:
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         step_values(step),
     )
-
 
 
 class _Writer:
@@ -354,8 +359,14 @@ def _translate(exc: Exception) -> Exception:
 class SQLiteStore(Store):
     """`open()` locks and migrates the file."""
 
-    def __init__(self, path: str, *, durability: str = "full", key: bytes | None = None,
-                 key_source: str = "store_key") -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        durability: str = "full",
+        key: bytes | None = None,
+        key_source: str = "store_key",
+    ) -> None:
         super().__init__()
         self.path = path
         self._rows = _Rows(Sealer(key) if key is not None else None)
@@ -406,8 +417,11 @@ class SQLiteStore(Store):
             os.unlink(self.path + ".reserve")
         except OSError:
             return False
-        log.warning("store.reserve_released", path=self.path,
-                    why="the volume is full; writes will fail until there is room")
+        log.warning(
+            "store.reserve_released",
+            path=self.path,
+            why="the volume is full; writes will fail until there is room",
+        )
         return True
 
     async def open(self) -> None:
@@ -440,19 +454,26 @@ class SQLiteStore(Store):
             row = conn.execute("SELECT value FROM meta WHERE name = ?", (KEY_CHECK,)).fetchone()
             if sealer is not None and row is not None:
                 if not sealer.matches(bytes(row[0])):
-                    raise StoreKeyError(f"the store_key ({source}) does not open the store "
-                                        f"{self.path}: it was sealed with another key")
+                    raise StoreKeyError(
+                        f"the store_key ({source}) does not open the store "
+                        f"{self.path}: it was sealed with another key"
+                    )
                 return
             (count,) = conn.execute("SELECT count(*) FROM runs WHERE sealed != 0").fetchone()
             if count:
                 raise StoreKeyError(
                     f"the store {self.path} holds {count} run(s) sealed with a store_key"
-                    + (" but no check value for it" if sealer is not None else
-                       "; set store_key to the key they were sealed with")
+                    + (
+                        " but no check value for it"
+                        if sealer is not None
+                        else "; set store_key to the key they were sealed with"
+                    )
                 )
             if sealer is not None:
-                conn.execute("INSERT INTO meta (name, value) VALUES (?, ?)",
-                             (KEY_CHECK, sealer.check_value()))
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES (?, ?)",
+                    (KEY_CHECK, sealer.check_value()),
+                )
             elif row is not None:  # no sealed run is left: the key is no longer needed
                 conn.execute("DELETE FROM meta WHERE name = ?", (KEY_CHECK,))
 
@@ -599,8 +620,9 @@ class SQLiteStore(Store):
             self._changed(claimed)
         return claimed
 
-    async def finish_attempt(self, run_id: str, outcome: Outcome,
-                             rule: AttemptRule) -> AfterAttempt:
+    async def finish_attempt(
+        self, run_id: str, outcome: Outcome, rule: AttemptRule
+    ) -> AfterAttempt:
         def op(conn: sqlite3.Connection) -> AfterAttempt:
             run = self._rows.read(conn, run_id)
             if run is None:
@@ -620,13 +642,22 @@ class SQLiteStore(Store):
         run, _ = authorize_callback(await self.get_run(run_id), run_id, token)
         return run
 
-    async def put_step(self, run_id: str, token: str, step_id: str, call: StepCall,
-                       *, now: float, lookback_since: float) -> StepWrite:
+    async def put_step(
+        self,
+        run_id: str,
+        token: str,
+        step_id: str,
+        call: StepCall,
+        *,
+        now: float,
+        lookback_since: float,
+    ) -> StepWrite:
         def op(conn: sqlite3.Connection) -> StepWrite:
             run, _ = authorize_callback(self._rows.read(conn, run_id), run_id, token)
             current = _read_step(conn, run_id, step_id)
-            if call.kind == StepKind.WAIT and (current is None
-                                                or current.status == StepStatus.FAILED):
+            if call.kind == StepKind.WAIT and (
+                current is None or current.status == StepStatus.FAILED
+            ):
                 call_now = self._lookback(conn, run_id, call, lookback_since)
             else:
                 call_now = call
@@ -640,13 +671,13 @@ class SQLiteStore(Store):
         return await self._write(op)
 
     @staticmethod
-    def _lookback(conn: sqlite3.Connection, run_id: str, call: StepCall,
-                  since: float) -> StepCall:
+    def _lookback(conn: sqlite3.Connection, run_id: str, call: StepCall, since: float) -> StepCall:
         """A new wait, completed at once by an early event if one matches (same transaction as
         event delivery, so none slips between)."""
         assert call.event is not None
         taken = rules.taken_event_ids(
-            output for (output,) in conn.execute(
+            output
+            for (output,) in conn.execute(
                 "SELECT output FROM steps WHERE run_id = ? AND kind = 'wait' "
                 "AND status = 'completed' AND output != 'null'",
                 (run_id,),
@@ -659,11 +690,19 @@ class SQLiteStore(Store):
         output = rules.lookback_match(call.event, call.match or "{}", events, taken)
         if output is None:
             return call
-        return StepCall(kind=call.kind, status=StepStatus.COMPLETED, seq=call.seq, output=output,
-                        wake_at=call.wake_at, event=call.event, match=call.match)
+        return StepCall(
+            kind=call.kind,
+            status=StepStatus.COMPLETED,
+            seq=call.seq,
+            output=output,
+            wake_at=call.wake_at,
+            event=call.event,
+            match=call.match,
+        )
 
-    async def deliver_event(self, event_id: str, name: str, data: str,
-                            ts: float) -> list[str] | None:
+    async def deliver_event(
+        self, event_id: str, name: str, data: str, ts: float
+    ) -> list[str] | None:
         def op(conn: sqlite3.Connection) -> list[Run] | None:
             inserted = conn.execute(
                 "INSERT OR IGNORE INTO events (id, name, data, ts) VALUES (?, ?, ?, ?)",

@@ -216,8 +216,18 @@ async def test_url_and_token_from_config(
 
 
 async def test_bulk_retry_and_cancel_send_the_filters(admin: Any, run_cli: Cli) -> None:
-    outcome = await run_cli("runs", "retry", "--url", admin.url, "--status", "failed",
-                            "--route", "trips", "--since", "2025-01-01T00:00:00Z")
+    outcome = await run_cli(
+        "runs",
+        "retry",
+        "--url",
+        admin.url,
+        "--status",
+        "failed",
+        "--route",
+        "trips",
+        "--since",
+        "2025-01-01T00:00:00Z",
+    )
     assert (outcome.code, outcome.out.strip()) == (0, "3 runs: retry requested")
     method, path, query, _, _ = admin.requests[-1]
     assert (method, path) == ("POST", "/v1/runs/retry")
@@ -226,8 +236,10 @@ async def test_bulk_retry_and_cancel_send_the_filters(admin: Any, run_cli: Cli) 
     assert outcome.code == 0 and json.loads(outcome.out) == {"count": 3}
     assert admin.requests[-1][:3] == ("POST", "/v1/runs/cancel", {"status": "retrying"})
     # An id or filters, one of the two.
-    for args in (("runs", "retry", "--url", admin.url),
-                 ("runs", "cancel", "r-new", "--status", "failed", "--url", admin.url)):
+    for args in (
+        ("runs", "retry", "--url", admin.url),
+        ("runs", "cancel", "r-new", "--status", "failed", "--url", admin.url),
+    ):
         before = len(admin.requests)
         outcome = await run_cli(*args)
         assert outcome.code == 2 and "filters" in outcome.err
@@ -240,8 +252,13 @@ async def test_admin_commands_do_not_need_the_store_key(
     """They only call the admin API, so the gateway's config works where its key is not at
     hand (an operator's shell has no STEPGATE_STORE_KEY)."""
     monkeypatch.delenv("STEPGATE_STORE_KEY", raising=False)
-    path = write_config({"internal_url": admin.url, "admin_token": "from-config",
-                         "store_key": "env:STEPGATE_STORE_KEY"})
+    path = write_config(
+        {
+            "internal_url": admin.url,
+            "admin_token": "from-config",
+            "store_key": "env:STEPGATE_STORE_KEY",
+        }
+    )
     outcome = await run_cli("runs", "list", "--config", str(path))
     assert (outcome.code, outcome.err) == (0, "")
     assert admin.requests[0][3] == "Bearer from-config"

@@ -25,8 +25,9 @@ class FakeApp:
         self.calls: list[tuple[Settings, Sequence[str] | None, str]] = []
         self.config_paths: list[str | None] = []
 
-    async def serve(self, settings: Settings, child: Sequence[str] | None = None,
-                    config_path: str | None = None) -> int:
+    async def serve(
+        self, settings: Settings, child: Sequence[str] | None = None, config_path: str | None = None
+    ) -> int:
         loop = type(asyncio.get_running_loop()).__module__
         self.calls.append((settings, child, loop))
         self.config_paths.append(config_path)

@@ -21,8 +21,16 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-__all__ = ["MISSING", "ScenarioError", "check", "check_all", "check_list", "json_equal", "lookup",
-           "resolve"]
+__all__ = [
+    "MISSING",
+    "ScenarioError",
+    "check",
+    "check_all",
+    "check_list",
+    "json_equal",
+    "lookup",
+    "resolve",
+]
 
 
 class _Missing:
@@ -45,7 +53,7 @@ def lookup(value: Any, path: str) -> Any:
     for part in path.split(".") if path else ():
         if isinstance(value, Mapping) and part in value:
             value = value[part]
-        elif (isinstance(value, list) and part.isdigit() and int(part) < len(value)):
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
             value = value[int(part)]
         else:
             return MISSING
@@ -120,8 +128,9 @@ def check(actual: Any, expected: Any) -> str | None:
     return None
 
 
-def check_all(actual: Any, expectations: Mapping[str, Any], refs: Mapping[str, Any],
-              where: str) -> list[str]:
+def check_all(
+    actual: Any, expectations: Mapping[str, Any], refs: Mapping[str, Any], where: str
+) -> list[str]:
     """Every dotted path of `expectations` checked in `actual`; the problems, labelled."""
     problems = []
     for path, expected in expectations.items():
@@ -131,8 +140,12 @@ def check_all(actual: Any, expectations: Mapping[str, Any], refs: Mapping[str, A
     return problems
 
 
-def check_list(actual: Sequence[Any], expectations: Sequence[Mapping[str, Any]],
-               refs: Mapping[str, Any], where: str) -> list[str]:
+def check_list(
+    actual: Sequence[Any],
+    expectations: Sequence[Mapping[str, Any]],
+    refs: Mapping[str, Any],
+    where: str,
+) -> list[str]:
     """All of `actual`, item by item: the lengths must agree too."""
     problems = []
     if len(actual) != len(expectations):

@@ -42,8 +42,9 @@ SCENARIOS_FILE: Final = Path(__file__).with_name("scenarios.yaml")
 LANGUAGES: Final = ("python", "js")
 STEPS: Final = ("reserve-flight", "reserve-hotel", "charge-card", "send-confirmation")
 REQUEST_KEYS: Final = frozenset({"method", "path", "query", "headers", "body"})
-EXPECT_KEYS: Final = frozenset({"status", "headers", "body", "elapsed", "stats", "run",
-                                "attempts", "steps"})
+EXPECT_KEYS: Final = frozenset(
+    {"status", "headers", "body", "elapsed", "stats", "run", "attempts", "steps"}
+)
 ACTION_KEYS: Final = frozenset({"wait_for_run", "run_status", "pause", "event"})
 EVENT_KEYS: Final = frozenset({"name", "data", "woke"})
 # What a scenario may set on the durable route for itself (the rest stays as in routes()).
@@ -65,8 +66,9 @@ def _only(keys: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
     # A misspelt key would silently drop a check: refuse it when the file is read.
     unknown = set(keys) - allowed
     if unknown:
-        raise ScenarioError(f"{where}: unknown key {sorted(unknown)[0]!r};"
-                            f" known: {sorted(allowed)}")
+        raise ScenarioError(
+            f"{where}: unknown key {sorted(unknown)[0]!r}; known: {sorted(allowed)}"
+        )
 
 
 def load_scenarios(path: Path = SCENARIOS_FILE) -> list[Scenario]:
@@ -76,8 +78,11 @@ def load_scenarios(path: Path = SCENARIOS_FILE) -> list[Scenario]:
     scenarios = []
     for raw in data["scenarios"]:
         name = raw["name"]
-        _only(raw, frozenset({"name", "about", "known_gaps", "route", "request", "actions",
-                              "expect"}), name)
+        _only(
+            raw,
+            frozenset({"name", "about", "known_gaps", "route", "request", "actions", "expect"}),
+            name,
+        )
         route = raw.get("route", {})
         _only(route, ROUTE_KEYS, f"{name}.route")
         request = raw.get("request", {})
@@ -92,9 +97,17 @@ def load_scenarios(path: Path = SCENARIOS_FILE) -> list[Scenario]:
         _only(raw["expect"], EXPECT_KEYS, f"{name}.expect")
         gaps = raw.get("known_gaps", {})
         _only(gaps, frozenset(LANGUAGES), f"{name}.known_gaps")
-        scenarios.append(Scenario(name, raw.get("about", "").strip(), defaults | request,
-                                  actions, raw["expect"],
-                                  {lang: why.strip() for lang, why in gaps.items()}, route))
+        scenarios.append(
+            Scenario(
+                name,
+                raw.get("about", "").strip(),
+                defaults | request,
+                actions,
+                raw["expect"],
+                {lang: why.strip() for lang, why in gaps.items()},
+                route,
+            )
+        )
     names = [s.name for s in scenarios]
     if len(set(names)) != len(names):
         raise ScenarioError(f"{path.name}: scenario names repeat")
@@ -105,6 +118,7 @@ SCENARIOS: Final = load_scenarios()
 
 
 # --- the example services, one process per language for the module -------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Service:
@@ -137,12 +151,18 @@ def service_command(language: str, port: int) -> tuple[list[str], dict[str, str]
     # The service's own failure knob must not leak in from the environment running the tests.
     env = {k: v for k, v in os.environ.items() if k not in ("TRIP_FAIL", "PORT")}
     if language == "python":
-        return [sys.executable, str(ROOT / "examples" / "python" / "trip_service.py"),
-                "--port", str(port)], env
+        return [
+            sys.executable,
+            str(ROOT / "examples" / "python" / "trip_service.py"),
+            "--port",
+            str(port),
+        ], env
     major = node_major()
     if major is None or major < 18:
-        pytest.skip("Node.js >= 18 is needed for the JavaScript half "
-                    f"(found {'no node' if major is None else f'node {major}'})")
+        pytest.skip(
+            "Node.js >= 18 is needed for the JavaScript half "
+            f"(found {'no node' if major is None else f'node {major}'})"
+        )
     node = shutil.which("node")
     assert node is not None
     return [node, str(ROOT / "examples" / "js" / "trip_service.mjs")], env | {"PORT": str(port)}
@@ -164,16 +184,23 @@ def wait_until_serving(proc: subprocess.Popen[bytes], url: str, log: Path) -> No
 
 
 @pytest.fixture(scope="module", params=LANGUAGES)
-def service(request: pytest.FixtureRequest,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def service(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
     language: str = request.param
     port = free_port()
     command, env = service_command(language, port)
     log = tmp_path_factory.mktemp(f"service-{language}") / "service.log"
     url = f"http://127.0.0.1:{port}"
     with log.open("ab") as out:
-        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         wait_until_serving(proc, url, log)
         yield Service(language, url, log)
@@ -188,13 +215,21 @@ def service(request: pytest.FixtureRequest,
 
 def routes(upstream: str, durable: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     return [
-        {"name": "trips", "path": "/trips", "upstream": upstream, "durable": True, "hold": "10s",
-         "retry": {"attempts": 3, "initial": "50ms"}, **(durable or {})},
+        {
+            "name": "trips",
+            "path": "/trips",
+            "upstream": upstream,
+            "durable": True,
+            "hold": "10s",
+            "retry": {"attempts": 3, "initial": "50ms"},
+            **(durable or {}),
+        },
         {"name": "stats", "path": "/stats", "methods": ["GET"], "upstream": upstream},
     ]
 
 
 # --- the runner ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -214,8 +249,12 @@ async def send(gw: Running, request: Mapping[str, Any]) -> Answer:
     started = time.monotonic()
     query = {k: v if isinstance(v, list) else str(v) for k, v in request["query"].items()}
     async with gw.session.request(
-        request["method"], gw.url + request["path"], params=query, headers=request["headers"],
-        json=request["body"], allow_redirects=False,   # a 303 is an answer to check, not follow
+        request["method"],
+        gw.url + request["path"],
+        params=query,
+        headers=request["headers"],
+        json=request["body"],
+        allow_redirects=False,  # a 303 is an answer to check, not follow
     ) as resp:
         raw = await resp.read()
         elapsed = time.monotonic() - started
@@ -249,8 +288,9 @@ async def perform(action: Mapping[str, Any], gw: Running, refs: dict[str, Any]) 
         refs["run_id"] = run["id"]
     elif "event" in action:
         event = resolve(action["event"], refs)
-        async with gw.session.post(gw.internal + "/v1/events",
-                                   json={"name": event["name"], "data": event.get("data")}) as resp:
+        async with gw.session.post(
+            gw.internal + "/v1/events", json={"name": event["name"], "data": event.get("data")}
+        ) as resp:
             assert resp.status == 202, await resp.text()
             sent = await resp.json()
         if "woke" in event:
@@ -258,7 +298,7 @@ async def perform(action: Mapping[str, Any], gw: Running, refs: dict[str, Any]) 
 
 
 async def stats(gw: Running) -> dict[str, int]:
-    counts = await get_json(gw, gw.url + "/stats")   # through the gateway's plain route
+    counts = await get_json(gw, gw.url + "/stats")  # through the gateway's plain route
     return {name: counts[name] for name in STEPS}
 
 
@@ -272,7 +312,7 @@ async def run_scenario(scenario: Scenario, gw: Running) -> list[str]:
             await perform(action, gw, refs)
         answer = await pending
     finally:
-        if not pending.done():   # an action failed: do not leave the request behind
+        if not pending.done():  # an action failed: do not leave the request behind
             pending.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pending
@@ -312,15 +352,18 @@ async def run_scenario(scenario: Scenario, gw: Running) -> list[str]:
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
-async def test_scenario(scenario: Scenario, service: Service, gateway: GatewayFactory,
-                        request: pytest.FixtureRequest) -> None:
+async def test_scenario(
+    scenario: Scenario, service: Service, gateway: GatewayFactory, request: pytest.FixtureRequest
+) -> None:
     if (gap := scenario.known_gaps.get(service.language)) is not None:
         # Strict: once the SDK is fixed the suite fails until the gap is struck from the data.
         request.applymarker(pytest.mark.xfail(reason=f"known gap: {gap}", strict=True))
     gw = await gateway(routes(service.url, scenario.route))
     logged = service.log_size()
     problems = await run_scenario(scenario, gw)
-    assert not problems, (f"{service.language}: {scenario.name} — {scenario.about}\n  "
-                          + "\n  ".join(problems)
-                          + f"\n--- the {service.language} service's log meanwhile ---\n"
-                          + service.log_since(logged))
+    assert not problems, (
+        f"{service.language}: {scenario.name} — {scenario.about}\n  "
+        + "\n  ".join(problems)
+        + f"\n--- the {service.language} service's log meanwhile ---\n"
+        + service.log_since(logged)
+    )

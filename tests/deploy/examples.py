@@ -105,7 +105,8 @@ def k8s_objects(kind: str) -> list[Doc]:
 def k8s_object(kind: str, name: str) -> Doc:
     matches = [doc for doc in k8s_objects(kind) if doc["metadata"]["name"] == name]
     assert len(matches) == 1, (
-        f"expected one {kind} {name!r} in deploy/kubernetes, found {len(matches)}")
+        f"expected one {kind} {name!r} in deploy/kubernetes, found {len(matches)}"
+    )
     return matches[0]
 
 
@@ -119,14 +120,20 @@ def secret_value(name: str, key: str) -> str:
 
 def pod_containers(pod_spec: Doc) -> list[tuple[str, Doc]]:
     """("initContainers" | "containers", container) for every container of a pod."""
-    return [(group, container) for group in ("initContainers", "containers")
-            for container in pod_spec.get(group, [])]
+    return [
+        (group, container)
+        for group in ("initContainers", "containers")
+        for container in pod_spec.get(group, [])
+    ]
 
 
 def gateway_container(pod_spec: Doc) -> tuple[str, Doc]:
     """The one container running the gateway's image, and the list it is in."""
-    found = [(group, c) for group, c in pod_containers(pod_spec)
-             if image_name(c["image"]) == GATEWAY_IMAGE]
+    found = [
+        (group, c)
+        for group, c in pod_containers(pod_spec)
+        if image_name(c["image"]) == GATEWAY_IMAGE
+    ]
     assert len(found) == 1, f"expected one container of the {GATEWAY_IMAGE} image, found {found}"
     return found[0]
 
@@ -144,8 +151,7 @@ def config_path(command: list[str] | None, args: list[str] | None) -> str:
     """The --config file a gateway container runs with, its image's entrypoint and cmd taken
     into account (a container's command replaces the entrypoint, args replace the cmd)."""
     entrypoint = command if command is not None else GATEWAY_DOCKERFILE.entrypoint
-    arguments = args if args is not None else (
-        GATEWAY_DOCKERFILE.cmd if command is None else [])
+    arguments = args if args is not None else (GATEWAY_DOCKERFILE.cmd if command is None else [])
     full = [*entrypoint, *arguments]
     assert full[:2] == ["stepgate", "serve"], f"the container does not run stepgate serve: {full}"
     path = option(full[2:], "--config")
@@ -162,7 +168,7 @@ def configmap_file(pod_spec: Doc, container: Doc, path: str) -> tuple[Doc, str]:
                 continue
             relative = mount["subPath"]
         elif path.startswith(mount_path + "/"):
-            relative = path[len(mount_path) + 1:]
+            relative = path[len(mount_path) + 1 :]
         else:
             continue
         volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
@@ -214,8 +220,7 @@ _INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::?-(?P<defa
 
 def interpolate(value: str) -> str:
     """Compose's ${NAME:-default}, with this process's environment."""
-    return _INTERPOLATION.sub(
-        lambda m: os.environ.get(m["name"]) or (m["default"] or ""), value)
+    return _INTERPOLATION.sub(lambda m: os.environ.get(m["name"]) or (m["default"] or ""), value)
 
 
 def compose() -> Doc:
@@ -292,8 +297,11 @@ def compose_gateways() -> list[ComposeGateway]:
 
 
 def apps_of(gateway: str) -> list[tuple[str, Doc]]:
-    return [(name, service) for name, service in compose()["services"].items()
-            if service.get("network_mode") == f"service:{gateway}"]
+    return [
+        (name, service)
+        for name, service in compose()["services"].items()
+        if service.get("network_mode") == f"service:{gateway}"
+    ]
 
 
 # --- nginx ------------------------------------------------------------------------------------
@@ -363,8 +371,11 @@ def nginx_bytes(text: str) -> int:
 
 
 def lb_service() -> tuple[str, Doc]:
-    found = [(name, s) for name, s in compose()["services"].items()
-             if image_name(s.get("image", "")) == "nginx"]
+    found = [
+        (name, s)
+        for name, s in compose()["services"].items()
+        if image_name(s.get("image", "")) == "nginx"
+    ]
     assert len(found) == 1, f"expected one nginx service in compose.yaml, found {len(found)}"
     return found[0]
 

@@ -83,8 +83,10 @@ def postgres_store_missing() -> str | None:
     except Exception as exc:
         return f"the gateway makes no PostgreSQL store yet ({type(exc).__name__}: {exc})"
     if isinstance(made, SQLiteStore):
-        return ("the gateway's PostgreSQL dialect has not landed: gateway.store.open_store "
-                "still makes an SQLite store for a postgresql:// URL")
+        return (
+            "the gateway's PostgreSQL dialect has not landed: gateway.store.open_store "
+            "still makes an SQLite store for a postgresql:// URL"
+        )
     return None
 
 
@@ -166,7 +168,7 @@ class Pair:
 
     def __init__(self, gateway: ComposeGateway) -> None:
         self.gateway = gateway
-        (self.app_name, self.app), = apps_of(gateway.name)
+        ((self.app_name, self.app),) = apps_of(gateway.name)
         self.app_port = free_port()
         self.public = free_port()
         self.internal = free_port()
@@ -334,8 +336,18 @@ async def test_compose_setup_on_loopback(database: str, tmp_path: Path) -> None:
                                     pair.public, pair.gateway.name)  # fmt: skip
             if nginx:
                 config = nginx_config(tmp_path, lb_port, pairs)
-                lb = processes.start("nginx", [nginx, "-p", str(tmp_path), "-e",
-                                               str(tmp_path / "error.log"), "-c", str(config)])
+                lb = processes.start(
+                    "nginx",
+                    [
+                        nginx,
+                        "-p",
+                        str(tmp_path),
+                        "-e",
+                        str(tmp_path / "error.log"),
+                        "-c",
+                        str(config),
+                    ],
+                )
                 await wait_until_up(processes, lb, None, lb_port, "nginx")
             else:
                 fallback = RoundRobin([pair.public for pair in pairs])
@@ -347,7 +359,8 @@ async def test_compose_setup_on_loopback(database: str, tmp_path: Path) -> None:
             try:
                 tables = await connection.fetchval(
                     "SELECT count(*) FROM information_schema.tables "
-                    "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')")
+                    "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+                )
             finally:
                 await connection.close()
             assert tables > 0, "the gateways created no tables in PostgreSQL"
@@ -367,8 +380,10 @@ async def total_stats(session: aiohttp.ClientSession, pairs: list[Pair]) -> list
 
 
 def delta(after: list[Counter[str]], before: list[Counter[str]]) -> list[Counter[str]]:
-    return [Counter({step: a[step] - b[step] for step in STEPS}) for a, b in zip(after, before,
-                                                                                 strict=True)]
+    return [
+        Counter({step: a[step] - b[step] for step in STEPS})
+        for a, b in zip(after, before, strict=True)
+    ]
 
 
 def check_trip(body: dict[str, Any], direct: dict[str, Any]) -> None:
@@ -380,7 +395,8 @@ def check_trip(body: dict[str, Any], direct: dict[str, Any]) -> None:
     assert body["charge"]["amount_cents"] == direct["charge"]["amount_cents"]
     assert body["confirmation"]["text"] == (
         f"Flight {body['flight']['reference']}, hotel {body['hotel']['reference']},"
-        f" charge {body['charge']['reference']}")
+        f" charge {body['charge']['reference']}"
+    )
 
 
 async def check_durable_posts(session: aiohttp.ClientSession, lb: str, pairs: list[Pair]) -> None:
@@ -421,8 +437,9 @@ async def check_async_run(session: aiohttp.ClientSession, lb: str, pairs: list[P
         run_id = (await response.json())["run_id"]
     assert location.startswith(f"/_stepgate/runs/{run_id}?token=")
     started = time.monotonic()
-    answers = await asyncio.gather(*(poll(session, base, location)
-                                     for base in [lb, *(pair.url for pair in pairs)]))
+    answers = await asyncio.gather(
+        *(poll(session, base, location) for base in [lb, *(pair.url for pair in pairs)])
+    )
     assert time.monotonic() - started < 15
     statuses = {status for status, _, _ in answers}
     assert statuses == {200}, answers
@@ -439,8 +456,12 @@ async def check_held_run(session: aiohttp.ClientSession, lb: str, pairs: list[Pa
     the example's ?fail=STEP fails once per run *per app process*: charge-card runs twice, or
     three times when the retry lands on the other app, which fails it once more."""
     before = await total_stats(session, pairs)
-    async with session.post(f"{lb}/trips?fail=charge-card", json=TRIP,
-                            headers={"Prefer": "wait=0"}, allow_redirects=False) as response:
+    async with session.post(
+        f"{lb}/trips?fail=charge-card",
+        json=TRIP,
+        headers={"Prefer": "wait=0"},
+        allow_redirects=False,
+    ) as response:
         assert response.status == 303, await response.text()
         location = response.headers["Location"]
     answers = [await poll(session, base, location) for base in [*(p.url for p in pairs), lb]]

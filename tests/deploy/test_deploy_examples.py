@@ -102,8 +102,8 @@ def test_gateway_is_a_native_sidecar() -> None:
     gateway = k8s_gateway()
     assert gateway.group == "initContainers", "the gateway must start before the app"
     assert gateway.container.get("restartPolicy") == "Always", (
-        "an init container without restartPolicy: Always would have to exit before the app "
-        "starts")
+        "an init container without restartPolicy: Always would have to exit before the app starts"
+    )
     apps = gateway.pod.get("containers", [])
     assert apps, "the pod has no app container"
     # A startup probe holds the app back until the gateway listens.
@@ -144,8 +144,11 @@ def test_probes_hit_the_metrics_listener() -> None:
     assert metrics is not None, "no metrics_listen: nothing on the pod's IP serves the probes"
     # The kubelet connects to the pod's IP: a listener on loopback would fail every probe.
     assert is_every_address(metrics.host), f"metrics_listen {metrics} is not on the pod's IP"
-    expected = {"startupProbe": "/healthz", "livenessProbe": "/healthz",
-                "readinessProbe": "/readyz"}
+    expected = {
+        "startupProbe": "/healthz",
+        "livenessProbe": "/healthz",
+        "readinessProbe": "/readyz",
+    }
     for probe, path in expected.items():
         check = gateway.container[probe]["httpGet"]
         assert check["path"] == path, f"{probe} asks {check['path']}"
@@ -171,19 +174,23 @@ def test_declared_ports_are_the_listeners() -> None:
     gateway = k8s_gateway()
     settings = gateway.settings
     # The listeners on the pod's IP, not the loopback-only internal one.
-    listeners = {address.port for address in (settings.listen, settings.internal_listen,
-                                              metrics_address(settings))
-                 if not is_loopback(address.host)}
+    listeners = {
+        address.port
+        for address in (settings.listen, settings.internal_listen, metrics_address(settings))
+        if not is_loopback(address.host)
+    }
     assert listeners == {settings.listen.port, metrics_address(settings).port}
     assert {p["containerPort"] for p in gateway.container["ports"]} == listeners
     template = gateway.deployment["spec"]["template"]
     labels = template["metadata"]["labels"]
     assert gateway.deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    (service,) = [s for s in k8s_objects("Service")
-                  if s["spec"]["selector"].items() <= labels.items()]
+    (service,) = [
+        s for s in k8s_objects("Service") if s["spec"]["selector"].items() <= labels.items()
+    ]
     for port in service["spec"]["ports"]:
         assert container_port(gateway.container, port["targetPort"]) == settings.listen.port, (
-            "the Service must send clients to the public listener, nothing else")
+            "the Service must send clients to the public listener, nothing else"
+        )
 
 
 def test_the_store_password_comes_from_the_secret() -> None:
@@ -201,8 +208,11 @@ def test_the_store_password_comes_from_the_secret() -> None:
 def test_network_policy_opens_the_public_port_and_metrics_to_monitoring() -> None:
     gateway = k8s_gateway()
     labels = gateway.deployment["spec"]["template"]["metadata"]["labels"]
-    policies = [p for p in k8s_objects("NetworkPolicy")
-                if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()]
+    policies = [
+        p
+        for p in k8s_objects("NetworkPolicy")
+        if p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+    ]
     assert policies, "no NetworkPolicy selects the gateway's pods"
     sources: dict[int, list[list[Any]]] = {}  # port -> each rule's `from` ([] = anywhere)
     for policy in policies:
@@ -250,9 +260,12 @@ def test_demo_postgres_is_the_store_url() -> None:
     url = urllib.parse.urlsplit(gateway.settings.store)
     service = k8s_object("Service", str(url.hostname))
     (port,) = [p for p in service["spec"]["ports"] if p["port"] == (url.port or 5432)]
-    (database,) = [s for s in k8s_objects("StatefulSet")
-                   if s["spec"]["template"]["metadata"]["labels"].items()
-                   >= service["spec"]["selector"].items()]
+    (database,) = [
+        s
+        for s in k8s_objects("StatefulSet")
+        if s["spec"]["template"]["metadata"]["labels"].items()
+        >= service["spec"]["selector"].items()
+    ]
     (container,) = database["spec"]["template"]["spec"]["containers"]
     assert container_port(container, port["targetPort"]) == 5432
     env = {e["name"]: e for e in container["env"]}
@@ -375,7 +388,8 @@ def test_each_app_shares_its_gateways_network() -> None:
         for route in gateway.settings.routes:
             route_host, route_port = url_address(route.upstream)
             assert is_loopback(route_host) and route_port == int(port), (
-                f"{gateway.name} route {route.name}: {route.upstream}, {name} on {host}:{port}")
+                f"{gateway.name} route {route.name}: {route.upstream}, {name} on {host}:{port}"
+            )
         internal_host, internal_port = url_address(gateway.settings.internal_url)
         assert is_loopback(internal_host)
         assert internal_port == gateway.settings.internal_listen.port
@@ -438,8 +452,9 @@ def test_compose_mounts_and_builds_exist() -> None:
         build = service.get("build")
         if build:
             context = COMPOSE / (build if isinstance(build, str) else build["context"])
-            dockerfile = "Dockerfile" if isinstance(build, str) else build.get(
-                "dockerfile", "Dockerfile")
+            dockerfile = (
+                "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+            )
             assert (context / dockerfile).is_file(), f"{name}: no {context / dockerfile}"
             assert context.resolve() == REPO
 

@@ -88,8 +88,9 @@ async def test_the_store_logs_in_with_pgpassword(case: str, monkeypatch: pytest.
     from gateway.store import open_store
     from gateway.store.sqlite import SQLiteStore
 
-    data, password = k8s_case() if case == "kubernetes" else compose_case(
-        0 if case.endswith("-a") else 1)
+    data, password = (
+        k8s_case() if case == "kubernetes" else compose_case(0 if case.endswith("-a") else 1)
+    )
     assert isinstance(data, dict)
     written = urllib.parse.urlsplit(data["store"])
     server, port, login = await stand_in_server()

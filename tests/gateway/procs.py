@@ -48,7 +48,8 @@ class GatewayProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 15
         async with aiohttp.ClientSession() as session:

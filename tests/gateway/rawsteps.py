@@ -28,9 +28,10 @@ class RawSteps:
         if self._cache is None:
             self._cache = {}
             if self.recorded:
-                async with aiohttp.ClientSession() as s, s.get(
-                    f"{self.callback}/steps", headers=self._auth()
-                ) as resp:
+                async with (
+                    aiohttp.ClientSession() as s,
+                    s.get(f"{self.callback}/steps", headers=self._auth()) as resp,
+                ):
                     assert resp.status == 200, await resp.text()
                     self._cache = {st["id"]: st for st in (await resp.json())["steps"]}
         return self._cache
@@ -38,9 +39,12 @@ class RawSteps:
     async def put(self, step_id: str, body: dict[str, Any]) -> tuple[int, Any]:
         body = {**body, "seq": self._seq}
         self._seq += 1
-        async with aiohttp.ClientSession() as s, s.put(
-            f"{self.callback}/steps/{quote(step_id, safe='')}", json=body, headers=self._auth()
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as s,
+            s.put(
+                f"{self.callback}/steps/{quote(step_id, safe='')}", json=body, headers=self._auth()
+            ) as resp,
+        ):
             return resp.status, await resp.json(content_type=None)
 
     async def run(self, name: str, fn: Callable[[], Awaitable[Any]]) -> Any:

@@ -69,8 +69,13 @@ async def test_sigkill_mid_run_loses_nothing_and_repeats_no_step(
     app = web.Application()
     app.router.add_post("/work", handler)
     base = await upstream(app)
-    route = {"name": "work", "path": "/work", "upstream": base, "durable": True,
-             "retry": {"attempts": 3, "initial": "50ms"}}
+    route = {
+        "name": "work",
+        "path": "/work",
+        "upstream": base,
+        "durable": True,
+        "retry": {"attempts": 3, "initial": "50ms"},
+    }
     gw = GatewayProcess(tmp_path, [route])
     procs.append(gw)
     await gw.start()
@@ -111,8 +116,9 @@ async def test_run_accepted_before_a_crash_is_not_lost(
     procs.append(gw)
     await gw.start()
     async with aiohttp.ClientSession() as client:
-        async with client.post(gw.url + "/work", headers={"Prefer": "respond-async"},
-                               allow_redirects=False) as resp:
+        async with client.post(
+            gw.url + "/work", headers={"Prefer": "respond-async"}, allow_redirects=False
+        ) as resp:
             assert resp.status == 202
             location = resp.headers["Location"]
         await asyncio.wait_for(hang.wait(), 10)
@@ -137,8 +143,11 @@ async def test_sigterm_lets_the_attempt_in_flight_finish(
     app = web.Application()
     app.router.add_post("/work", handler)
     base = await upstream(app)
-    gw = GatewayProcess(tmp_path, [{"name": "work", "path": "/work", "upstream": base,
-                                    "durable": True}], shutdown_grace="5s")
+    gw = GatewayProcess(
+        tmp_path,
+        [{"name": "work", "path": "/work", "upstream": base, "durable": True}],
+        shutdown_grace="5s",
+    )
     procs.append(gw)
     await gw.start()
     async with aiohttp.ClientSession() as client:

@@ -20,8 +20,13 @@ FAST_RETRY = {"attempts": 3, "initial": "20ms", "max": "50ms"}
 
 
 def durable(base: str, **extra: Any) -> dict[str, Any]:
-    route = {"name": "work", "path": "/work", "upstream": base, "durable": True,
-             "retry": FAST_RETRY}
+    route = {
+        "name": "work",
+        "path": "/work",
+        "upstream": base,
+        "durable": True,
+        "retry": FAST_RETRY,
+    }
     route.update(extra)
     return route
 
@@ -85,8 +90,9 @@ async def test_post_body_is_replayed_byte_for_byte(
     flaky = Flaky(fail_times=2)
     gw = await gateway([durable(await upstream(flaky.app()))])
     body = bytes(range(256)) * 100
-    async with gw.session.post(gw.url + "/work", data=body,
-                               headers={"Content-Type": "application/octet-stream"}) as resp:
+    async with gw.session.post(
+        gw.url + "/work", data=body, headers={"Content-Type": "application/octet-stream"}
+    ) as resp:
         assert resp.status == 200
     assert flaky.bodies == [body, body, body]
     assert {h["Content-Type"] for h in flaky.headers} == {"application/octet-stream"}
@@ -114,8 +120,9 @@ async def test_no_retry_header_ends_the_run(
     async def handler(request: web.Request) -> web.Response:
         nonlocal calls
         calls += 1
-        return web.Response(status=500, text="broken for good",
-                            headers={"Stepgate-No-Retry": "true"})
+        return web.Response(
+            status=500, text="broken for good", headers={"Stepgate-No-Retry": "true"}
+        )
 
     app = web.Application()
     app.router.add_post("/work", handler)
@@ -132,8 +139,9 @@ async def test_long_retry_redirects_and_poll_yields_the_final_response(
 ) -> None:
     flaky = Flaky(fail_times=1, final_status=201)
     base = await upstream(flaky.app())
-    gw = await gateway([durable(base, hold="100ms",
-                                retry={"attempts": 3, "initial": "400ms", "max": "400ms"})])
+    gw = await gateway(
+        [durable(base, hold="100ms", retry={"attempts": 3, "initial": "400ms", "max": "400ms"})]
+    )
     async with gw.session.post(gw.url + "/work", allow_redirects=False) as resp:
         assert resp.status == 303
         location = resp.headers["Location"]
@@ -163,8 +171,9 @@ async def test_redirect_is_followed_by_a_plain_client(
 ) -> None:
     flaky = Flaky(fail_times=1)
     base = await upstream(flaky.app())
-    gw = await gateway([durable(base, hold="50ms",
-                                retry={"attempts": 3, "initial": "200ms", "max": "200ms"})])
+    gw = await gateway(
+        [durable(base, hold="50ms", retry={"attempts": 3, "initial": "200ms", "max": "200ms"})]
+    )
     # A 303 turns the POST into a GET of the poll URL, which long-polls to the end.
     async with gw.session.post(gw.url + "/work") as resp:
         assert resp.status == 200
@@ -188,10 +197,12 @@ async def test_prefer_wait_shortens_the_hold(
 ) -> None:
     flaky = Flaky(fail_times=1)
     base = await upstream(flaky.app())
-    gw = await gateway([durable(base, hold="10s",
-                                retry={"attempts": 3, "initial": "1s", "max": "1s"})])
-    async with gw.session.post(gw.url + "/work", allow_redirects=False,
-                               headers={"Prefer": "wait=0"}) as resp:
+    gw = await gateway(
+        [durable(base, hold="10s", retry={"attempts": 3, "initial": "1s", "max": "1s"})]
+    )
+    async with gw.session.post(
+        gw.url + "/work", allow_redirects=False, headers={"Prefer": "wait=0"}
+    ) as resp:
         assert resp.status == 303
 
 
@@ -205,8 +216,9 @@ async def test_prefer_respond_async(gateway: GatewayFactory, upstream: UpstreamF
     app = web.Application()
     app.router.add_post("/work", handler)
     gw = await gateway([durable(await upstream(app))])
-    async with gw.session.post(gw.url + "/work", allow_redirects=False,
-                               headers={"Prefer": "respond-async"}) as resp:
+    async with gw.session.post(
+        gw.url + "/work", allow_redirects=False, headers={"Prefer": "respond-async"}
+    ) as resp:
         assert resp.status == 202
         assert resp.headers["Preference-Applied"] == "respond-async"
         location = resp.headers["Location"]
@@ -222,8 +234,12 @@ async def test_client_stepgate_headers_never_reach_the_upstream(
 ) -> None:
     flaky = Flaky(fail_times=0)
     gw = await gateway([durable(await upstream(flaky.app()))])
-    forged = {"Stepgate-Token": "forged", "Stepgate-Callback": "http://evil.example/",
-              "Stepgate-Suspend": "true", "stepgate-custom": "x"}
+    forged = {
+        "Stepgate-Token": "forged",
+        "Stepgate-Callback": "http://evil.example/",
+        "Stepgate-Suspend": "true",
+        "stepgate-custom": "x",
+    }
     async with gw.session.post(gw.url + "/work", headers=forged) as resp:
         assert resp.status == 200
     seen = flaky.headers[0]
@@ -306,13 +322,17 @@ async def test_callbacks_need_the_runs_own_token(
         cb = request.headers["Stepgate-Callback"]
         token = request.headers["Stepgate-Token"]
         async with aiohttp.ClientSession() as s:
-            for headers in ({}, {"Authorization": "Bearer wrong"},
-                            {"Authorization": f"Basic {token}"},
-                            {"Authorization": f"Bearer {token}"}):
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong"},
+                {"Authorization": f"Basic {token}"},
+                {"Authorization": f"Bearer {token}"},
+            ):
                 async with s.put(cb + "/steps/a", json={"output": 1}, headers=headers) as r:
                     answers.append((r.status, r.content_type))
-            async with s.get(cb.rsplit("/", 1)[0] + "/nope/steps",
-                             headers={"Authorization": f"Bearer {token}"}) as r:
+            async with s.get(
+                cb.rsplit("/", 1)[0] + "/nope/steps", headers={"Authorization": f"Bearer {token}"}
+            ) as r:
                 answers.append((r.status, r.headers["Content-Type"]))
         return web.Response(text="ok")
 
@@ -322,8 +342,13 @@ async def test_callbacks_need_the_runs_own_token(
     async with gw.session.post(gw.url + "/work") as resp:
         assert resp.status == 200
     problem = "application/problem+json"
-    assert answers == [(401, problem), (401, problem), (401, problem),
-                       (201, "application/json"), (404, problem)]
+    assert answers == [
+        (401, problem),
+        (401, problem),
+        (401, problem),
+        (201, "application/json"),
+        (404, problem),
+    ]
 
 
 async def test_step_protocol_first_write_wins_and_rejects_bad_bodies(
@@ -376,8 +401,11 @@ async def test_writes_to_an_ended_run_are_409(
     gw = await gateway([durable(await upstream(app))])
     async with gw.session.post(gw.url + "/work") as resp:
         assert resp.status == 200
-    async with gw.session.put(captured["cb"] + "/steps/late", json={"output": 1},
-                              headers={"Authorization": f"Bearer {captured['token']}"}) as r:
+    async with gw.session.put(
+        captured["cb"] + "/steps/late",
+        json={"output": 1},
+        headers={"Authorization": f"Bearer {captured['token']}"},
+    ) as r:
         assert r.status == 409
 
 
@@ -390,8 +418,10 @@ async def test_callbacks_refuse_non_json_numbers_and_answer_problems(
         import aiohttp
 
         cb = request.headers["Stepgate-Callback"]
-        auth = {"Authorization": f"Bearer {request.headers['Stepgate-Token']}",
-                "Content-Type": "application/json"}
+        auth = {
+            "Authorization": f"Bearer {request.headers['Stepgate-Token']}",
+            "Content-Type": "application/json",
+        }
         async with aiohttp.ClientSession() as s:
             for body in (b'{"output": NaN}', b'{"output": 1e400}', b'{"output": -Infinity}'):
                 async with s.put(cb + "/steps/n", data=body, headers=auth) as r:

@@ -97,11 +97,19 @@ async def test_a_timed_out_attempt_is_fenced_and_runs_no_further_step(
     gateway: GatewayFactory, upstream: UpstreamFactory
 ) -> None:
     handler = Handler(slow_for=1.5)
-    gw = await gateway([{
-        "name": "work", "path": "/work", "upstream": await upstream(handler.app()),
-        "durable": True, "timeout": "1s", "hold": "10s",
-        "retry": {"attempts": 3, "initial": "10ms", "max": "10ms"},
-    }])
+    gw = await gateway(
+        [
+            {
+                "name": "work",
+                "path": "/work",
+                "upstream": await upstream(handler.app()),
+                "durable": True,
+                "timeout": "1s",
+                "hold": "10s",
+                "retry": {"attempts": 3, "initial": "10ms", "max": "10ms"},
+            }
+        ]
+    )
     async with gw.session.post(gw.url + "/work") as resp:
         assert resp.status == 200
         body = await resp.json()
@@ -130,12 +138,19 @@ async def test_a_cancelled_runs_attempt_is_fenced(
     gateway: GatewayFactory, upstream: UpstreamFactory
 ) -> None:
     handler = Handler(slow_for=1.0)
-    gw = await gateway([{
-        "name": "work", "path": "/work", "upstream": await upstream(handler.app()),
-        "durable": True,
-    }])
-    async with gw.session.post(gw.url + "/work", headers={"Prefer": "respond-async"},
-                               allow_redirects=False) as resp:
+    gw = await gateway(
+        [
+            {
+                "name": "work",
+                "path": "/work",
+                "upstream": await upstream(handler.app()),
+                "durable": True,
+            }
+        ]
+    )
+    async with gw.session.post(
+        gw.url + "/work", headers={"Prefer": "respond-async"}, allow_redirects=False
+    ) as resp:
         assert resp.status == 202
         run_id = resp.headers["Stepgate-Run-Id"]
     await asyncio.wait_for(handler.in_slow.wait(), 5)
@@ -158,16 +173,30 @@ async def test_tokens_are_per_attempt(gateway: GatewayFactory, upstream: Upstrea
     seen: list[tuple[str, str, str]] = []
 
     async def handler(request: web.Request) -> web.Response:
-        seen.append((request.headers["Stepgate-Attempt"], request.headers["Stepgate-Token"],
-                     request.headers["Stepgate-Callback"]))
+        seen.append(
+            (
+                request.headers["Stepgate-Attempt"],
+                request.headers["Stepgate-Token"],
+                request.headers["Stepgate-Callback"],
+            )
+        )
         if len(seen) == 1:
             return web.Response(status=503)
         return web.Response(text="ok")
 
     app = web.Application()
     app.router.add_post("/work", handler)
-    gw = await gateway([{"name": "work", "path": "/work", "upstream": await upstream(app),
-                         "durable": True, "retry": {"attempts": 2, "initial": "10ms"}}])
+    gw = await gateway(
+        [
+            {
+                "name": "work",
+                "path": "/work",
+                "upstream": await upstream(app),
+                "durable": True,
+                "retry": {"attempts": 2, "initial": "10ms"},
+            }
+        ]
+    )
     async with gw.session.post(gw.url + "/work") as resp:
         assert resp.status == 200
     (n1, token1, callback), (n2, token2, _) = seen
@@ -175,27 +204,37 @@ async def test_tokens_are_per_attempt(gateway: GatewayFactory, upstream: Upstrea
     url = f"{callback}/steps/x"
     forged = token2.replace("2.", "3.", 1)
     for token, status in ((token1, 409), (forged, 401), ("nonsense", 401), (token2, 409)):
-        async with gw.session.put(url, json={"output": 1},
-                                  headers={"Authorization": f"Bearer {token}"}) as resp:
+        async with gw.session.put(
+            url, json={"output": 1}, headers={"Authorization": f"Bearer {token}"}
+        ) as resp:
             assert resp.status == status, (token, await resp.text())
-    async with gw.session.get(f"{callback}/steps",
-                              headers={"Authorization": f"Bearer {token1}"}) as resp:
+    async with gw.session.get(
+        f"{callback}/steps", headers={"Authorization": f"Bearer {token1}"}
+    ) as resp:
         assert resp.status == 409
         assert (await resp.json())["type"] == SUPERSEDED
 
 
 async def test_fast_restart_fences_the_attempt_the_crash_left_running(
-    tmp_path: Path, upstream: UpstreamFactory, procs: list[GatewayProcess]  # noqa: F811
+    tmp_path: Path,
+    upstream: UpstreamFactory,
+    procs: list[GatewayProcess],  # noqa: F811
 ) -> None:
     handler = Handler(slow_for=2.0)
-    route = {"name": "work", "path": "/work", "upstream": await upstream(handler.app()),
-             "durable": True, "retry": {"attempts": 3, "initial": "10ms"}}
+    route = {
+        "name": "work",
+        "path": "/work",
+        "upstream": await upstream(handler.app()),
+        "durable": True,
+        "retry": {"attempts": 3, "initial": "10ms"},
+    }
     gw = GatewayProcess(tmp_path, [route])
     procs.append(gw)
     await gw.start()
     async with aiohttp.ClientSession() as client:
-        async with client.post(gw.url + "/work", headers={"Prefer": "respond-async"},
-                               allow_redirects=False) as resp:
+        async with client.post(
+            gw.url + "/work", headers={"Prefer": "respond-async"}, allow_redirects=False
+        ) as resp:
             run_id = resp.headers["Stepgate-Run-Id"]
         await asyncio.wait_for(handler.in_slow.wait(), 10)
         gw.kill()
@@ -210,16 +249,25 @@ async def test_fast_restart_fences_the_attempt_the_crash_left_running(
     assert handler.finished_attempts == [2]
     assert [a["type"] for a in handler.fenced] == [SUPERSEDED]
     assert {s["id"]: s["output"] for s in run["steps"]} == {
-        "first": "first@1", "slow": "slow@2", "third": "third@2"}
+        "first": "first@1",
+        "slow": "slow@2",
+        "third": "third@2",
+    }
     assert [a["outcome"] for a in run["attempts"]] == ["interrupted", "response"]
 
 
 async def test_a_second_gateway_on_the_same_file_exits_2_and_leaves_the_first_alone(
-    tmp_path: Path, upstream: UpstreamFactory, procs: list[GatewayProcess]  # noqa: F811
+    tmp_path: Path,
+    upstream: UpstreamFactory,
+    procs: list[GatewayProcess],  # noqa: F811
 ) -> None:
     handler = Handler(slow_for=1.0)
-    route = {"name": "work", "path": "/work", "upstream": await upstream(handler.app()),
-             "durable": True}
+    route = {
+        "name": "work",
+        "path": "/work",
+        "upstream": await upstream(handler.app()),
+        "durable": True,
+    }
     first = GatewayProcess(tmp_path, [route])
     procs.append(first)
     await first.start()
@@ -229,13 +277,18 @@ async def test_a_second_gateway_on_the_same_file_exits_2_and_leaves_the_first_al
         second_dir = tmp_path / "second"
         second_dir.mkdir()
         second = GatewayProcess(second_dir, [route])
-        config = second.config.read_text().replace(str(second_dir / "stepgate.db"),
-                                                   str(tmp_path / "stepgate.db"))
+        config = second.config.read_text().replace(
+            str(second_dir / "stepgate.db"), str(tmp_path / "stepgate.db")
+        )
         second.config.write_text(config)
-        done = await asyncio.get_running_loop().run_in_executor(None, lambda: subprocess.run(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(second.config)],
-            capture_output=True, timeout=30,
-        ))
+        done = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: subprocess.run(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(second.config)],
+                capture_output=True,
+                timeout=30,
+            ),
+        )
         assert done.returncode == 2, done.stderr
         assert str(tmp_path / "stepgate.db").encode() in done.stderr
         assert b"another gateway" in done.stderr and b"Traceback" not in done.stderr
@@ -267,17 +320,32 @@ async def test_a_superseded_attempts_writes_change_nothing_while_the_run_goes_on
 
     app = web.Application()
     app.router.add_post("/work", handler)
-    gw = await gateway([{"name": "work", "path": "/work", "upstream": await upstream(app),
-                         "durable": True, "retry": {"attempts": 2, "initial": "10ms"}}])
+    gw = await gateway(
+        [
+            {
+                "name": "work",
+                "path": "/work",
+                "upstream": await upstream(app),
+                "durable": True,
+                "retry": {"attempts": 2, "initial": "10ms"},
+            }
+        ]
+    )
     request = asyncio.ensure_future(gw.session.post(gw.url + "/work"))
     await asyncio.wait_for(second_started.wait(), 5)
     callback, old = tokens[0]
     run_id = callback.rsplit("/", 1)[1]
-    for body in ({"output": "late"}, {"wait": {"event": "e"}},
-                 {"sleep": {"until": (datetime.now(UTC) + timedelta(days=30)).isoformat()}},
-                 {"error": {"message": "late", "retriable": False}}):
-        async with gw.session.put(f"{callback}/steps/{quote('s', safe='')}", json=body,
-                                  headers={"Authorization": f"Bearer {old}"}) as resp:
+    for body in (
+        {"output": "late"},
+        {"wait": {"event": "e"}},
+        {"sleep": {"until": (datetime.now(UTC) + timedelta(days=30)).isoformat()}},
+        {"error": {"message": "late", "retriable": False}},
+    ):
+        async with gw.session.put(
+            f"{callback}/steps/{quote('s', safe='')}",
+            json=body,
+            headers={"Authorization": f"Bearer {old}"},
+        ) as resp:
             assert resp.status == 409, await resp.text()
             answer = await resp.json()
             assert answer["type"] == SUPERSEDED and answer["run_status"] == "running"

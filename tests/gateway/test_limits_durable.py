@@ -29,8 +29,13 @@ CHUNK = b"x" * 65536
 
 
 def durable(base: str, **extra: Any) -> dict[str, Any]:
-    route: dict[str, Any] = {"name": "work", "path": "/work", "upstream": base, "durable": True,
-                             "retry": {"attempts": 1}}
+    route: dict[str, Any] = {
+        "name": "work",
+        "path": "/work",
+        "upstream": base,
+        "durable": True,
+        "retry": {"attempts": 1},
+    }
     route.update(extra)
     return route
 
@@ -98,8 +103,9 @@ def test_max_response_defaults_to_10mib_and_takes_a_size() -> None:
 )
 def test_a_bad_max_response_names_its_key(value: object, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        parse_settings({"routes": [durable("http://127.0.0.1:9", max_response=value)]},
-                       source="gw.yaml")
+        parse_settings(
+            {"routes": [durable("http://127.0.0.1:9", max_response=value)]}, source="gw.yaml"
+        )
     assert caught.value.key == "routes[0].max_response"
     assert message in str(caught.value)
 
@@ -108,8 +114,9 @@ def test_a_bad_max_response_names_its_key(value: object, message: str) -> None:
 def test_max_body_is_bounded_like_max_response(value: object) -> None:
     """A durable body is stored whole for replay, so the same 512MiB ceiling applies."""
     with pytest.raises(ConfigError) as caught:
-        parse_settings({"routes": [durable("http://127.0.0.1:9", max_body=value)]},
-                       source="gw.yaml")
+        parse_settings(
+            {"routes": [durable("http://127.0.0.1:9", max_body=value)]}, source="gw.yaml"
+        )
     assert caught.value.key == "routes[0].max_body"
     assert "at most 512MiB" in str(caught.value) or "too large" in str(caught.value)
 
@@ -225,13 +232,22 @@ async def test_a_head_answer_may_declare_more_than_the_bound(
     ("on", "calls"), [(["5xx"], 3), (["502"], 3), (["connect", "timeout", "429"], 1)]
 )
 async def test_too_large_is_retried_as_a_502_would_be(
-    gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path, on: list[str],
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    tmp_path: Path,
+    on: list[str],
     calls: int,
 ) -> None:
     streamer = Streamer(4 * MiB)
-    gw = await gateway([durable(await upstream(streamer.app()), max_response="1MiB",
-                                retry={"attempts": 3, "initial": "10ms", "max": "20ms",
-                                       "on": on})])
+    gw = await gateway(
+        [
+            durable(
+                await upstream(streamer.app()),
+                max_response="1MiB",
+                retry={"attempts": 3, "initial": "10ms", "max": "20ms", "on": on},
+            )
+        ]
+    )
     status, problem, run_id = await post(gw)
     assert status == 502
     assert problem["detail"].endswith("larger than max_response (1048576 bytes)")
@@ -265,8 +281,15 @@ async def test_a_retry_after_a_too_large_answer_can_succeed(
 
     app = web.Application()
     app.router.add_post("/work", handle)
-    gw = await gateway([durable(await upstream(app), max_response="1MiB",
-                                retry={"attempts": 2, "initial": "10ms", "max": "20ms"})])
+    gw = await gateway(
+        [
+            durable(
+                await upstream(app),
+                max_response="1MiB",
+                retry={"attempts": 2, "initial": "10ms", "max": "20ms"},
+            )
+        ]
+    )
     async with gw.session.post(gw.url + "/work") as resp:
         assert resp.status == 200
         assert await resp.read() == b"z" * 10

@@ -44,8 +44,9 @@ async def test_metrics_follow_a_retried_run(
 ) -> None:
     flaky = Flaky(fail_times=1)
     metrics_port = free_port()
-    gw = await gateway([durable(await upstream(flaky.app()))],
-                       metrics_listen=f"127.0.0.1:{metrics_port}")
+    gw = await gateway(
+        [durable(await upstream(flaky.app()))], metrics_listen=f"127.0.0.1:{metrics_port}"
+    )
     async with gw.session.post(gw.url + "/work") as resp:
         assert resp.status == 200
     async with gw.session.get(gw.url + "/nothing-here") as resp:
@@ -107,9 +108,15 @@ async def test_internal_endpoints_are_not_on_the_public_listener(
     gw = await gateway([durable(await upstream(flaky.app()))])
     async with gw.session.post(gw.url + "/work") as resp:
         run_id = resp.headers["Stepgate-Run-Id"]
-    for method, path in (("GET", "/metrics"), ("GET", "/v1/runs"), ("GET", f"/v1/runs/{run_id}"),
-                         ("POST", "/v1/events"), ("GET", "/ui"), ("GET", "/healthz"),
-                         ("GET", f"/v1/runs/{run_id}/steps")):
+    for method, path in (
+        ("GET", "/metrics"),
+        ("GET", "/v1/runs"),
+        ("GET", f"/v1/runs/{run_id}"),
+        ("POST", "/v1/events"),
+        ("GET", "/ui"),
+        ("GET", "/healthz"),
+        ("GET", f"/v1/runs/{run_id}/steps"),
+    ):
         async with gw.session.request(method, gw.url + path) as resp:
             assert resp.status == 404, path
             assert resp.content_type == "application/problem+json"
@@ -143,8 +150,13 @@ async def test_admin_list_filters_and_pages(
     assert seen == list(reversed(ids))  # newest first, each exactly once
     run = page["runs"][-1]
     assert set(run) == {"id", "route", "status", "attempt", "created_at", "updated_at"}
-    for query, count in (("?status=completed", 5), ("?status=failed", 0), ("?route=work", 5),
-                         ("?route=other", 0), ("?since=2099-01-01T00:00:00Z", 0)):
+    for query, count in (
+        ("?status=completed", 5),
+        ("?status=failed", 0),
+        ("?route=work", 5),
+        ("?route=other", 0),
+        ("?since=2099-01-01T00:00:00Z", 0),
+    ):
         async with gw.session.get(gw.internal + "/v1/runs" + query) as resp:
             assert len((await resp.json())["runs"]) == count, query
     for bad in ("?status=weird", "?limit=0", "?limit=501", "?cursor=%%%", "?since=yesterday"):
@@ -173,7 +185,7 @@ async def test_admin_retry_reruns_a_failed_run_from_its_failed_step(
     async with gw.session.post(f"{gw.internal}/v1/runs/{run_id}/retry") as resp:
         assert resp.status == 202
     for _ in range(100):
-        run = (await gw.store.get_run(run_id))
+        run = await gw.store.get_run(run_id)
         if run.status == "completed":
             break
         await asyncio.sleep(0.02)
@@ -198,10 +210,18 @@ async def test_bulk_retry_and_cancel_act_on_what_the_filters_select(
     failing = Flaky(fail_times=10**6)
     slow_app = failing.app()
     slow_app.router.add_route("*", "/slow", failing.handle)
-    gw = await gateway([durable(await upstream(flaky.app())),
-                        durable(await upstream(slow_app), name="slow",
-                                path="/slow", retry={"attempts": 5, "initial": "1h", "max": "1h"},
-                                hold="0s")])
+    gw = await gateway(
+        [
+            durable(await upstream(flaky.app())),
+            durable(
+                await upstream(slow_app),
+                name="slow",
+                path="/slow",
+                retry={"attempts": 5, "initial": "1h", "max": "1h"},
+                hold="0s",
+            ),
+        ]
+    )
     failed = []
     for _ in range(2):
         async with gw.session.post(gw.url + "/work") as resp:
@@ -218,8 +238,10 @@ async def test_bulk_retry_and_cancel_act_on_what_the_filters_select(
     async with gw.session.post(gw.internal + "/v1/runs/retry?status=failed") as resp:
         assert resp.status == 200 and await resp.json() == {"count": 2}
     for run_id in failed:
-        async with gw.session.get(f"{gw.url}/_stepgate/runs/{run_id}?token="
-                                  f"{(await gw.store.get_run(run_id)).poll_token}&wait=10") as resp:
+        async with gw.session.get(
+            f"{gw.url}/_stepgate/runs/{run_id}?token="
+            f"{(await gw.store.get_run(run_id)).poll_token}&wait=10"
+        ) as resp:
             assert resp.status == 200
     async with gw.session.post(gw.internal + "/v1/runs/cancel?route=slow") as resp:
         assert resp.status == 200 and await resp.json() == {"count": 3}
@@ -240,21 +262,28 @@ async def test_admin_token_guards_admin_and_events_but_not_callbacks(
     async with gw.session.post(gw.url + "/work") as resp:
         assert resp.status == 200  # the handler's callbacks used the run token only
         run_id = resp.headers["Stepgate-Run-Id"]
-    for method, path in (("GET", "/v1/runs"), ("GET", f"/v1/runs/{run_id}"),
-                         ("POST", "/v1/events"), ("POST", f"/v1/runs/{run_id}/cancel")):
+    for method, path in (
+        ("GET", "/v1/runs"),
+        ("GET", f"/v1/runs/{run_id}"),
+        ("POST", "/v1/events"),
+        ("POST", f"/v1/runs/{run_id}/cancel"),
+    ):
         async with gw.session.request(method, gw.internal + path, json={"name": "x"}) as resp:
             assert resp.status == 401, path
-        async with gw.session.request(method, gw.internal + path, json={"name": "x"},
-                                      headers={"Authorization": "Bearer nope"}) as resp:
+        async with gw.session.request(
+            method, gw.internal + path, json={"name": "x"}, headers={"Authorization": "Bearer nope"}
+        ) as resp:
             assert resp.status == 401, path
-    async with gw.session.get(gw.internal + "/v1/runs",
-                              headers={"Authorization": "Bearer s3cret"}) as resp:
+    async with gw.session.get(
+        gw.internal + "/v1/runs", headers={"Authorization": "Bearer s3cret"}
+    ) as resp:
         assert resp.status == 200
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
-                          text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 async def test_cli_against_a_real_gateway(
@@ -281,8 +310,9 @@ async def test_cli_against_a_real_gateway(
         await asyncio.sleep(0.02)
     cancel = await asyncio.to_thread(run_cli, "runs", "cancel", run_id)
     assert cancel.returncode == 1 and len(cancel.stderr.strip().splitlines()) == 1
-    sent = await asyncio.to_thread(run_cli, "events", "send", "order.paid", "--data",
-                                   '{"order_id": 1}', "--json")
+    sent = await asyncio.to_thread(
+        run_cli, "events", "send", "order.paid", "--data", '{"order_id": 1}', "--json"
+    )
     assert sent.returncode == 0 and json.loads(sent.stdout)["woke"] == 0
 
 
@@ -295,9 +325,12 @@ async def test_logs_are_json_lines_with_stable_names_and_the_trace_id(
     await gw.start()
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
     try:
-        async with aiohttp.ClientSession() as client, client.post(
-            gw.url + "/work", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
-        ) as resp:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(
+                gw.url + "/work", headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"}
+            ) as resp,
+        ):
             assert resp.status == 200
             run_id = resp.headers["Stepgate-Run-Id"]
     finally:
@@ -305,8 +338,13 @@ async def test_logs_are_json_lines_with_stable_names_and_the_trace_id(
     lines = [json.loads(line) for line in gw.log.read_text().splitlines() if line.startswith("{")]
     mine = [line for line in lines if line.get("run_id") == run_id]
     events = [line["event"] for line in mine]
-    for name in ("run.started", "run.attempt", "step.recorded", "run.retry_scheduled",
-                 "run.completed"):
+    for name in (
+        "run.started",
+        "run.attempt",
+        "step.recorded",
+        "run.retry_scheduled",
+        "run.completed",
+    ):
         assert name in events, events
     for line in mine:
         assert line["route"] == "work"
@@ -315,7 +353,9 @@ async def test_logs_are_json_lines_with_stable_names_and_the_trace_id(
     assert [line["attempt"] for line in attempts] == [1, 2]
     assert {line["trace_id"] for line in attempts} == {trace}
     assert {line.get("step") for line in mine if line["event"] == "step.recorded"} == {
-        "reserve", "charge"}
+        "reserve",
+        "charge",
+    }
     assert flaky.headers[0]["traceparent"].split("-")[1] == trace
 
 

@@ -14,13 +14,22 @@ from tests.conftest import GatewayFactory, UpstreamFactory
 
 BIG = os.urandom(3 * 1024 * 1024)
 # Framing is hop-by-hop (RFC 9110 §7.6.1) and Date is the time of sending.
-IGNORED = {"date", "transfer-encoding", "content-length", "stepgate-run-id", "keep-alive",
-           "connection"}
+IGNORED = {
+    "date",
+    "transfer-encoding",
+    "content-length",
+    "stepgate-run-id",
+    "keep-alive",
+    "connection",
+}
 
 
 async def binary(request: web.Request) -> web.Response:
-    return web.Response(body=bytes(range(256)), content_type="application/x-thing",
-                        headers={"ETag": '"v1"', "Set-Cookie": "a=1"})
+    return web.Response(
+        body=bytes(range(256)),
+        content_type="application/x-thing",
+        headers={"ETag": '"v1"', "Set-Cookie": "a=1"},
+    )
 
 
 async def empty(request: web.Request) -> web.Response:
@@ -58,8 +67,9 @@ PATHS = ["/binary", "/empty", "/chunked", "/large", "/missing", "/multi"]
 
 def upstream_app() -> web.Application:
     app = web.Application()
-    for path, handler in zip(PATHS, (binary, empty, chunked, large, not_found, multi_header),
-                             strict=True):
+    for path, handler in zip(
+        PATHS, (binary, empty, chunked, large, not_found, multi_header), strict=True
+    ):
         app.router.add_route("*", path, handler)
     return app
 
@@ -69,8 +79,9 @@ async def fetch(
 ) -> tuple[int, list[tuple[str, str]], bytes]:
     async with session.get(url) as resp:
         body = await resp.read()
-        headers = sorted((k.lower(), v) for k, v in resp.headers.items()
-                         if k.lower() not in IGNORED)
+        headers = sorted(
+            (k.lower(), v) for k, v in resp.headers.items() if k.lower() not in IGNORED
+        )
         return resp.status, headers, body
 
 
@@ -82,12 +93,15 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 @pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
 async def test_responses_are_identical_to_the_upstream_alone(
-    gateway: GatewayFactory, upstream: UpstreamFactory, session: aiohttp.ClientSession,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    session: aiohttp.ClientSession,
     durable: bool,
 ) -> None:
     base = await upstream(upstream_app())
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base, "durable": durable,
-                         "max_body": "8MiB"}])
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base, "durable": durable, "max_body": "8MiB"}]
+    )
     for path in PATHS:
         direct = await fetch(session, base + path)
         proxied = await fetch(session, gw.url + path)
@@ -125,9 +139,15 @@ async def test_unknown_paths_and_methods_are_problems(
 
 @pytest.mark.parametrize(
     "target",
-    [b"/public/../binary", b"/admin/..%2f..%2fpublic/x", b"/admin/%2e%2e/%2e%2e/public/x",
-     b"/admin/%2E%2E/%2E%2E/public/x", b"/admin/..%2F..%2Fpublic/x", b"/public/x%2F..%2F..%2Fadmin",
-     b"/public/..;/admin"],
+    [
+        b"/public/../binary",
+        b"/admin/..%2f..%2fpublic/x",
+        b"/admin/%2e%2e/%2e%2e/public/x",
+        b"/admin/%2E%2E/%2E%2E/public/x",
+        b"/admin/..%2F..%2Fpublic/x",
+        b"/public/x%2F..%2F..%2Fadmin",
+        b"/public/..;/admin",
+    ],
 )
 async def test_dot_segments_cannot_escape_a_route(
     gateway: GatewayFactory, upstream: UpstreamFactory, target: bytes
@@ -239,10 +259,20 @@ async def test_the_gateway_never_announces_its_software(
     a relayed answer a header the service never sent."""
     app, _ = recorder()
     base = await upstream(app)
-    gw = await gateway([{"name": "p", "path": "/p", "upstream": base},
-                        {"name": "d", "path": "/d", "upstream": base, "durable": True}])
-    for url in (gw.url + "/p", gw.url + "/d", gw.url + "/nowhere", gw.url + "/_stepgate/runs/x",
-                gw.internal + "/healthz", gw.internal + "/nowhere"):
+    gw = await gateway(
+        [
+            {"name": "p", "path": "/p", "upstream": base},
+            {"name": "d", "path": "/d", "upstream": base, "durable": True},
+        ]
+    )
+    for url in (
+        gw.url + "/p",
+        gw.url + "/d",
+        gw.url + "/nowhere",
+        gw.url + "/_stepgate/runs/x",
+        gw.internal + "/healthz",
+        gw.internal + "/nowhere",
+    ):
         async with session.get(url) as resp:
             assert "Server" not in resp.headers, url
 
@@ -272,20 +302,28 @@ async def read_head(reader: asyncio.StreamReader) -> bytes:
 
 @pytest.mark.parametrize(
     ("route", "path", "status"),
-    [({"durable": True, "max_body": 10}, b"/d", b"413"), ({}, b"/elsewhere", b"404"),
-     ({"methods": ["GET"]}, b"/d", b"405")],
+    [
+        ({"durable": True, "max_body": 10}, b"/d", b"413"),
+        ({}, b"/elsewhere", b"404"),
+        ({"methods": ["GET"]}, b"/d", b"405"),
+    ],
     ids=["durable-over-max_body", "no-route", "wrong-method"],
 )
 async def test_expect_continue_gets_the_refusal_without_a_100(
-    gateway: GatewayFactory, upstream: UpstreamFactory, route: dict[str, object], path: bytes,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    route: dict[str, object],
+    path: bytes,
     status: bytes,
 ) -> None:
     app, seen = recorder()
     base = await upstream(app)
     gw = await gateway([{"name": "d", "path": "/d", "upstream": base, **route}])
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
-    writer.write(b"POST " + path + b" HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n"
-                 b"Expect: 100-continue\r\n\r\n")
+    writer.write(
+        b"POST " + path + b" HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n"
+        b"Expect: 100-continue\r\n\r\n"
+    )
     head = await read_head(reader)
     writer.close()
     await writer.wait_closed()
@@ -303,8 +341,9 @@ async def test_expect_continue_gets_the_100_when_the_body_is_wanted(
     base = await upstream(app)
     gw = await gateway([{"name": "d", "path": "/d", "upstream": base, "durable": durable}])
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
-    writer.write(b"POST /d HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n"
-                 b"Expect: 100-continue\r\n\r\n")
+    writer.write(
+        b"POST /d HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    )
     assert await read_head(reader) == b"HTTP/1.1 100 Continue\r\n\r\n"
     writer.write(b"abc")
     final = await read_head(reader)
@@ -320,8 +359,11 @@ async def test_an_unknown_expectation_is_417(
     app, seen = recorder()
     base = await upstream(app)
     gw = await gateway([{"name": "d", "path": "/d", "upstream": base}])
-    answer = await exchange(gw.gateway.public_port, b"POST /d HTTP/1.1\r\nHost: h\r\n"
-                            b"Content-Length: 0\r\nExpect: teapot\r\nConnection: close\r\n\r\n")
+    answer = await exchange(
+        gw.gateway.public_port,
+        b"POST /d HTTP/1.1\r\nHost: h\r\n"
+        b"Content-Length: 0\r\nExpect: teapot\r\nConnection: close\r\n\r\n",
+    )
     assert answer.startswith(b"HTTP/1.1 417 ")
     assert b"application/problem+json" in answer
     assert seen == []
@@ -384,9 +426,11 @@ async def test_a_websocket_handshake_answer_keeps_its_headers(
     base = await upstream(app)
     gw = await gateway([{"name": "ws", "path": "/*", "upstream": base}])
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
-    writer.write(b"GET /socket HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
-                 b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                 b"Sec-WebSocket-Version: 13\r\n\r\n")
+    writer.write(
+        b"GET /socket HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
     head = await read_head(reader)
     writer.close()
     await writer.wait_closed()
@@ -446,7 +490,9 @@ async def test_a_compressed_request_body_is_forwarded_as_it_is(
         answer = await exchange(
             gw.gateway.public_port,
             b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Encoding: gzip\r\nContent-Length: "
-            + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body,
+            + str(len(body)).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+            + body,
         )
         assert answer.startswith(b"HTTP/1.1 200 ")
         [request] = seen

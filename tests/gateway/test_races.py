@@ -27,22 +27,32 @@ ASYNC = {"Prefer": "respond-async"}
 
 
 def route(base: str, **extra: Any) -> dict[str, Any]:
-    return {"name": "work", "path": "/work", "upstream": base, "durable": True,
-            "retry": {"attempts": 3, "initial": "20ms", "max": "20ms"}, **extra}
+    return {
+        "name": "work",
+        "path": "/work",
+        "upstream": base,
+        "durable": True,
+        "retry": {"attempts": 3, "initial": "20ms", "max": "20ms"},
+        **extra,
+    }
 
 
 async def start_runs(gw: Running, n: int, *, query: str = "") -> list[str]:
     """`n` runs started with respond-async; their poll URLs."""
+
     async def one(i: int) -> str:
-        async with gw.session.post(gw.url + f"/work?i={i}{query}", headers=ASYNC,
-                                   allow_redirects=False) as resp:
+        async with gw.session.post(
+            gw.url + f"/work?i={i}{query}", headers=ASYNC, allow_redirects=False
+        ) as resp:
             assert resp.status == 202, await resp.text()
             return resp.headers["Location"]
+
     return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
-async def poll_until_final(gw: Running, location: str, *, wait: str = "0",
-                           pause: float = 0.01) -> tuple[int, bytes]:
+async def poll_until_final(
+    gw: Running, location: str, *, wait: str = "0", pause: float = 0.01
+) -> tuple[int, bytes]:
     """What an impatient client does: ask again `pause` seconds after each answer until the run
     has ended (every answer a read of the run, interleaved with what the gateway does)."""
     while True:
@@ -66,8 +76,9 @@ async def statuses(gw: Running) -> Counter[str]:
 
 
 async def post_event(gw: Running, name: str, data: Any = None) -> int:
-    async with gw.session.post(f"{gw.internal}/v1/events", json={"name": name, "data": data}) \
-            as resp:
+    async with gw.session.post(
+        f"{gw.internal}/v1/events", json={"name": name, "data": data}
+    ) as resp:
         assert resp.status == 202
         return int((await resp.json())["woke"])
 
@@ -111,6 +122,7 @@ async def test_one_event_wakes_every_long_polled_run_at_once(
     await until(lambda: _count(gw, "waiting", n), 60, "every run parks waiting")
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as polls:
+
         async def poll(location: str) -> int:
             async with polls.get(gw.url + location + "&wait=30") as resp:
                 await resp.read()
@@ -142,13 +154,15 @@ async def test_a_poll_during_an_event_wake_does_not_delay_the_resume(
         run_id = location.split("/")[-1].split("?")[0]
         await until(lambda run_id=run_id: _is(gw, run_id, "waiting"), 10, "the run parks")
         # Polls that read the run while the event is being delivered, and after.
-        polls = [asyncio.ensure_future(gw.session.get(gw.url + location + "&wait=10"))
-                 for _ in range(5)]
+        polls = [
+            asyncio.ensure_future(gw.session.get(gw.url + location + "&wait=10")) for _ in range(5)
+        ]
         await asyncio.sleep(0)
         started = time.monotonic()
         event = asyncio.ensure_future(post_event(gw, f"go-{round_}"))
-        polls += [asyncio.ensure_future(gw.session.get(gw.url + location + "&wait=10"))
-                  for _ in range(5)]
+        polls += [
+            asyncio.ensure_future(gw.session.get(gw.url + location + "&wait=10")) for _ in range(5)
+        ]
         await event
         for answer in await asyncio.gather(*polls):
             assert answer.status == 200
@@ -192,18 +206,26 @@ async def test_polls_racing_a_non_retriable_step_never_reinvoke_the_run(
         if calls[i] == 1:
             return web.Response(status=503)  # retried: the next attempt is a resumption
         steps = RawSteps(request)
-        status, answer = await steps.put("charge", {"error": {"message": "declined",
-                                                         "retriable": False}})
+        status, answer = await steps.put(
+            "charge", {"error": {"message": "declined", "retriable": False}}
+        )
         assert status == 200, answer
         await asyncio.sleep(0.01)
         return web.Response(status=500, text="declined")
 
-    gw = await gateway([route(await upstream(_app(handler)), retry={
-        "attempts": 5, "initial": "20ms", "max": "20ms"})])
+    gw = await gateway(
+        [
+            route(
+                await upstream(_app(handler)),
+                retry={"attempts": 5, "initial": "20ms", "max": "20ms"},
+            )
+        ]
+    )
     n = 200
     locations = await start_runs(gw, n)
     answers = await asyncio.wait_for(
-        asyncio.gather(*(poll_until_final(gw, loc, pause=0) for loc in locations)), 60)
+        asyncio.gather(*(poll_until_final(gw, loc, pause=0) for loc in locations)), 60
+    )
     assert set(answers) == {(500, b"declined")}
     assert set(calls.values()) == {2}
     assert await statuses(gw) == {"failed": n}
@@ -238,7 +260,8 @@ async def test_a_sleep_is_never_cut_short_by_an_immediate_poll(
     n = 100
     locations = await start_runs(gw, n)
     answers = await asyncio.wait_for(
-        asyncio.gather(*(poll_until_final(gw, loc, pause=0) for loc in locations)), 60)
+        asyncio.gather(*(poll_until_final(gw, loc, pause=0) for loc in locations)), 60
+    )
     assert set(answers) == {(200, b"rested")}
     for i, times in invoked.items():
         assert len(times) == 2, times

@@ -41,12 +41,14 @@ class Service:
 
 
 @pytest.fixture
-async def served(tmp_path: Path, upstream: UpstreamFactory
-                 ) -> AsyncIterator[tuple[GatewayProcess, Service, str]]:
+async def served(
+    tmp_path: Path, upstream: UpstreamFactory
+) -> AsyncIterator[tuple[GatewayProcess, Service, str]]:
     service = Service()
     base = await upstream(service.app())
-    process = GatewayProcess(tmp_path, [{"name": "a", "path": "/a/*", "upstream": base}],
-                             log_level="info")
+    process = GatewayProcess(
+        tmp_path, [{"name": "a", "path": "/a/*", "upstream": base}], log_level="info"
+    )
     await process.start()
     try:
         yield process, service, base
@@ -90,8 +92,12 @@ async def test_sighup_swaps_the_routes_without_dropping_a_request_in_flight(
         in_flight = asyncio.create_task(session.get(process.url + "/a/slow"))
         await asyncio.wait_for(service.arrived.wait(), 10)
 
-        rewrite(process, lambda c: c["routes"].append(
-            {"name": "b", "path": "/b/*", "upstream": base, "durable": True}))
+        rewrite(
+            process,
+            lambda c: c["routes"].append(
+                {"name": "b", "path": "/b/*", "upstream": base, "durable": True}
+            ),
+        )
         assert process.proc is not None
         process.proc.send_signal(signal.SIGHUP)
         reloaded = await until_logged(process, "config.reloaded")

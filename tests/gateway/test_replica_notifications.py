@@ -39,19 +39,26 @@ async def until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
 
 @pytest.mark.parametrize("gateway", ["postgres"], indirect=True)
 async def test_a_waiter_on_one_replica_hears_the_other_end_the_run_even_without_notify(
-    gateway: GatewayFactory, upstream: UpstreamFactory,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
 ) -> None:
     held = Held()
-    route = {"name": "work", "path": "/work", "upstream": await upstream(held.app()),
-             "durable": True}
+    route = {
+        "name": "work",
+        "path": "/work",
+        "upstream": await upstream(held.app()),
+        "durable": True,
+    }
     a = await gateway([route], replica_id="a")
     b = await gateway([route], replica_id="b")
     assert b.store.live_notifications
     # The database drops b's listening connection (a failover, an idle-connection killer).
     conn = await asyncpg.connect(b.store.url)
     try:
-        await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                           "WHERE application_name = 'stepgate-listen b'")
+        await conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'stepgate-listen b'"
+        )
     finally:
         await conn.close()
     await until(lambda: not b.store.live_notifications)

@@ -37,16 +37,33 @@ def start(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
     app_port, public, internal = free_port(), free_port(), free_port()
     (tmp_path / "app.py").write_text(APP)
     config = tmp_path / "stepgate.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{public}",
-        "internal_listen": f"127.0.0.1:{internal}",
-        "store": f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "routes": [{"name": "app", "path": "/*", "upstream": f"http://127.0.0.1:{app_port}"}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{public}",
+                "internal_listen": f"127.0.0.1:{internal}",
+                "store": f"sqlite:///{tmp_path / 'db.sqlite'}",
+                "routes": [
+                    {"name": "app", "path": "/*", "upstream": f"http://127.0.0.1:{app_port}"}
+                ],
+            }
+        )
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--",
-         sys.executable, str(tmp_path / "app.py"), str(app_port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(config),
+            "--",
+            sys.executable,
+            str(tmp_path / "app.py"),
+            str(app_port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     return proc, public
 
@@ -85,15 +102,31 @@ async def test_serve_exits_with_the_childs_exit_code(tmp_path: Path) -> None:
 
 def test_serve_reports_a_missing_command_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "stepgate.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": f"127.0.0.1:{free_port()}", "internal_listen": f"127.0.0.1:{free_port()}",
-        "store": f"sqlite:///{tmp_path / 'db.sqlite'}",
-        "routes": [{"name": "app", "path": "/*", "upstream": f"http://127.0.0.1:{free_port()}"}],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"127.0.0.1:{free_port()}",
+                "internal_listen": f"127.0.0.1:{free_port()}",
+                "store": f"sqlite:///{tmp_path / 'db.sqlite'}",
+                "routes": [
+                    {"name": "app", "path": "/*", "upstream": f"http://127.0.0.1:{free_port()}"}
+                ],
+            }
+        )
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--",
-         str(tmp_path / "no-such-program")],
-        capture_output=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(config),
+            "--",
+            str(tmp_path / "no-such-program"),
+        ],
+        capture_output=True,
+        timeout=30,
     )
     assert done.returncode == 1
     assert b"Traceback" not in done.stderr

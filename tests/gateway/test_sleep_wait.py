@@ -20,8 +20,14 @@ BOTH_DIALECTS = True
 
 
 def route(base: str, **extra: Any) -> dict[str, Any]:
-    return {"name": "flow", "path": "/flow", "upstream": base, "durable": True,
-            "retry": {"attempts": 3, "initial": "20ms"}, **extra}
+    return {
+        "name": "flow",
+        "path": "/flow",
+        "upstream": base,
+        "durable": True,
+        "retry": {"attempts": 3, "initial": "20ms"},
+        **extra,
+    }
 
 
 class Sleeper:
@@ -112,8 +118,9 @@ class Waiter:
         self.invocations[order] += 1
         steps = RawSteps(request)
         try:
-            paid = await raw_wait(steps, "paid", "order.paid", {"data.order_id": order},
-                                  self.timeout)
+            paid = await raw_wait(
+                steps, "paid", "order.paid", {"data.order_id": order}, self.timeout
+            )
         except Suspend:
             return suspended()
         self.outputs[order] = paid
@@ -121,8 +128,9 @@ class Waiter:
 
 
 async def start_async(gw: Running, path: str) -> str:
-    async with gw.session.post(gw.url + path, headers={"Prefer": "respond-async"},
-                               allow_redirects=False) as resp:
+    async with gw.session.post(
+        gw.url + path, headers={"Prefer": "respond-async"}, allow_redirects=False
+    ) as resp:
         assert resp.status == 202
         return resp.headers["Location"]
 
@@ -245,11 +253,15 @@ async def test_bad_sleep_and_wait_bodies_are_400(
 
     async def handler(request: web.Request) -> web.Response:
         steps = RawSteps(request)
-        for body in ({"sleep": {"until": "tomorrow"}}, {"sleep": {"until": "2030-01-01T00:00:00"}},
-                     {"sleep": 5}, {"wait": {"match": {}}}, {"wait": {"event": "e",
-                                                                       "timeout": "soon"}},
-                     {"wait": {"event": "e", "match": []}},
-                     {"sleep": {"until": "2030-01-01T00:00:00Z", "for": "5s"}}):
+        for body in (
+            {"sleep": {"until": "tomorrow"}},
+            {"sleep": {"until": "2030-01-01T00:00:00"}},
+            {"sleep": 5},
+            {"wait": {"match": {}}},
+            {"wait": {"event": "e", "timeout": "soon"}},
+            {"wait": {"event": "e", "match": []}},
+            {"sleep": {"until": "2030-01-01T00:00:00Z", "for": "5s"}},
+        ):
             answers.append((await steps.put("s", body))[0])
         return web.Response(text="ok")
 

@@ -59,8 +59,14 @@ class Gate:
 
 
 def route(base: str) -> dict[str, Any]:
-    return {"name": "work", "path": "/work", "upstream": base, "durable": True,
-            "timeout": "20s", "hold": "1s"}
+    return {
+        "name": "work",
+        "path": "/work",
+        "upstream": base,
+        "durable": True,
+        "timeout": "20s",
+        "hold": "1s",
+    }
 
 
 async def ready(gw: Running) -> int:
@@ -78,8 +84,7 @@ async def finishes(gw: Running, location: str) -> tuple[int, bytes]:
         return resp.status, await resp.read()
 
 
-async def the_store_refuses_then_recovers(gw: Running, gate: Gate, refuse: Any,
-                                          allow: Any) -> None:
+async def the_store_refuses_then_recovers(gw: Running, gate: Gate, refuse: Any, allow: Any) -> None:
     """A run in flight when the store starts refusing, and new work meanwhile."""
     first = asyncio.ensure_future(post(gw))
     await asyncio.wait_for(gate.started.wait(), 10)
@@ -197,17 +202,23 @@ async def test_a_gateway_started_on_a_read_only_volume_says_so_and_stops(
 ) -> None:
     gate = Gate()
     gw = GatewayProcess(tmp_path, [route(await upstream(gate.app()))])
-    config = gw.config.read_text().replace(str(tmp_path / "stepgate.db"),
-                                           str(small_volume / "stepgate.db"))
+    config = gw.config.read_text().replace(
+        str(tmp_path / "stepgate.db"), str(small_volume / "stepgate.db")
+    )
     gw.config.write_text(config)
     await gw.start()  # creates the store
     assert gw.stop() == 0
-    await asyncio.to_thread(subprocess.run, ["mount", "-o", "remount,ro", str(small_volume)],
-                            check=True)
-    done = await asyncio.get_running_loop().run_in_executor(None, lambda: subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--config", str(gw.config)],
-        capture_output=True, timeout=30,
-    ))
+    await asyncio.to_thread(
+        subprocess.run, ["mount", "-o", "remount,ro", str(small_volume)], check=True
+    )
+    done = await asyncio.get_running_loop().run_in_executor(
+        None,
+        lambda: subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(gw.config)],
+            capture_output=True,
+            timeout=30,
+        ),
+    )
     assert done.returncode == 1
     assert str(small_volume / "stepgate.db").encode() in done.stderr
     assert b"Traceback" not in done.stderr

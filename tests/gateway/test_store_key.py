@@ -22,8 +22,13 @@ from tests.conftest import GatewayFactory, UpstreamFactory, settings_for
 
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
-SECRETS = (b"Bearer sk-live-0123456789", b"session=cookie-0123456789", b"card=4111111111111111",
-           b"answer-0123456789", b"q=query-0123456789")
+SECRETS = (
+    b"Bearer sk-live-0123456789",
+    b"session=cookie-0123456789",
+    b"card=4111111111111111",
+    b"answer-0123456789",
+    b"q=query-0123456789",
+)
 
 
 def key_text(key: bytes) -> str:
@@ -55,8 +60,13 @@ class Service:
 
 
 def route(base: str) -> dict[str, Any]:
-    return {"name": "work", "path": "/work", "upstream": base, "durable": True,
-            "retry": {"attempts": 3, "initial": "10ms", "max": "20ms"}}
+    return {
+        "name": "work",
+        "path": "/work",
+        "upstream": base,
+        "durable": True,
+        "retry": {"attempts": 3, "initial": "10ms", "max": "20ms"},
+    }
 
 
 def file_bytes(db: Path) -> bytes:
@@ -64,12 +74,13 @@ def file_bytes(db: Path) -> bytes:
 
 
 async def send(gw: Any, idempotency_key: str | None = None) -> str:
-    headers = {"Authorization": "Bearer sk-live-0123456789",
-               "Cookie": "session=cookie-0123456789"}
+    headers = {"Authorization": "Bearer sk-live-0123456789", "Cookie": "session=cookie-0123456789"}
     if idempotency_key is not None:
         headers["Idempotency-Key"] = idempotency_key
     async with gw.session.post(
-        gw.url + "/work?q=query-0123456789", data=b"card=4111111111111111", headers=headers,
+        gw.url + "/work?q=query-0123456789",
+        data=b"card=4111111111111111",
+        headers=headers,
     ) as resp:
         assert resp.status == 200
         assert await resp.read() == b"answer-0123456789"
@@ -91,7 +102,9 @@ async def test_without_a_key_the_store_is_plain_as_before(
 
 
 async def test_with_a_key_no_secret_is_stored_in_plain_text_and_the_run_replays(
-    gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    tmp_path: Path,
     with_key: dict[str, str],
 ) -> None:
     service = Service()
@@ -128,8 +141,10 @@ async def test_a_parked_sealed_run_resumes_after_a_restart(
     slow = {**route(base), "hold": "50ms", "retry": {"attempts": 3, "initial": "1s", "max": "1s"}}
     first = await gateway([slow], **with_key)
     async with first.session.post(
-        first.url + "/work?q=query-0123456789", data=b"card=4111111111111111",
-        headers={"Authorization": "Bearer sk-live-0123456789"}, allow_redirects=False,
+        first.url + "/work?q=query-0123456789",
+        data=b"card=4111111111111111",
+        headers={"Authorization": "Bearer sk-live-0123456789"},
+        allow_redirects=False,
     ) as resp:
         assert resp.status == 303
         location = resp.headers["Location"]
@@ -143,7 +158,9 @@ async def test_a_parked_sealed_run_resumes_after_a_restart(
 
 
 async def test_a_sealed_value_moved_to_another_run_does_not_open(
-    gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    tmp_path: Path,
     with_key: dict[str, str],
 ) -> None:
     """A changed row is named, not served: it reads as unreadable, its admin page and the
@@ -152,8 +169,10 @@ async def test_a_sealed_value_moved_to_another_run_does_not_open(
     gw = await gateway([route(await upstream(service.app()))], **with_key)
     first, second, third = await send(gw), await send(gw), await send(gw)
     with sqlite3.connect(tmp_path / "stepgate.db") as conn:
-        conn.execute("UPDATE runs SET body = (SELECT body FROM runs WHERE id = ?) WHERE id = ?",
-                     (first, second))
+        conn.execute(
+            "UPDATE runs SET body = (SELECT body FROM runs WHERE id = ?) WHERE id = ?",
+            (first, second),
+        )
         # And within one run, a value put in another field.
         conn.execute("UPDATE runs SET resp_body = headers WHERE id = ?", (first,))
     assert (await gw.store.get_run(first)).unreadable == ("resp_body",)
@@ -173,7 +192,9 @@ async def test_a_sealed_value_moved_to_another_run_does_not_open(
 
 
 async def test_a_run_whose_sealed_request_was_changed_fails_instead_of_replaying(
-    gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    tmp_path: Path,
     with_key: dict[str, str],
 ) -> None:
     """A parked run whose stored request no longer opens cannot be replayed; the restart
@@ -182,8 +203,9 @@ async def test_a_run_whose_sealed_request_was_changed_fails_instead_of_replaying
     base = await upstream(service.app())
     slow = {**route(base), "hold": "50ms", "retry": {"attempts": 3, "initial": "1s", "max": "1s"}}
     first = await gateway([slow], **with_key)
-    async with first.session.post(first.url + "/work", data=b"card=4111111111111111",
-                                  allow_redirects=False) as resp:
+    async with first.session.post(
+        first.url + "/work", data=b"card=4111111111111111", allow_redirects=False
+    ) as resp:
         assert resp.status == 303
         location = resp.headers["Location"]
     run_id = resp.headers["Stepgate-Run-Id"]
@@ -204,7 +226,9 @@ async def test_a_run_whose_sealed_request_was_changed_fails_instead_of_replaying
 
 
 async def test_runs_stored_before_the_key_stay_readable(
-    gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     service = Service()
@@ -226,15 +250,19 @@ async def test_runs_stored_before_the_key_stay_readable(
 
 
 async def test_a_wrong_key_stops_the_gateway_before_it_serves(
-    gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, with_key: dict[str, str],
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    with_key: dict[str, str],
 ) -> None:
     gw = await gateway([route(await upstream(Service().app()))], **with_key)
     await send(gw)
     await gw.gateway.stop()
     monkeypatch.setenv("STEPGATE_STORE_KEY", key_text(OTHER))
-    other = Gateway(settings_for(tmp_path / "stepgate.db", [route("http://127.0.0.1:9")],
-                                 **with_key))
+    other = Gateway(
+        settings_for(tmp_path / "stepgate.db", [route("http://127.0.0.1:9")], **with_key)
+    )
     with pytest.raises(StoreKeyError, match="does not open the store"):
         await other.start()
     await other.stop()
@@ -261,20 +289,34 @@ async def test_serve_with_a_wrong_key_exits_2_with_one_clear_line(
 ) -> None:
     db = tmp_path / "stepgate.db"
     monkeypatch.setenv("STEPGATE_STORE_KEY", key_text(OTHER))
-    sealed = Gateway(settings_for(db, [route("http://127.0.0.1:9")],
-                                  store_key="env:STEPGATE_STORE_KEY"))
+    sealed = Gateway(
+        settings_for(db, [route("http://127.0.0.1:9")], store_key="env:STEPGATE_STORE_KEY")
+    )
     await sealed.start()  # the store now knows the other key
     await sealed.stop()
     key_file = tmp_path / "key"
     key_file.write_text(key_text(KEY) + "\n")
     config = tmp_path / "gw.yaml"
-    config.write_text(yaml.safe_dump({
-        "listen": "127.0.0.1:0", "internal_listen": "127.0.0.1:0", "store": f"sqlite:///{db}",
-        "store_key": f"file:{key_file}", "routes": [route("http://127.0.0.1:9")],
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": "127.0.0.1:0",
+                "internal_listen": "127.0.0.1:0",
+                "store": f"sqlite:///{db}",
+                "store_key": f"file:{key_file}",
+                "routes": [route("http://127.0.0.1:9")],
+            }
+        )
+    )
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     stdout, stderr = out.decode(), err.decode()
@@ -295,8 +337,12 @@ def parse(value: object) -> Any:
 
 @pytest.mark.parametrize(
     "text",
-    [key_text(KEY), base64.urlsafe_b64encode(KEY).decode().rstrip("="), KEY.hex(),
-     "  " + KEY.hex().upper() + "\n"],
+    [
+        key_text(KEY),
+        base64.urlsafe_b64encode(KEY).decode().rstrip("="),
+        KEY.hex(),
+        "  " + KEY.hex().upper() + "\n",
+    ],
     ids=["base64", "urlsafe-unpadded", "hex", "hex-upper-spaced"],
 )
 def test_the_key_is_read_from_the_environment_or_a_file(
@@ -315,12 +361,17 @@ def test_the_key_is_read_from_the_environment_or_a_file(
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (key_text(KEY), "expected env:NAME or file:PATH (the key itself never goes in the "
-                        "config file)"),
+        (
+            key_text(KEY),
+            "expected env:NAME or file:PATH (the key itself never goes in the config file)",
+        ),
         ("env:", "env: needs an environment variable name"),
         ("env:GW_UNSET_KEY", "the environment variable GW_UNSET_KEY is not set"),
-        ("env:GW_SHORT_KEY", "the environment variable GW_SHORT_KEY does not hold a key: "
-                             "expected 32 random bytes in base64 or hex"),
+        (
+            "env:GW_SHORT_KEY",
+            "the environment variable GW_SHORT_KEY does not hold a key: "
+            "expected 32 random bytes in base64 or hex",
+        ),
         ("file:", "file: needs a path"),
         ("file:/nonexistent/stepgate.key", '"/nonexistent/stepgate.key": file not found'),
         (32, "expected env:NAME or file:PATH, got int"),
@@ -356,9 +407,12 @@ def test_each_value_gets_its_own_nonce_and_opens_only_where_it_was_sealed() -> N
     one, two = sealer.seal("run-a", "body", b"x"), sealer.seal("run-a", "body", b"x")
     assert one != two and len(one) == 1 + 12 + 1 + 16
     assert sealer.open("run-a", "body", one) == b"x"
-    for run_id, column, value in (("run-b", "body", one), ("run-a", "headers", one),
-                                  ("run-a", "body", one[:-1] + bytes([one[-1] ^ 1])),
-                                  ("run-a", "body", b"")):
+    for run_id, column, value in (
+        ("run-b", "body", one),
+        ("run-a", "headers", one),
+        ("run-a", "body", one[:-1] + bytes([one[-1] ^ 1])),
+        ("run-a", "body", b""),
+    ):
         with pytest.raises(StoreError, match="does not open"):
             sealer.open(run_id, column, value)
     with pytest.raises(StoreError):

@@ -20,8 +20,9 @@ class Recorder:
     def app(self) -> web.Application:
         async def record(request: web.Request) -> web.Response:
             body = await request.read()
-            self.requests.append((request.method, request.raw_path,
-                                  list(request.raw_headers), body))
+            self.requests.append(
+                (request.method, request.raw_path, list(request.raw_headers), body)
+            )
             return web.Response(text="ok")
 
         async def anonymous(request: web.Request, response: web.StreamResponse) -> None:
@@ -75,8 +76,10 @@ def responses(answer: bytes) -> list[tuple[int, bytes, bytes]]:
         if not sep or not head.startswith(b"HTTP/1.") or not head[9:12].isdigit():
             raise AssertionError(f"not an HTTP/1 answer: {head[:80]!r}")
         status = int(head[9:12])
-        fields = {name.strip().lower(): value.strip() for name, _, value in
-                  (line.partition(b":") for line in head.split(b"\r\n")[1:])}
+        fields = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        }
         if status < 200 or status in (204, 304):
             body = b""
         elif b"content-length" in fields:
@@ -90,7 +93,7 @@ def responses(answer: bytes) -> list[tuple[int, bytes, bytes]]:
                 if size == 0:
                     rest = rest.partition(b"\r\n")[2]
                     break
-                body, rest = body + rest[:size], rest[size + 2:]
+                body, rest = body + rest[:size], rest[size + 2 :]
         else:
             body, rest = rest, b""
         found.append((status, head, body))

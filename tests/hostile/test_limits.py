@@ -26,12 +26,23 @@ def settings(limits: object) -> object:
 
 def test_limits_have_defaults_and_take_units() -> None:
     assert parse_settings({"routes": []}, source="x").limits == Limits(
-        header_timeout=10.0, body_timeout=60.0, idle_timeout=75.0, max_connections=10_000,
-        max_header_size=65536, send_timeout=60.0,
+        header_timeout=10.0,
+        body_timeout=60.0,
+        idle_timeout=75.0,
+        max_connections=10_000,
+        max_header_size=65536,
+        send_timeout=60.0,
     )
-    limits = settings({"header_timeout": "2s", "body_timeout": "500ms", "idle_timeout": "1m",
-                       "max_connections": 50, "max_header_size": "16KiB",
-                       "send_timeout": "5s"})
+    limits = settings(
+        {
+            "header_timeout": "2s",
+            "body_timeout": "500ms",
+            "idle_timeout": "1m",
+            "max_connections": 50,
+            "max_header_size": "16KiB",
+            "send_timeout": "5s",
+        }
+    )
     assert limits.limits == Limits(2.0, 0.5, 60.0, 50, 16384, 5.0)
 
 
@@ -65,8 +76,9 @@ async def test_slow_heads_are_cut_at_the_header_timeout(
     """100 clients sending their heads a byte at a time (slowloris): every connection gets its
     408 and is closed at the header time-out, and the upstream never hears of them."""
     seen, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"header_timeout": "1s"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}], limits={"header_timeout": "1s"}
+    )
     head = b"GET /x HTTP/1.1\r\nHost: h\r\nX-Slow: " + b"a" * 100
 
     async def slowloris() -> tuple[float, bytes]:
@@ -102,8 +114,9 @@ async def test_a_connection_that_says_nothing_is_closed_at_the_header_timeout(
     gateway: GatewayFactory, recorder: tuple[Recorder, str]
 ) -> None:
     _, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"header_timeout": "500ms"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}], limits={"header_timeout": "500ms"}
+    )
     started = time.monotonic()
     answer = await send(gw.gateway.public_port, b"")
     assert answer == b""
@@ -114,8 +127,10 @@ async def test_a_kept_alive_connection_is_closed_after_the_idle_timeout(
     gateway: GatewayFactory, recorder: tuple[Recorder, str]
 ) -> None:
     _, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"idle_timeout": "1s", "header_timeout": "30s"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}],
+        limits={"idle_timeout": "1s", "header_timeout": "30s"},
+    )
     started = time.monotonic()
     answer = await send(gw.gateway.public_port, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
     assert statuses(answer) == [200]
@@ -127,11 +142,15 @@ async def test_a_stalled_request_body_gets_a_408_within_the_body_timeout(
     gateway: GatewayFactory, recorder: tuple[Recorder, str], durable: bool
 ) -> None:
     seen, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base, "durable": durable}],
-                       limits={"body_timeout": "1s"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base, "durable": durable}],
+        limits={"body_timeout": "1s"},
+    )
     started = time.monotonic()
-    answer = await send(gw.gateway.public_port,
-                        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nonly this")
+    answer = await send(
+        gw.gateway.public_port,
+        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nonly this",
+    )
     assert statuses(answer) == [408]
     assert b"application/problem+json" in answer
     assert time.monotonic() - started < 3.0
@@ -143,8 +162,9 @@ async def test_a_slow_body_that_keeps_moving_is_not_cut(
     gateway: GatewayFactory, recorder: tuple[Recorder, str]
 ) -> None:
     seen, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"body_timeout": "1s"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}], limits={"body_timeout": "1s"}
+    )
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
     writer.write(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\nConnection: close\r\n\r\n")
     for byte in b"abcdef":  # 3 s in all, 0.5 s between bytes
@@ -200,8 +220,10 @@ async def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout(
     """nginx's send_timeout: a client that takes nothing of an answer for that long no longer
     holds its connection, nor the upstream's."""
     service = Stream(256 << 20)
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": await upstream(service.app())}],
-                       limits={"send_timeout": "1s"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": await upstream(service.app())}],
+        limits={"send_timeout": "1s"},
+    )
     reader, writer = await small_window(gw.gateway.public_port)
     writer.write(b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n")
     await reader.read(100)  # the answer has begun; then the client reads no more
@@ -220,8 +242,10 @@ async def test_a_slow_reader_that_keeps_taking_bytes_is_not_dropped(
     gateway: GatewayFactory, upstream: UpstreamFactory
 ) -> None:
     service = Stream(2 << 20)
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": await upstream(service.app())}],
-                       limits={"send_timeout": "1s"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": await upstream(service.app())}],
+        limits={"send_timeout": "1s"},
+    )
     reader, writer = await small_window(gw.gateway.public_port)
     writer.write(b"GET /big HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
     received = 0
@@ -239,11 +263,14 @@ async def test_a_stalled_body_on_the_internal_listener_is_a_408(
     gateway: GatewayFactory, recorder: tuple[Recorder, str]
 ) -> None:
     _, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"body_timeout": "1s"})
-    answer = await send(gw.gateway.internal_port,
-                        b"POST /v1/events HTTP/1.1\r\nHost: h\r\nContent-Type: application/json"
-                        b"\r\nContent-Length: 100\r\n\r\n{\"name\":")
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}], limits={"body_timeout": "1s"}
+    )
+    answer = await send(
+        gw.gateway.internal_port,
+        b"POST /v1/events HTTP/1.1\r\nHost: h\r\nContent-Type: application/json"
+        b'\r\nContent-Length: 100\r\n\r\n{"name":',
+    )
     assert statuses(answer) == [408]
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["status"] == 408
 
@@ -255,8 +282,10 @@ async def test_connections_over_the_cap_are_closed_at_once(
     gateway: GatewayFactory, recorder: tuple[Recorder, str]
 ) -> None:
     _, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"max_connections": 5, "header_timeout": "30s"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}],
+        limits={"max_connections": 5, "header_timeout": "30s"},
+    )
     port = gw.gateway.public_port
     held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(5)]
     await asyncio.sleep(0.1)
@@ -264,9 +293,12 @@ async def test_connections_over_the_cap_are_closed_at_once(
     assert await send(port, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n") == b""
     assert time.monotonic() - started < 1.0
     # The internal listener has its own count.
-    assert statuses(await send(gw.gateway.internal_port,
-                               b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"))\
-        == [200]
+    assert statuses(
+        await send(
+            gw.gateway.internal_port,
+            b"GET /healthz HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+    ) == [200]
     _, writer = held.pop()
     writer.close()
     await writer.wait_closed()
@@ -293,13 +325,18 @@ async def test_connections_over_the_cap_are_closed_at_once(
 )
 @pytest.mark.parametrize("durable", [False, True], ids=["plain", "durable"])
 async def test_oversized_request_heads_are_431(
-    gateway: GatewayFactory, recorder: tuple[Recorder, str], head: bytes, status: int,
+    gateway: GatewayFactory,
+    recorder: tuple[Recorder, str],
+    head: bytes,
+    status: int,
     durable: bool,
 ) -> None:
     seen, base = recorder
     gw = await gateway([{"name": "all", "path": "/*", "upstream": base, "durable": durable}])
-    answer = await send(gw.gateway.public_port,
-                        b"GET /x HTTP/1.1\r\nHost: h\r\n" + head + b"Connection: close\r\n\r\n")
+    answer = await send(
+        gw.gateway.public_port,
+        b"GET /x HTTP/1.1\r\nHost: h\r\n" + head + b"Connection: close\r\n\r\n",
+    )
     assert statuses(answer) == [status]
     assert b"application/problem+json" in answer
     assert seen.requests == []
@@ -311,8 +348,9 @@ async def test_a_head_sent_slowly_past_the_size_limit_is_refused_before_it_ends(
 ) -> None:
     """The bound holds while the head is still arriving: the gateway does not buffer on."""
     seen, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"max_header_size": "4KiB"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}], limits={"max_header_size": "4KiB"}
+    )
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.public_port)
     writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n")
     for index in range(10):
@@ -329,10 +367,12 @@ async def test_a_target_over_the_size_limit_is_414(
     gateway: GatewayFactory, recorder: tuple[Recorder, str]
 ) -> None:
     seen, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"max_header_size": "4KiB"})
-    answer = await send(gw.gateway.public_port,
-                        b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}], limits={"max_header_size": "4KiB"}
+    )
+    answer = await send(
+        gw.gateway.public_port, b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    )
     assert statuses(answer) == [414]
     assert seen.requests == []
 
@@ -341,8 +381,9 @@ async def test_a_head_just_under_the_limit_passes(
     gateway: GatewayFactory, recorder: tuple[Recorder, str]
 ) -> None:
     seen, base = recorder
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"max_header_size": "4KiB"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}], limits={"max_header_size": "4KiB"}
+    )
     head = b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n"
     filler = 4096 - len(head) - len(b"X-Fill: \r\n\r\n")
     answer = await send(gw.gateway.public_port, head + b"X-Fill: " + b"a" * filler + b"\r\n\r\n")
@@ -386,11 +427,16 @@ async def test_a_body_held_back_by_a_slow_upstream_is_not_the_clients_fault(
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app.router.add_post("/upload", slow_reader)
     base = await upstream(app)
-    gw = await gateway([{"name": "all", "path": "/*", "upstream": base}],
-                       limits={"body_timeout": "1s"})
+    gw = await gateway(
+        [{"name": "all", "path": "/*", "upstream": base}], limits={"body_timeout": "1s"}
+    )
     body = b"x" * (8 * 1024 * 1024)
-    answer = await send(gw.gateway.public_port,
-                        b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: "
-                        + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+    answer = await send(
+        gw.gateway.public_port,
+        b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\nConnection: close\r\n\r\n"
+        + body,
+    )
     assert statuses(answer) == [200]
     assert received[-1] == len(body)

@@ -19,8 +19,10 @@ from tests.hostile.conftest import Recorder, send, statuses
 
 H = b"Host: shop\r\n"
 CLOSE = b"Connection: close\r\n"
-WS = (b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
-      b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n")
+WS = (
+    b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+)
 SMUGGLED = b"GET /pub/smuggled HTTP/1.1\r\n" + H + CLOSE + b"\r\n"
 
 
@@ -38,54 +40,139 @@ def get(target: bytes, *extra: bytes) -> bytes:
 
 CASES = [
     # --- framing: Content-Length and Transfer-Encoding -------------------------------------
-    Case("cl-and-te", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n"
-         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED, [400]),
-    Case("te-and-cl", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-         b"Content-Length: 4\r\n\r\n0\r\n\r\n" + SMUGGLED, [400]),
-    Case("duplicate-cl-same", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n"
-         b"Content-Length: 4\r\n\r\nabcd", [400]),
-    Case("duplicate-cl-different", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n"
-         b"Content-Length: 40\r\n\r\nabcd" + SMUGGLED, [400]),
-    Case("cl-list", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4, 4\r\n\r\nabcd",
-         [400]),
+    Case(
+        "cl-and-te",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        [400],
+    ),
+    Case(
+        "te-and-cl",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
+        b"Content-Length: 4\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        [400],
+    ),
+    Case(
+        "duplicate-cl-same",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4\r\nContent-Length: 4\r\n\r\nabcd",
+        [400],
+    ),
+    Case(
+        "duplicate-cl-different",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n"
+        b"Content-Length: 40\r\n\r\nabcd" + SMUGGLED,
+        [400],
+    ),
+    Case("cl-list", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4, 4\r\n\r\nabcd", [400]),
     Case("cl-plus", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: +4\r\n\r\nabcd", [400]),
     Case("cl-negative", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: -1\r\n\r\n", [400]),
-    Case("cl-overflow", b"POST /pub/x HTTP/1.1\r\n" + H +
-         b"Content-Length: 99999999999999999999\r\n\r\n", [400]),
-    Case("te-not-chunked-last", b"POST /pub/x HTTP/1.1\r\n" + H +
-         b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n", [400]),
-    Case("te-unknown", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked\r\n"
-         b"\r\n0\r\n\r\n" + SMUGGLED, [400]),
-    Case("te-twice", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", [400]),
-    Case("te-space-before-colon", b"POST /pub/x HTTP/1.1\r\n" + H +
-         b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n" + SMUGGLED, [400]),
-    Case("te-in-http-1.0", b"POST /pub/x HTTP/1.0\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-         b"\r\n3\r\nabc\r\n0\r\n\r\n", [400]),  # RFC 9112 §6.1: faulty framing
-    Case("te-tab-and-case", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding:\tCHUNKED\r\n"
-         + CLOSE + b"\r\n3\r\nabc\r\n0\r\n\r\n", [200], [("POST", "/pub/x", b"abc")]),
-    Case("chunk-size-0x", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-         b"\r\n0x3\r\nabc\r\n0\r\n\r\n", [400]),
-    Case("chunk-size-overflow", b"POST /pub/x HTTP/1.1\r\n" + H +
-         b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nabc\r\n0\r\n\r\n", [400]),
-    Case("chunk-bare-lf", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-         b"\r\n3\nabc\n0\n\n", [400]),
-    Case("chunk-extension", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-         + CLOSE + b"\r\n3;name=value\r\nabc\r\n0\r\n\r\n", [200], [("POST", "/pub/x", b"abc")]),
-    Case("trailer-with-cl", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-         b"\r\n0\r\nContent-Length: 50\r\n\r\n" + SMUGGLED, [400]),
+    Case(
+        "cl-overflow",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 99999999999999999999\r\n\r\n",
+        [400],
+    ),
+    Case(
+        "te-not-chunked-last",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        [400],
+    ),
+    Case(
+        "te-unknown",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: xchunked\r\n"
+        b"\r\n0\r\n\r\n" + SMUGGLED,
+        [400],
+    ),
+    Case(
+        "te-twice",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        [400],
+    ),
+    Case(
+        "te-space-before-colon",
+        b"POST /pub/x HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n"
+        + SMUGGLED,
+        [400],
+    ),
+    Case(
+        "te-in-http-1.0",
+        b"POST /pub/x HTTP/1.0\r\n" + H + b"Transfer-Encoding: chunked\r\n"
+        b"\r\n3\r\nabc\r\n0\r\n\r\n",
+        [400],
+    ),  # RFC 9112 §6.1: faulty framing
+    Case(
+        "te-tab-and-case",
+        b"POST /pub/x HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding:\tCHUNKED\r\n"
+        + CLOSE
+        + b"\r\n3\r\nabc\r\n0\r\n\r\n",
+        [200],
+        [("POST", "/pub/x", b"abc")],
+    ),
+    Case(
+        "chunk-size-0x",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
+        b"\r\n0x3\r\nabc\r\n0\r\n\r\n",
+        [400],
+    ),
+    Case(
+        "chunk-size-overflow",
+        b"POST /pub/x HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+        [400],
+    ),
+    Case(
+        "chunk-bare-lf",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n3\nabc\n0\n\n",
+        [400],
+    ),
+    Case(
+        "chunk-extension",
+        b"POST /pub/x HTTP/1.1\r\n"
+        + H
+        + b"Transfer-Encoding: chunked\r\n"
+        + CLOSE
+        + b"\r\n3;name=value\r\nabc\r\n0\r\n\r\n",
+        [200],
+        [("POST", "/pub/x", b"abc")],
+    ),
+    Case(
+        "trailer-with-cl",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
+        b"\r\n0\r\nContent-Length: 50\r\n\r\n" + SMUGGLED,
+        [400],
+    ),
     # What follows a body's end is the next request, framed and answered on its own.
-    Case("after-chunked-end", b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n"
-         b"\r\n0\r\n\r\n" + SMUGGLED, [200, 200],
-         [("POST", "/pub/x", b""), ("GET", "/pub/smuggled", b"")]),
-    Case("after-content-length", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n\r\n"
-         b"abcd" + SMUGGLED, [200, 200],
-         [("POST", "/pub/x", b"abcd"), ("GET", "/pub/smuggled", b"")]),
-    Case("behind-a-websocket-handshake", b"GET /pub/ws HTTP/1.1\r\n" + H + WS + b"\r\n"
-         + SMUGGLED, [200], [("GET", "/pub/ws", b"")]),  # declined upgrade: closed after
-    Case("behind-an-h2c-upgrade", b"GET /pub/x HTTP/1.1\r\n" + H + b"Upgrade: h2c\r\n"
-         b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
-         b"\r\n" + SMUGGLED, [200], [("GET", "/pub/x", b"")]),
+    Case(
+        "after-chunked-end",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        [200, 200],
+        [("POST", "/pub/x", b""), ("GET", "/pub/smuggled", b"")],
+    ),
+    Case(
+        "after-content-length",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 4\r\n\r\nabcd" + SMUGGLED,
+        [200, 200],
+        [("POST", "/pub/x", b"abcd"), ("GET", "/pub/smuggled", b"")],
+    ),
+    Case(
+        "behind-a-websocket-handshake",
+        b"GET /pub/ws HTTP/1.1\r\n" + H + WS + b"\r\n" + SMUGGLED,
+        [200],
+        [("GET", "/pub/ws", b"")],
+    ),  # declined upgrade: closed after
+    Case(
+        "behind-an-h2c-upgrade",
+        b"GET /pub/x HTTP/1.1\r\n" + H + b"Upgrade: h2c\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+        b"\r\n" + SMUGGLED,
+        [200],
+        [("GET", "/pub/x", b"")],
+    ),
     # --- the head's syntax ---------------------------------------------------------------
     Case("obs-fold", get(b"/pub/x", b"X-A: a\r\n b\r\n"), [400]),
     Case("bare-lf", b"GET /pub/x HTTP/1.1\nHost: shop\nConnection: close\n\n", [400]),
@@ -95,10 +182,12 @@ CASES = [
     Case("space-in-name", get(b"/pub/x", b"X A: 1\r\n"), [400]),
     Case("empty-name", get(b"/pub/x", b": 1\r\n"), [400]),
     Case("no-host", b"GET /pub/x HTTP/1.1\r\n" + CLOSE + b"\r\n", [400]),
-    Case("two-hosts", b"GET /pub/x HTTP/1.1\r\n" + H + b"Host: evil.example\r\n" + CLOSE
-         + b"\r\n", [400]),
-    Case("host-with-space", b"GET /pub/x HTTP/1.1\r\nHost: shop evil\r\n" + CLOSE + b"\r\n",
-         [400]),
+    Case(
+        "two-hosts",
+        b"GET /pub/x HTTP/1.1\r\n" + H + b"Host: evil.example\r\n" + CLOSE + b"\r\n",
+        [400],
+    ),
+    Case("host-with-space", b"GET /pub/x HTTP/1.1\r\nHost: shop evil\r\n" + CLOSE + b"\r\n", [400]),
     Case("host-with-path", b"GET /pub/x HTTP/1.1\r\nHost: shop/x\r\n" + CLOSE + b"\r\n", [400]),
     Case("lower-case-method", b"get /pub/x HTTP/1.1\r\n" + H + CLOSE + b"\r\n", [400]),
     Case("control-in-method", b"G\x01T /pub/x HTTP/1.1\r\n" + H + CLOSE + b"\r\n", [400]),
@@ -107,8 +196,11 @@ CASES = [
     Case("http-2.0-line", b"GET /pub/x HTTP/2.0\r\n" + H + CLOSE + b"\r\n", [505]),
     Case("h2-preface", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", [400]),
     Case("tls-on-plain-port", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), [400]),
-    Case("oversize-fields", get(b"/pub/x", *(b"X-%d: %s\r\n" % (i, b"a" * 8000)
-                                              for i in range(120))), [431]),
+    Case(
+        "oversize-fields",
+        get(b"/pub/x", *(b"X-%d: %s\r\n" % (i, b"a" * 8000) for i in range(120))),
+        [431],
+    ),
     Case("oversize-target", get(b"/pub/" + b"a" * 70_000), [414]),
     # --- targets ---------------------------------------------------------------------------
     Case("dot-segments", get(b"/pub/../admin"), [400]),
@@ -126,21 +218,39 @@ CASES = [
     Case("fragment", get(b"/pub/x#frag"), [400]),
     Case("encoded-slash-is-one-segment", get(b"/pub%2Fx"), [404]),
     Case("absolute-form-elsewhere", get(b"http://evil.example/pub/x"), [400]),
-    Case("absolute-form-elsewhere-to-a-poll-url",
-         get(b"http://evil.example/_stepgate/runs/x?token=y"), [400]),
-    Case("absolute-form-this-host", get(b"http://shop/pub/x?q=%2F"), [200],
-         [("GET", "/pub/x?q=%2F", b"")]),
-    Case("authority-form", b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n"
-         + CLOSE + b"\r\n", [400]),
+    Case(
+        "absolute-form-elsewhere-to-a-poll-url",
+        get(b"http://evil.example/_stepgate/runs/x?token=y"),
+        [400],
+    ),
+    Case(
+        "absolute-form-this-host",
+        get(b"http://shop/pub/x?q=%2F"),
+        [200],
+        [("GET", "/pub/x?q=%2F", b"")],
+    ),
+    Case(
+        "authority-form",
+        b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n" + CLOSE + b"\r\n",
+        [400],
+    ),
     Case("asterisk-form", b"OPTIONS * HTTP/1.1\r\n" + H + CLOSE + b"\r\n", [200]),
     Case("asterisk-form-get", get(b"*"), [400]),
     Case("unrouted", get(b"/admin/x"), [404]),
     Case("fine", get(b"/pub/x"), [200], [("GET", "/pub/x", b"")]),
-    Case("pipelined", b"GET /pub/a HTTP/1.1\r\n" + H + b"\r\n" + get(b"/pub/b"), [200, 200],
-         [("GET", "/pub/a", b""), ("GET", "/pub/b", b"")]),
+    Case(
+        "pipelined",
+        b"GET /pub/a HTTP/1.1\r\n" + H + b"\r\n" + get(b"/pub/b"),
+        [200, 200],
+        [("GET", "/pub/a", b""), ("GET", "/pub/b", b"")],
+    ),
     # --- expectations ----------------------------------------------------------------------
-    Case("unknown-expectation", b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n"
-         b"Expect: 100-continue, teapot\r\n" + CLOSE + b"\r\n", [417]),
+    Case(
+        "unknown-expectation",
+        b"POST /pub/x HTTP/1.1\r\n" + H + b"Content-Length: 0\r\n"
+        b"Expect: 100-continue, teapot\r\n" + CLOSE + b"\r\n",
+        [417],
+    ),
 ]
 
 
@@ -149,9 +259,12 @@ async def test_raw_request(
     gateway: GatewayFactory, recorder: tuple[Recorder, str], case: Case
 ) -> None:
     seen, base = recorder
-    gw = await gateway([{"name": "pub", "path": "/pub/*", "upstream": base},
-                        {"name": "durable", "path": "/runs/*", "upstream": base,
-                         "durable": True}])
+    gw = await gateway(
+        [
+            {"name": "pub", "path": "/pub/*", "upstream": base},
+            {"name": "durable", "path": "/runs/*", "upstream": base, "durable": True},
+        ]
+    )
     answer = await send(gw.gateway.public_port, case.request, timeout=5)
     assert statuses(answer) == case.statuses
     for status in case.statuses:
@@ -161,9 +274,15 @@ async def test_raw_request(
     assert b"Server:" not in answer and b"Python/" not in answer
 
 
-@pytest.mark.parametrize("case", [case for case in CASES if 400 <= case.statuses[0] < 500
-                                  and case.request.startswith(b"POST /pub/")],
-                         ids=lambda case: case.id)
+@pytest.mark.parametrize(
+    "case",
+    [
+        case
+        for case in CASES
+        if 400 <= case.statuses[0] < 500 and case.request.startswith(b"POST /pub/")
+    ],
+    ids=lambda case: case.id,
+)
 async def test_refused_framing_makes_no_durable_run(
     gateway: GatewayFactory, recorder: tuple[Recorder, str], case: Case
 ) -> None:

@@ -50,17 +50,24 @@ class HeldRun:
         self.admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         self.auth = {"Authorization": f"Bearer {token}"}
 
-    async def request(self, method: str, path: str, body: bytes | None = None,
-                      headers: dict[str, str] | None = None) -> Answer:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
         data = io.BytesIO(body) if body is not None and len(body) > 1 << 20 else body
-        async with self.gw.session.request(method, self.gw.internal + path, data=data,
-                                           headers=headers) as resp:
+        async with self.gw.session.request(
+            method, self.gw.internal + path, data=data, headers=headers
+        ) as resp:
             return Answer(resp.status, resp.content_type, await resp.read())
 
     async def put(self, step_id: str, body: bytes | object) -> Answer:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        return await self.request("PUT", f"{self.cb_path}/steps/{step_path(step_id)}", raw,
-                                  self.auth)
+        return await self.request(
+            "PUT", f"{self.cb_path}/steps/{step_path(step_id)}", raw, self.auth
+        )
 
     async def event(self, body: bytes | object) -> Answer:
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -87,11 +94,17 @@ class SyncClient:
 
     def __init__(self, run: HeldRun) -> None:
         self.run = run
-        self.conn = http.client.HTTPConnection("127.0.0.1", run.gw.gateway.internal_port,
-                                               timeout=30)
+        self.conn = http.client.HTTPConnection(
+            "127.0.0.1", run.gw.gateway.internal_port, timeout=30
+        )
 
-    def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> Answer:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
         self.conn.request(method, path, body=body, headers=headers or {})
         resp = self.conn.getresponse()
         data = resp.read()
@@ -100,16 +113,18 @@ class SyncClient:
         return Answer(resp.status, resp.headers.get_content_type(), data)
 
     def put(self, step_id: str, raw: bytes) -> Answer:
-        return self.request("PUT", f"{self.run.cb_path}/steps/{step_path(step_id)}", raw,
-                            self.run.auth)
+        return self.request(
+            "PUT", f"{self.run.cb_path}/steps/{step_path(step_id)}", raw, self.run.auth
+        )
 
     def event(self, raw: bytes) -> Answer:
         return self.request("POST", "/v1/events", raw, self.run.admin)
 
     def assert_readable(self) -> None:
-        for answer in (self.request("GET", self.run.cb_path, headers=self.run.admin),
-                       self.request("GET", f"{self.run.cb_path}/steps",
-                                    headers=self.run.auth)):
+        for answer in (
+            self.request("GET", self.run.cb_path, headers=self.run.admin),
+            self.request("GET", f"{self.run.cb_path}/steps", headers=self.run.auth),
+        ):
             assert answer.status == 200, answer
             answer.json()
 
@@ -136,13 +151,25 @@ async def held(gateway: GatewayFactory, upstream: UpstreamFactory) -> AsyncItera
     app = web.Application()
     app.router.add_post("/held", hold)
     gw = await gateway(
-        [{"name": "held", "path": "/held", "upstream": await upstream(app), "durable": True,
-          "timeout": "10m"}],
-        admin_token=ADMIN_TOKEN, durability="relaxed",
+        [
+            {
+                "name": "held",
+                "path": "/held",
+                "upstream": await upstream(app),
+                "durable": True,
+                "timeout": "10m",
+            }
+        ],
+        admin_token=ADMIN_TOKEN,
+        durability="relaxed",
     )
     async with gw.session.post(gw.url + "/held", headers={"Prefer": "respond-async"}) as resp:
         assert resp.status == 202
     request = await asyncio.wait_for(arrived.get(), 10)
-    yield HeldRun(gw, request.headers["Stepgate-Run-Id"], request.headers["Stepgate-Callback"],
-                  request.headers["Stepgate-Token"])
+    yield HeldRun(
+        gw,
+        request.headers["Stepgate-Run-Id"],
+        request.headers["Stepgate-Callback"],
+        request.headers["Stepgate-Token"],
+    )
     release.set()

@@ -51,12 +51,16 @@ async def test_a_surrogate_pair_is_text_and_is_kept(held: HeldRun) -> None:
     await held.assert_readable()
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"output": "\xff"}',  # not UTF-8
-    b'{"output": "\xed\xa0\x80"}',  # a surrogate in CESU-8 bytes
-    '{"output": 1}'.encode("utf-16"),  # json.loads(bytes) would sniff UTF-16 and take it
-    b'\xef\xbb\xbf{"output": 1}',  # a BOM
-], ids=["0xff", "cesu-8", "utf-16", "bom"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"output": "\xff"}',  # not UTF-8
+        b'{"output": "\xed\xa0\x80"}',  # a surrogate in CESU-8 bytes
+        '{"output": 1}'.encode("utf-16"),  # json.loads(bytes) would sniff UTF-16 and take it
+        b'\xef\xbb\xbf{"output": 1}',  # a BOM
+    ],
+    ids=["0xff", "cesu-8", "utf-16", "bom"],
+)
 async def test_a_body_that_is_not_utf8_is_a_400(held: HeldRun, raw: bytes) -> None:
     assert_refused(await held.put("s", raw))
     await held.assert_readable()
@@ -65,8 +69,9 @@ async def test_a_body_that_is_not_utf8_is_a_400(held: HeldRun, raw: bytes) -> No
 async def test_a_body_over_16_mib_is_a_413(held: HeldRun) -> None:
     big = b'{"output":"' + b"x" * (16 * 1024 * 1024) + b'"}'
     assert_refused(await held.put("s", big), 413)
-    assert_refused(await held.event(b'{"name":"e","data":"' + b"x" * (16 * 1024 * 1024) + b'"}'),
-                   413)
+    assert_refused(
+        await held.event(b'{"name":"e","data":"' + b"x" * (16 * 1024 * 1024) + b'"}'), 413
+    )
     await held.assert_readable()
 
 
@@ -80,8 +85,9 @@ async def test_json_nested_deeper_than_the_bound_is_a_400(held: HeldRun, depth: 
     answer = await held.put("s", nested(depth))
     assert_refused(answer)
     assert str(MAX_DEPTH) in answer.json()["detail"]
-    assert_refused(await held.event(b'{"name":"e","data":' + b"{\"a\":" * depth + b"1"
-                                    + b"}" * depth + b"}"))
+    assert_refused(
+        await held.event(b'{"name":"e","data":' + b'{"a":' * depth + b"1" + b"}" * depth + b"}")
+    )
     await held.assert_readable()
 
 
@@ -133,11 +139,20 @@ async def test_numbers_that_are_not_finite_doubles_are_a_400(held: HeldRun, raw:
     await held.assert_readable()
 
 
-@pytest.mark.parametrize("timeout", [
-    b"1" + b"0" * 400,  # an integer too large for a float
-    b"1e308", b"1e300", b"31622401", b'"367d"', b'"1e400s"', b'"99999999999999999999999d"',
-    b"-1", b'"-1s"',
-])
+@pytest.mark.parametrize(
+    "timeout",
+    [
+        b"1" + b"0" * 400,  # an integer too large for a float
+        b"1e308",
+        b"1e300",
+        b"31622401",
+        b'"367d"',
+        b'"1e400s"',
+        b'"99999999999999999999999d"',
+        b"-1",
+        b'"-1s"',
+    ],
+)
 async def test_a_wait_timeout_out_of_range_is_a_400(held: HeldRun, timeout: bytes) -> None:
     body = b'{"wait":{"event":"e","timeout":' + timeout + b"}}"
     assert_refused(await held.put("w", body))
@@ -151,10 +166,17 @@ async def test_a_wait_timeout_within_range_is_taken(held: HeldRun, timeout: obje
     await held.assert_readable()
 
 
-@pytest.mark.parametrize("until", [
-    "9999-12-31T23:59:59Z", "9999-12-31T23:59:59-23:59", "3000-01-01T00:00:00Z",
-    "0001-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00", "1969-12-31T23:59:59Z",
-])
+@pytest.mark.parametrize(
+    "until",
+    [
+        "9999-12-31T23:59:59Z",
+        "9999-12-31T23:59:59-23:59",
+        "3000-01-01T00:00:00Z",
+        "0001-01-01T00:00:00Z",
+        "0001-01-01T00:00:00+01:00",
+        "1969-12-31T23:59:59Z",
+    ],
+)
 async def test_a_sleep_out_of_range_is_a_400(held: HeldRun, until: str) -> None:
     assert_refused(await held.put("nap", {"sleep": {"until": until}}))
     await held.assert_readable()
@@ -163,7 +185,8 @@ async def test_a_sleep_out_of_range_is_a_400(held: HeldRun, until: str) -> None:
 async def test_a_sleep_within_range_is_taken(held: HeldRun) -> None:
     soon = datetime.now(UTC) + timedelta(days=365)
     assert (await held.put("nap", {"sleep": {"until": soon.isoformat()}})).json() == {
-        "status": "sleeping"}
+        "status": "sleeping"
+    }
     past = {"sleep": {"until": "1970-01-01T00:00:00Z"}}
     assert (await held.put("past", past)).json()["status"] == "completed"
     await held.assert_readable()
@@ -177,8 +200,9 @@ async def test_a_run_page_renders_stored_times_out_of_range(held: HeldRun) -> No
     assert (await held.put("w", {"wait": {"event": "e", "timeout": "1h"}})).status == 200
     db = held.gw.gateway.settings.store_path
     with sqlite3.connect(db, timeout=10) as conn:
-        conn.execute("UPDATE steps SET wake_at = 1e308, updated_at = 1e308 WHERE run_id = ?",
-                     (held.run_id,))
+        conn.execute(
+            "UPDATE steps SET wake_at = 1e308, updated_at = 1e308 WHERE run_id = ?", (held.run_id,)
+        )
         conn.execute("UPDATE runs SET due_at = -1e308 WHERE id = ?", (held.run_id,))
     answer = await held.show()
     assert answer.status == 200, answer
@@ -190,10 +214,16 @@ async def test_a_run_page_renders_stored_times_out_of_range(held: HeldRun) -> No
     await held.assert_readable()
 
 
-@pytest.mark.parametrize("body", [
-    {"name": LONE}, {"name": "e", "id": LONE}, {"name": "e", "data": LONE},
-    {"name": "e", "data": {LONE: 1}}, {"name": "e", "data": [[["x" + LONE]]]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": LONE},
+        {"name": "e", "id": LONE},
+        {"name": "e", "data": LONE},
+        {"name": "e", "data": {LONE: 1}},
+        {"name": "e", "data": [[["x" + LONE]]]},
+    ],
+)
 async def test_a_lone_surrogate_in_an_event_is_a_400(held: HeldRun, body: Any) -> None:
     assert (await held.put("w", {"wait": {"event": "e"}})).status == 200
     assert_refused(await held.event(body))
@@ -203,31 +233,45 @@ async def test_a_lone_surrogate_in_an_event_is_a_400(held: HeldRun, body: Any) -
     await held.assert_readable()
 
 
-@pytest.mark.parametrize("body", [{"name": "x" * 257}, {"wait": {"event": "x" * 257}}],
-                         ids=["event", "wait"])
-async def test_an_event_name_longer_than_256_characters_is_a_400(held: HeldRun,
-                                                                 body: Any) -> None:
+@pytest.mark.parametrize(
+    "body", [{"name": "x" * 257}, {"wait": {"event": "x" * 257}}], ids=["event", "wait"]
+)
+async def test_an_event_name_longer_than_256_characters_is_a_400(held: HeldRun, body: Any) -> None:
     answer = await (held.event(body) if "name" in body else held.put("w", body))
     assert_refused(answer)
 
 
 # -- Authorization with bytes that are not text -------------------------------------------------
 
+
 async def _raw_get(held: HeldRun, path: bytes, authorization: bytes) -> int:
-    answer = await send(held.gw.gateway.internal_port,
-                        b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: "
-                        + authorization + b"\r\nConnection: close\r\n\r\n")
+    answer = await send(
+        held.gw.gateway.internal_port,
+        b"GET "
+        + path
+        + b" HTTP/1.1\r\nHost: x\r\nAuthorization: "
+        + authorization
+        + b"\r\nConnection: close\r\n\r\n",
+    )
     [(status, head, body)] = responses(answer)
     assert b"application/problem+json" in head.lower(), head
     assert json.loads(body)["status"] == status
     return status
 
 
-@pytest.mark.parametrize("authorization", [
-    b"Bearer \xff", b"Bearer 1.\xff\xfe", b"Bearer \xed\xa0\x80", b"\xff \xff", b"Bearer \x80a",
-])
-async def test_an_authorization_that_is_not_text_is_a_401(held: HeldRun,
-                                                          authorization: bytes) -> None:
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        b"Bearer \xff",
+        b"Bearer 1.\xff\xfe",
+        b"Bearer \xed\xa0\x80",
+        b"\xff \xff",
+        b"Bearer \x80a",
+    ],
+)
+async def test_an_authorization_that_is_not_text_is_a_401(
+    held: HeldRun, authorization: bytes
+) -> None:
     cb = held.cb_path.encode()
     assert await _raw_get(held, cb + b"/steps", authorization) == 401
     assert await _raw_get(held, cb, authorization) == 401
@@ -237,29 +281,60 @@ async def test_an_authorization_that_is_not_text_is_a_401(held: HeldRun,
 
 # -- GET /v1/runs query -------------------------------------------------------------------------
 
+
 def _cursor(text: str) -> str:
     import base64
 
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-@pytest.mark.parametrize("query", [
-    "limit=%C2%B2", "limit=%D9%A1", "limit=0", "limit=501", "limit=-1", "limit=1.0",
-    "limit=" + "0" * 5000 + "1", "limit=",
-    "since=nan", "since=inf", "since=-inf", "since=1e400", "since=%D9%A1%D9%A2", "since=x",
-    "until=nan", "until=Infinity", "until=1" + "0" * 5000,
-    "since=2024-01-01T00:00:00", "since=9999-99-99T00:00:00Z",
-    "cursor=" + _cursor("nan~abc"), "cursor=" + _cursor("inf~abc"), "cursor=%FF%FE",
-    "cursor=" + _cursor("1e400~abc"), "cursor=!!!", "status=%ED%A0%80",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=%C2%B2",
+        "limit=%D9%A1",
+        "limit=0",
+        "limit=501",
+        "limit=-1",
+        "limit=1.0",
+        "limit=" + "0" * 5000 + "1",
+        "limit=",
+        "since=nan",
+        "since=inf",
+        "since=-inf",
+        "since=1e400",
+        "since=%D9%A1%D9%A2",
+        "since=x",
+        "until=nan",
+        "until=Infinity",
+        "until=1" + "0" * 5000,
+        "since=2024-01-01T00:00:00",
+        "since=9999-99-99T00:00:00Z",
+        "cursor=" + _cursor("nan~abc"),
+        "cursor=" + _cursor("inf~abc"),
+        "cursor=%FF%FE",
+        "cursor=" + _cursor("1e400~abc"),
+        "cursor=!!!",
+        "status=%ED%A0%80",
+    ],
+)
 async def test_a_bad_runs_query_is_a_400(held: HeldRun, query: str) -> None:
     assert_refused(await held.request("GET", "/v1/runs?" + query, headers=held.admin))
 
 
-@pytest.mark.parametrize("query", [
-    "limit=1", "limit=500", "since=0", "since=1700000000.5", "until=2999-01-01T00:00:00Z",
-    "route=%ED%A0%80", "route=%FF", "since=2024-01-01T00:00:00%2B01:00",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=1",
+        "limit=500",
+        "since=0",
+        "since=1700000000.5",
+        "until=2999-01-01T00:00:00Z",
+        "route=%ED%A0%80",
+        "route=%FF",
+        "since=2024-01-01T00:00:00%2B01:00",
+    ],
+)
 async def test_a_good_runs_query_is_answered(held: HeldRun, query: str) -> None:
     answer = await held.request("GET", "/v1/runs?" + query, headers=held.admin)
     assert answer.status == 200, answer
@@ -267,20 +342,26 @@ async def test_a_good_runs_query_is_answered(held: HeldRun, query: str) -> None:
 
 async def test_a_cursor_given_out_is_taken_back(held: HeldRun) -> None:
     for _ in range(2):
-        async with held.gw.session.post(held.gw.url + "/held",
-                                        headers={"Prefer": "respond-async"}) as resp:
+        async with held.gw.session.post(
+            held.gw.url + "/held", headers={"Prefer": "respond-async"}
+        ) as resp:
             assert resp.status == 202
     first = (await held.request("GET", "/v1/runs?limit=1", headers=held.admin)).json()
     assert first["next_cursor"]
-    answer = await held.request("GET", f"/v1/runs?limit=5&cursor={first['next_cursor']}",
-                                headers=held.admin)
+    answer = await held.request(
+        "GET", f"/v1/runs?limit=5&cursor={first['next_cursor']}", headers=held.admin
+    )
     assert answer.status == 200 and len(answer.json()["runs"]) == 2
 
 
-@pytest.mark.parametrize("raw", [b"not json", b'{"output":' + b"[" * 5_000, b"x" * (17 << 20)],
-                         ids=["garbage", "deep", "over-16-mib"])
+@pytest.mark.parametrize(
+    "raw",
+    [b"not json", b'{"output":' + b"[" * 5_000, b"x" * (17 << 20)],
+    ids=["garbage", "deep", "over-16-mib"],
+)
 async def test_a_caller_without_the_run_token_is_refused_before_its_body_is_read(
-        held: HeldRun, raw: bytes) -> None:
+    held: HeldRun, raw: bytes
+) -> None:
     """Authentication comes first: a caller with a wrong token, or for a run that does not
     exist, learns nothing about the body rules and cannot make the gateway parse its bytes."""
     forged = {"Authorization": "Bearer 1.AAAAAAAAAAAAAAAAAAAAAAAA"}

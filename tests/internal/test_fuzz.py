@@ -22,8 +22,12 @@ from tests.internal.conftest import Answer, HeldRun, SyncClient
 BOTH_DIALECTS = True
 
 EXAMPLES = 200
-fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+fuzz = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 # -- JSON text, hostile where it can be -----------------------------------------------------------
 
@@ -46,12 +50,23 @@ numbers = st.one_of(
     st.integers(),
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(),  # NaN and the infinities come out as NaN, Infinity
-    st.sampled_from(["1e400", "-1e400", "1e308", "5e-324", "-0", "0.0e0", "1E2",
-                     "1" + "0" * 4299, "1" + "0" * 4300, "-" + "9" * 5000]),
+    st.sampled_from(
+        [
+            "1e400",
+            "-1e400",
+            "1e308",
+            "5e-324",
+            "-0",
+            "0.0e0",
+            "1E2",
+            "1" + "0" * 4299,
+            "1" + "0" * 4300,
+            "-" + "9" * 5000,
+        ]
+    ),
 )
 number_texts = numbers.map(lambda n: n if isinstance(n, str) else _dump(n))
-scalars = st.one_of(st.none().map(_dump), st.booleans().map(_dump), number_texts,
-                    texts.map(_dump))
+scalars = st.one_of(st.none().map(_dump), st.booleans().map(_dump), number_texts, texts.map(_dump))
 
 
 def _array(items: list[str]) -> str:
@@ -77,8 +92,7 @@ def _deep(case: tuple[int, str]) -> str:
     return ("[" * depth + "]" * depth) if kind == "[" else ('{"a":' * depth + "1" + "}" * depth)
 
 
-deep = st.tuples(st.integers(1, 3000) | st.integers(120, 136),
-                 st.sampled_from("[{")).map(_deep)
+deep = st.tuples(st.integers(1, 3000) | st.integers(120, 136), st.sampled_from("[{")).map(_deep)
 # The values the bodies below carry: mostly hostile JSON, sometimes absurdly deep.
 json_texts = st.one_of(values, values, values, deep)
 
@@ -95,37 +109,71 @@ def either(*kinds: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     return st.one_of(*kinds, json_texts)
 
 
-seqs = either(st.integers(-5, 2**64).map(str), st.sampled_from(["2147483647", "2147483648",
-                                                                "9223372036854775808"]))
-durations = st.tuples(st.sampled_from(["0", "1", "1.5", "366", "367", "1e400", "9" * 30,
-                                       "9" * 1_000_001, "-1", "", "nan"]),
-                      st.sampled_from(["ms", "s", "m", "h", "d", "", "y", " s"])).map(
-    lambda t: _dump(t[0] + t[1]))
+seqs = either(
+    st.integers(-5, 2**64).map(str),
+    st.sampled_from(["2147483647", "2147483648", "9223372036854775808"]),
+)
+durations = st.tuples(
+    st.sampled_from(
+        ["0", "1", "1.5", "366", "367", "1e400", "9" * 30, "9" * 1_000_001, "-1", "", "nan"]
+    ),
+    st.sampled_from(["ms", "s", "m", "h", "d", "", "y", " s"]),
+).map(lambda t: _dump(t[0] + t[1]))
 timestamps = st.one_of(
     st.datetimes(timezones=st.timezones()).map(lambda d: _dump(d.isoformat())),
     st.datetimes().map(lambda d: _dump(d.isoformat() + "Z")),
-    st.sampled_from(["9999-12-31T23:59:59Z", "0001-01-01T00:00:00+01:00", "1970-01-01T00:00Z",
-                     "2024-02-30T00:00:00Z", "now", "", "9999-12-31T23:59:59-23:59"]).map(_dump),
+    st.sampled_from(
+        [
+            "9999-12-31T23:59:59Z",
+            "0001-01-01T00:00:00+01:00",
+            "1970-01-01T00:00Z",
+            "2024-02-30T00:00:00Z",
+            "now",
+            "",
+            "9999-12-31T23:59:59-23:59",
+        ]
+    ).map(_dump),
 )
 
 output_bodies = members({"output": json_texts, "seq": seqs})
-error_bodies = members({
-    "error": either(members({"message": either(texts.map(_dump)), "type": either(
-        texts.map(_dump)), "retriable": either(st.booleans().map(_dump))})),
-    "seq": seqs,
-})
+error_bodies = members(
+    {
+        "error": either(
+            members(
+                {
+                    "message": either(texts.map(_dump)),
+                    "type": either(texts.map(_dump)),
+                    "retriable": either(st.booleans().map(_dump)),
+                }
+            )
+        ),
+        "seq": seqs,
+    }
+)
 sleep_bodies = members({"sleep": either(members({"until": either(timestamps)})), "seq": seqs})
 match_objects = st.lists(st.tuples(texts, json_texts), max_size=3).map(_object)
-wait_bodies = members({
-    "wait": either(members({"event": either(texts.map(_dump)), "match": either(match_objects),
-                            "timeout": either(durations, number_texts)})),
-    "seq": seqs,
-})
+wait_bodies = members(
+    {
+        "wait": either(
+            members(
+                {
+                    "event": either(texts.map(_dump)),
+                    "match": either(match_objects),
+                    "timeout": either(durations, number_texts),
+                }
+            )
+        ),
+        "seq": seqs,
+    }
+)
 step_ids = st.text(chars, min_size=0, max_size=300)
 
 
 bodies: dict[str, st.SearchStrategy[str]] = {
-    "output": output_bodies, "error": error_bodies, "sleep": sleep_bodies, "wait": wait_bodies,
+    "output": output_bodies,
+    "error": error_bodies,
+    "sleep": sleep_bodies,
+    "wait": wait_bodies,
 }
 
 
@@ -180,9 +228,15 @@ async def test_fuzz_wait_puts(held: HeldRun) -> None:
 
 async def test_fuzz_step_ids_and_raw_bodies(held: HeldRun) -> None:
     @fuzz
-    @given(step_id=step_ids, body=st.one_of(st.binary(max_size=64), st.sampled_from(
-        list(bodies.values())).flatmap(lambda s: s).map(lambda b: b.encode("utf-8",
-                                                                           "surrogatepass"))))
+    @given(
+        step_id=step_ids,
+        body=st.one_of(
+            st.binary(max_size=64),
+            st.sampled_from(list(bodies.values()))
+            .flatmap(lambda s: s)
+            .map(lambda b: b.encode("utf-8", "surrogatepass")),
+        ),
+    )
     @example(step_id="\ud800", body=b'{"output":1}')
     @example(step_id="x" * 257, body=b'{"output":1}')
     def check(client: SyncClient, step_id: str, body: bytes) -> None:
@@ -195,8 +249,13 @@ async def test_fuzz_step_ids_and_raw_bodies(held: HeldRun) -> None:
 
 # -- events ---------------------------------------------------------------------------------------
 
-event_bodies = members({"name": either(texts.map(_dump), st.sampled_from(["e"]).map(_dump)),
-                        "data": json_texts, "id": either(texts.map(_dump))})
+event_bodies = members(
+    {
+        "name": either(texts.map(_dump), st.sampled_from(["e"]).map(_dump)),
+        "data": json_texts,
+        "id": either(texts.map(_dump)),
+    }
+)
 
 
 async def test_fuzz_events_and_the_waits_they_complete(held: HeldRun) -> None:
@@ -230,8 +289,11 @@ async def test_fuzz_events_and_the_waits_they_complete(held: HeldRun) -> None:
 
 async def test_fuzz_admin_posts(held: HeldRun) -> None:
     @fuzz
-    @given(run_id=st.one_of(st.just(held.run_id), step_ids),
-           action=st.sampled_from(["retry", "cancel"]), body=st.binary(max_size=32))
+    @given(
+        run_id=st.one_of(st.just(held.run_id), step_ids),
+        action=st.sampled_from(["retry", "cancel"]),
+        body=st.binary(max_size=32),
+    )
     def check(client: SyncClient, run_id: str, action: str, body: bytes) -> None:
         if run_id == held.run_id and action == "cancel":
             action = "retry"  # the held run stays running for the next example
@@ -242,18 +304,29 @@ async def test_fuzz_admin_posts(held: HeldRun) -> None:
     await _in_thread(held, check)
 
 
-query_values = st.one_of(texts, number_texts, timestamps.map(json.loads),
-                         st.sampled_from(["²", "\u0661", "nan", "inf", "-inf", "1e400", "0", "500",
-                                          "501", "0" * 5000 + "1"]))
+query_values = st.one_of(
+    texts,
+    number_texts,
+    timestamps.map(json.loads),
+    st.sampled_from(
+        ["²", "\u0661", "nan", "inf", "-inf", "1e400", "0", "500", "501", "0" * 5000 + "1"]
+    ),
+)
 
 
 async def test_fuzz_the_run_list_query(held: HeldRun) -> None:
     @fuzz
-    @given(query=st.dictionaries(st.sampled_from(["status", "route", "since", "until", "limit",
-                                                  "cursor"]), query_values, max_size=4))
+    @given(
+        query=st.dictionaries(
+            st.sampled_from(["status", "route", "since", "until", "limit", "cursor"]),
+            query_values,
+            max_size=4,
+        )
+    )
     def check(client: SyncClient, query: dict[str, str]) -> None:
-        text = "&".join(f"{k}={quote(v.encode('utf-8', 'surrogatepass'), safe='')}"
-                        for k, v in query.items())
+        text = "&".join(
+            f"{k}={quote(v.encode('utf-8', 'surrogatepass'), safe='')}" for k, v in query.items()
+        )
         _judge(client.request("GET", "/v1/runs?" + text, headers=held.admin))
 
     await _in_thread(held, check)

@@ -21,7 +21,10 @@ def test_the_documented_bounds() -> None:
 
 # JSON values as a well-behaved client has them: finite numbers, any Unicode text.
 values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(), inner, max_size=5),
     max_leaves=30,
@@ -61,9 +64,16 @@ def test_brackets_inside_strings_are_text() -> None:
     assert jsonin.loads(json.dumps("[" * 5000).encode()) == "[" * 5000
 
 
-@pytest.mark.parametrize("raw", [
-    b'"\\ud800"', b'"\\uDFFF"', b'{"\\udc00": 1}', b'["ok", ["\\ud83d"]]', b'"\\ude00\\ud83d"',
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'"\\ud800"',
+        b'"\\uDFFF"',
+        b'{"\\udc00": 1}',
+        b'["ok", ["\\ud83d"]]',
+        b'"\\ude00\\ud83d"',
+    ],
+)
 def test_lone_surrogates_are_refused(raw: bytes) -> None:
     with pytest.raises(BadJSON, match="lone surrogate"):
         jsonin.loads(raw)
@@ -74,8 +84,9 @@ def test_an_escaped_surrogate_pair_is_one_character() -> None:
     assert jsonin.loads(b'"\\\\ud800"') == "\\ud800"  # an escaped backslash, then text
 
 
-@pytest.mark.parametrize("raw", [b"NaN", b"-Infinity", b"[Infinity]", b"1e400", b"-1e309",
-                                 b"1" + b"0" * 400 + b".5"])
+@pytest.mark.parametrize(
+    "raw", [b"NaN", b"-Infinity", b"[Infinity]", b"1e400", b"-1e309", b"1" + b"0" * 400 + b".5"]
+)
 def test_numbers_that_are_not_finite_doubles_are_refused(raw: bytes) -> None:
     with pytest.raises(BadJSON):
         jsonin.loads(raw)
@@ -94,8 +105,19 @@ def test_tiny_numbers_are_numbers() -> None:
     assert math.isclose(jsonin.loads(b"1.7976931348623157e308"), 1.7976931348623157e308)
 
 
-@pytest.mark.parametrize("raw", [b"\xff", b'"\xed\xa0\x80"', b'"\xc0\x80"',
-                                 '"x"'.encode("utf-16"), b"\xef\xbb\xbf1", b"", b"{", b"[1,]"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\xff",
+        b'"\xed\xa0\x80"',
+        b'"\xc0\x80"',
+        '"x"'.encode("utf-16"),
+        b"\xef\xbb\xbf1",
+        b"",
+        b"{",
+        b"[1,]",
+    ],
+)
 def test_bodies_that_are_not_utf8_json_are_refused(raw: bytes) -> None:
     with pytest.raises(BadJSON):
         jsonin.loads(raw)

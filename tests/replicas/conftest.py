@@ -24,15 +24,15 @@ from stepgate import step
 from tests.conftest import UpstreamFactory
 from tests.gateway.procs import GatewayProcess
 
-LEASE = 2.0            # seconds: short, so that a take-over is quick
-SLEEP = 2.0            # seconds that the `sleepy` handler sleeps for
+LEASE = 2.0  # seconds: short, so that a take-over is quick
+SLEEP = 2.0  # seconds that the `sleepy` handler sleeps for
 TOKEN = "replicas-admin-token"
 NAMES = ("A", "B", "C")
 
 
 @dataclass
 class Invocation:
-    upstream: str      # which replica's upstream was invoked: "A", "B" or "C"
+    upstream: str  # which replica's upstream was invoked: "A", "B" or "C"
     run_id: str
     attempt: int
     kind: str
@@ -44,12 +44,12 @@ class Ledger:
     """What the three upstreams did, and the gates their blocking handlers wait at."""
 
     def __init__(self) -> None:
-        self.executed: Counter[tuple[str, str]] = Counter()   # (run id, step) -> executions
+        self.executed: Counter[tuple[str, str]] = Counter()  # (run id, step) -> executions
         self.invocations: list[Invocation] = []
-        self.entered: dict[str, asyncio.Event] = {}   # key -> a gated step's body has started
-        self.gates: dict[str, asyncio.Event] = {}     # key -> the gated step may return
-        self.blocked: set[str] = set()   # run ids whose step `two` blocks on A's upstream
-        self.forever = asyncio.Event()   # what A's step `two` waits for (set at tear-down)
+        self.entered: dict[str, asyncio.Event] = {}  # key -> a gated step's body has started
+        self.gates: dict[str, asyncio.Event] = {}  # key -> the gated step may return
+        self.blocked: set[str] = set()  # run ids whose step `two` blocks on A's upstream
+        self.forever = asyncio.Event()  # what A's step `two` waits for (set at tear-down)
 
     def event(self, table: dict[str, asyncio.Event], key: str) -> asyncio.Event:
         return table.setdefault(key, asyncio.Event())
@@ -71,15 +71,18 @@ class Ledger:
     def app(self, name: str) -> web.Application:
         """Replica `name`'s upstream: POST /jobs/{kind}/{key}."""
         handlers: dict[str, Callable[[str, str, web.Request], Awaitable[dict[str, Any]]]] = {
-            "gated": self._gated, "parked": self._parked, "crash": self._crash,
+            "gated": self._gated,
+            "parked": self._parked,
+            "crash": self._crash,
             "sleepy": self._sleepy,
         }
 
         async def handle(request: web.Request) -> web.Response:
             kind, key = request.match_info["kind"], request.match_info["key"]
             run_id = request.headers["Stepgate-Run-Id"]
-            self.invocations.append(Invocation(name, run_id, int(request.headers[
-                "Stepgate-Attempt"]), kind, key))
+            self.invocations.append(
+                Invocation(name, run_id, int(request.headers["Stepgate-Attempt"]), kind, key)
+            )
             body = await handlers[kind](name, key, request)
             return web.json_response(body)
 
@@ -112,8 +115,9 @@ class Ledger:
             return f"{step_name} by {name}"
 
         before = await step.run("before", counted, "before")
-        paid = await step.wait_for_event("paid", event="order.paid", match={"data.key": key},
-                                         timeout=30)
+        paid = await step.wait_for_event(
+            "paid", event="order.paid", match={"data.key": key}, timeout=30
+        )
         after = await step.run("after", counted, "after")
         return {"before": before, "paid": paid["data"] if paid else None, "after": after}
 
@@ -128,7 +132,7 @@ class Ledger:
         async def two() -> str:
             self._counted(run_id, "two")
             if name == "A":
-                self.blocked.add(run_id)   # step `one` has been acknowledged (201) by now
+                self.blocked.add(run_id)  # step `one` has been acknowledged (201) by now
                 await self.forever.wait()
             return name
 
@@ -136,8 +140,11 @@ class Ledger:
             self._counted(run_id, "three")
             return name
 
-        return {"one": await step.run("one", one), "two": await step.run("two", two),
-                "three": await step.run("three", three)}
+        return {
+            "one": await step.run("one", one),
+            "two": await step.run("two", two),
+            "three": await step.run("three", three),
+        }
 
     async def _sleepy(self, name: str, key: str, request: web.Request) -> dict[str, Any]:
         """A step, a sleep of SLEEP seconds, a step."""
@@ -154,8 +161,9 @@ class Ledger:
 
 
 class Cluster:
-    def __init__(self, gateways: dict[str, GatewayProcess], ledger: Ledger,
-                 session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, gateways: dict[str, GatewayProcess], ledger: Ledger, session: aiohttp.ClientSession
+    ) -> None:
         self.gateways = gateways
         self.ledger = ledger
         self.session = session
@@ -169,29 +177,40 @@ class Cluster:
 
     async def admin(self, name: str, method: str, path: str, **kw: Any) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {TOKEN}"}
-        async with self.session.request(method, self[name].internal + path, headers=headers,
-                                        **kw) as resp:
+        async with self.session.request(
+            method, self[name].internal + path, headers=headers, **kw
+        ) as resp:
             return resp.status, await resp.json()
 
 
 def route(upstream: str) -> dict[str, Any]:
-    return {"name": "jobs", "path": "/jobs/*", "upstream": upstream, "durable": True,
-            "hold": "10s", "timeout": "20s",
-            "retry": {"attempts": 3, "initial": "50ms", "max": "200ms"}}
+    return {
+        "name": "jobs",
+        "path": "/jobs/*",
+        "upstream": upstream,
+        "durable": True,
+        "hold": "10s",
+        "timeout": "20s",
+        "retry": {"attempts": 3, "initial": "50ms", "max": "200ms"},
+    }
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, pg_url: str,
-                  upstream: UpstreamFactory) -> AsyncIterator[Cluster]:
+async def cluster(tmp_path: Path, pg_url: str, upstream: UpstreamFactory) -> AsyncIterator[Cluster]:
     ledger = Ledger()
     gateways: dict[str, GatewayProcess] = {}
     for name in NAMES:
         home = tmp_path / name
         home.mkdir()
         gateways[name] = GatewayProcess(
-            home, [route(await upstream(ledger.app(name)))], store=pg_url,
-            lease=f"{LEASE:g}s", replica_id=Cluster.replica_id(name), admin_token=TOKEN,
-            shutdown_grace="1s")
+            home,
+            [route(await upstream(ledger.app(name)))],
+            store=pg_url,
+            lease=f"{LEASE:g}s",
+            replica_id=Cluster.replica_id(name),
+            admin_token=TOKEN,
+            shutdown_grace="1s",
+        )
     try:
         # At once: the three migrate the (empty) schema together the first time.
         await asyncio.gather(*(gw.start() for gw in gateways.values()))

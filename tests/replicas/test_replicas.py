@@ -22,8 +22,7 @@ from tests.replicas.conftest import LEASE, NAMES, SLEEP, TOKEN, Cluster
 Answer = tuple[int, dict[str, str], Any]
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float,
-                what: str) -> None:
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
     """Wait for `condition` (checked every 20 ms) for at most `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -45,11 +44,16 @@ async def read(resp: aiohttp.ClientResponse) -> Answer:
     return resp.status, dict(resp.headers), body
 
 
-async def start_async(cluster: Cluster, name: str, path: str, body: bytes = b"",
-                      **headers: str) -> tuple[str, str]:
+async def start_async(
+    cluster: Cluster, name: str, path: str, body: bytes = b"", **headers: str
+) -> tuple[str, str]:
     """POST with `Prefer: respond-async` to replica `name`: (run id, poll location)."""
-    async with cluster.session.post(cluster[name].url + path, data=body, allow_redirects=False,
-                                    headers={"Prefer": "respond-async", **headers}) as resp:
+    async with cluster.session.post(
+        cluster[name].url + path,
+        data=body,
+        allow_redirects=False,
+        headers={"Prefer": "respond-async", **headers},
+    ) as resp:
         status, hdrs, answer = await read(resp)
     assert status == 202, (status, answer)
     assert hdrs["Preference-Applied"] == "respond-async"
@@ -76,9 +80,12 @@ async def final(cluster: Cluster, name: str, location: str, timeout: float) -> A
             return status, headers, body
 
 
-async def held(cluster: Cluster, name: str, location: str,
-               request: Callable[[aiohttp.ClientSession], Awaitable[Answer]]
-               ) -> asyncio.Task[tuple[Answer, float]]:
+async def held(
+    cluster: Cluster,
+    name: str,
+    location: str,
+    request: Callable[[aiohttp.ClientSession], Awaitable[Answer]],
+) -> asyncio.Task[tuple[Answer, float]]:
     """Start `request` (a long-poll or a hold on replica `name`) and return once replica `name`
     is serving it: its headers are sent, and a later poll of the same run on that replica has
     been answered 202 (the run is still pending). The task gives the answer and its time."""
@@ -146,12 +153,16 @@ async def test_an_event_posted_to_c_wakes_a_run_parked_by_a(cluster: Cluster) ->
         return await run_status(cluster, "A", run_id) == "waiting"
 
     await until(parked, 10, "the run to park at its wait")
-    for name in ("B", "C"):   # every replica's admin API sees the same run
+    for name in ("B", "C"):  # every replica's admin API sees the same run
         assert await run_status(cluster, name, run_id) == "waiting"
 
     for key, woke in (("someone-else", 0), ("k2", 1)):
-        status, answer = await cluster.admin("C", "POST", "/v1/events", json={
-            "name": "order.paid", "data": {"key": key, "by": "card"}})
+        status, answer = await cluster.admin(
+            "C",
+            "POST",
+            "/v1/events",
+            json={"name": "order.paid", "data": {"key": key, "by": "card"}},
+        )
         assert status == 202, answer
         assert answer["woke"] == woke, (key, answer)
 
@@ -163,7 +174,7 @@ async def test_an_event_posted_to_c_wakes_a_run_parked_by_a(cluster: Cluster) ->
     assert body["after"].startswith("after by ")
     invocations = ledger.of(run_id)
     assert [(i.upstream, i.attempt) for i in invocations][:1] == [("A", 1)]
-    assert [i.attempt for i in invocations] == [1, 2]   # re-invoked once, by one replica
+    assert [i.attempt for i in invocations] == [1, 2]  # re-invoked once, by one replica
     assert body["after"] == f"after by {invocations[1].upstream}"
     assert ledger.steps_of(run_id) == {"before": 1, "after": 1}
 
@@ -199,16 +210,21 @@ async def test_one_idempotency_key_on_a_and_b_gives_one_run(cluster: Cluster) ->
     again, again_location = await start_async(cluster, "B", "/jobs/gated/idem", b"order 4", **key)
     assert (again, again_location.split("?")[0]) == (run_id, location.split("?")[0])
     # The same key with another request, on C: 422, naming the run.
-    async with cluster.session.post(cluster["C"].url + "/jobs/gated/idem", data=b"order 5",
-                                    headers=key, allow_redirects=False) as resp:
+    async with cluster.session.post(
+        cluster["C"].url + "/jobs/gated/idem", data=b"order 5", headers=key, allow_redirects=False
+    ) as resp:
         status, headers, body = await read(resp)
     assert status == 422, body
     assert headers["Stepgate-Run-Id"] == run_id
 
     # A client holding on B (no Prefer: the route's 10 s hold) gets the answer directly.
     async def hold_on_b(session: aiohttp.ClientSession) -> Answer:
-        async with session.post(cluster["B"].url + "/jobs/gated/idem", data=b"order 4",
-                                headers=key, allow_redirects=False) as resp:
+        async with session.post(
+            cluster["B"].url + "/jobs/gated/idem",
+            data=b"order 4",
+            headers=key,
+            allow_redirects=False,
+        ) as resp:
             return await read(resp)
 
     task = await held(cluster, "B", location, hold_on_b)
@@ -222,9 +238,12 @@ async def test_one_idempotency_key_on_a_and_b_gives_one_run(cluster: Cluster) ->
 
     # After the end: the recorded response, on every replica.
     for name in NAMES:
-        async with cluster.session.post(cluster[name].url + "/jobs/gated/idem",
-                                        data=b"order 4", headers=key,
-                                        allow_redirects=False) as resp:
+        async with cluster.session.post(
+            cluster[name].url + "/jobs/gated/idem",
+            data=b"order 4",
+            headers=key,
+            allow_redirects=False,
+        ) as resp:
             status, headers, body = await read(resp)
         assert (status, body) == (200, expected), name
         assert headers["Stepgate-Run-Id"] == run_id
@@ -243,15 +262,15 @@ async def test_sigkill_a_mid_step_b_and_c_finish_its_runs(cluster: Cluster) -> N
 
     cluster["A"].kill()
     killed = time.monotonic()
-    answers = await asyncio.gather(*(
-        final(cluster, "BC"[i % 2], location, LEASE + 10) for i, (_, location) in
-        enumerate(runs)))
+    answers = await asyncio.gather(
+        *(final(cluster, "BC"[i % 2], location, LEASE + 10) for i, (_, location) in enumerate(runs))
+    )
     elapsed = time.monotonic() - killed
 
     for (run_id, _), (status, headers, body) in zip(runs, answers, strict=True):
         assert status == 200, body
         assert headers["Stepgate-Run-Id"] == run_id
-        assert body["one"] == "A"   # recorded by A, replayed elsewhere
+        assert body["one"] == "A"  # recorded by A, replayed elsewhere
         assert body["two"] in ("B", "C")
         assert body["three"] == body["two"]
         # `one` was acknowledged before A died: it never ran again. `two` was cut short.
@@ -269,19 +288,23 @@ async def test_sigkill_a_mid_step_b_and_c_finish_its_runs(cluster: Cluster) -> N
     assert len(run["attempts"]) == 2
     assert run["attempts"][-1]["outcome"] == "response"
     assert (run["attempts"][0]["outcome"], run["attempts"][0]["error"]) == (
-        "interrupted", "gateway crashed")
+        "interrupted",
+        "gateway crashed",
+    )
     assert {s["id"]: s["attempts"] for s in run["steps"]} == {"one": 1, "two": 1, "three": 1}
 
 
 async def test_sleeping_runs_are_each_woken_once(cluster: Cluster) -> None:
     ledger = cluster.ledger
     runs = [await start_async(cluster, NAMES[i % 3], f"/jobs/sleepy/{i}") for i in range(10)]
-    answers = await asyncio.gather(*(
-        final(cluster, NAMES[(i + 1) % 3], location, SLEEP + 10) for i, (_, location) in
-        enumerate(runs)))
+    answers = await asyncio.gather(
+        *(
+            final(cluster, NAMES[(i + 1) % 3], location, SLEEP + 10)
+            for i, (_, location) in enumerate(runs)
+        )
+    )
 
-    for i, ((run_id, _), (status, headers, body)) in enumerate(
-            zip(runs, answers, strict=True)):
+    for i, ((run_id, _), (status, headers, body)) in enumerate(zip(runs, answers, strict=True)):
         assert status == 200, body
         assert headers["Stepgate-Run-Id"] == run_id
         invocations = ledger.of(run_id)
@@ -301,7 +324,8 @@ async def stepgate(*args: str) -> tuple[int, str]:
     script = shutil.which("stepgate", path=str(Path(sys.executable).parent))
     command = [script] if script else [sys.executable, "-m", "gateway"]
     proc = await asyncio.create_subprocess_exec(
-        *command, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        *command, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode()
 
@@ -315,8 +339,9 @@ async def test_stepgate_replicas_lists_the_live_replicas(cluster: Cluster) -> No
     started = time.monotonic()
 
     async def listing(name: str) -> dict[str, Any]:
-        code, out = await stepgate("replicas", "--url", cluster[name].internal,
-                                   "--token", TOKEN, "--json")
+        code, out = await stepgate(
+            "replicas", "--url", cluster[name].internal, "--token", TOKEN, "--json"
+        )
         assert code == 0, out
         result: dict[str, Any] = json.loads(out)
         return result
@@ -325,7 +350,10 @@ async def test_stepgate_replicas_lists_the_live_replicas(cluster: Cluster) -> No
     assert listed["self"] == ids["C"]
     assert listed["lease_s"] == LEASE
     assert {r["id"]: r["runs"] for r in listed["replicas"]} == {
-        ids["A"]: 0, ids["B"]: 1, ids["C"]: 0}
+        ids["A"]: 0,
+        ids["B"]: 1,
+        ids["C"]: 0,
+    }
 
     code, table = await stepgate("replicas", "--url", cluster["B"].internal, "--token", TOKEN)
     assert code == 0, table

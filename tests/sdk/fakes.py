@@ -31,24 +31,35 @@ def _json(status: int, value: Any) -> Reply:
 
 
 def _problem(status: int, detail: str) -> Reply:
-    return _json(status, {"type": "about:blank", "title": "error", "status": status,
-                          "detail": detail})
+    return _json(
+        status, {"type": "about:blank", "title": "error", "status": status, "detail": detail}
+    )
 
 
-def superseded_reply(attempt: int = 1, current_attempt: int = 2,
-                     run_status: str = "running") -> Reply:
-    return _json(409, {"type": SUPERSEDED, "title": "Attempt superseded", "status": 409,
-                       "detail": f"attempt {attempt} was superseded by {current_attempt}",
-                       "run_id": RUN_ID, "attempt": attempt, "current_attempt": current_attempt,
-                       "run_status": run_status})
+def superseded_reply(
+    attempt: int = 1, current_attempt: int = 2, run_status: str = "running"
+) -> Reply:
+    return _json(
+        409,
+        {
+            "type": SUPERSEDED,
+            "title": "Attempt superseded",
+            "status": 409,
+            "detail": f"attempt {attempt} was superseded by {current_attempt}",
+            "run_id": RUN_ID,
+            "attempt": attempt,
+            "current_attempt": current_attempt,
+            "run_status": run_status,
+        },
+    )
 
 
 class FakeGateway:
     def __init__(self) -> None:
         self.steps: dict[str, dict[str, Any]] = {}
-        self.calls: list[tuple[str, str | None, Any]] = []   # (method, step id, body)
-        self.log: list[str] = []    # calls and step executions, interleaved, for ordering
-        self.events: dict[str, dict[str, Any] | None] = {}   # event name -> delivered event
+        self.calls: list[tuple[str, str | None, Any]] = []  # (method, step id, body)
+        self.log: list[str] = []  # calls and step executions, interleaved, for ordering
+        self.events: dict[str, dict[str, Any] | None] = {}  # event name -> delivered event
         self.fail_next: Reply | None = None
         # "GET steps" or "PUT <step id>": the call at which the gateway gives up on the attempt
         self.fence_at: str | None = None
@@ -56,35 +67,57 @@ class FakeGateway:
 
     # --- set-up helpers ---------------------------------------------------------------------
 
-    def record(self, step_id: str, seq: int, *, kind: str = "run", status: str = "completed",
-               output: Any = None, attempts: int = 1) -> None:
-        self.steps[step_id] = {"id": step_id, "seq": seq, "kind": kind, "status": status,
-                               "output": output, "attempts": attempts}
+    def record(
+        self,
+        step_id: str,
+        seq: int,
+        *,
+        kind: str = "run",
+        status: str = "completed",
+        output: Any = None,
+        attempts: int = 1,
+    ) -> None:
+        self.steps[step_id] = {
+            "id": step_id,
+            "seq": seq,
+            "kind": kind,
+            "status": status,
+            "output": output,
+            "attempts": attempts,
+        }
 
-    def invocation(self, *, steps: int | None = None, transport: Any = None,
-                   sync_transport: Any = None) -> Invocation:
+    def invocation(
+        self, *, steps: int | None = None, transport: Any = None, sync_transport: Any = None
+    ) -> Invocation:
         """An invocation as the adapters build it; `steps` defaults to what is recorded."""
         return Invocation(
-            callback=CALLBACK, token=TOKEN, run_id=RUN_ID,
+            callback=CALLBACK,
+            token=TOKEN,
+            run_id=RUN_ID,
             recorded_count=len(self.steps) if steps is None else steps,
             transport=transport or FakeAsyncTransport(self),
             sync_transport=sync_transport or FakeSyncTransport(self),
         )
 
     def headers(self, *, steps: int | None = None) -> dict[str, str]:
-        return {"Stepgate-Callback": CALLBACK, "Stepgate-Token": TOKEN,
-                "Stepgate-Run-Id": RUN_ID, "Stepgate-Attempt": "1",
-                "Stepgate-Steps": str(len(self.steps) if steps is None else steps)}
+        return {
+            "Stepgate-Callback": CALLBACK,
+            "Stepgate-Token": TOKEN,
+            "Stepgate-Run-Id": RUN_ID,
+            "Stepgate-Attempt": "1",
+            "Stepgate-Steps": str(len(self.steps) if steps is None else steps),
+        }
 
     def puts(self) -> list[tuple[str, Any]]:
         return [(step_id or "", body) for method, step_id, body in self.calls if method == "PUT"]
 
     # --- the callback API -------------------------------------------------------------------
 
-    def handle(self, method: str, path: str, authorization: str | None,
-               body: bytes | None) -> Reply:
+    def handle(
+        self, method: str, path: str, authorization: str | None, body: bytes | None
+    ) -> Reply:
         prefix = f"/v1/runs/{RUN_ID}/steps"
-        step_id = unquote(path[len(prefix) + 1:]) if path.startswith(prefix + "/") else None
+        step_id = unquote(path[len(prefix) + 1 :]) if path.startswith(prefix + "/") else None
         data = json.loads(body) if body else None
         self.calls.append((method, step_id, data))
         self.log.append(f"{method} {step_id or 'steps'}")
@@ -136,15 +169,14 @@ class FakeGateway:
 
 def _split(url: str) -> str:
     assert url.startswith("http://gateway.test/"), url
-    return url[len("http://gateway.test"):]
+    return url[len("http://gateway.test") :]
 
 
 class FakeAsyncTransport:
     def __init__(self, gateway: FakeGateway) -> None:
         self.gateway = gateway
 
-    async def request(self, method: str, url: str, token: str,
-                      body: bytes | None = None) -> Reply:
+    async def request(self, method: str, url: str, token: str, body: bytes | None = None) -> Reply:
         return self.gateway.handle(method, _split(url), f"Bearer {token}", body)
 
 

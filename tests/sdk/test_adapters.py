@@ -50,7 +50,7 @@ def _aiohttp_app() -> web.Application:
         if request.query.get("swallow"):
             try:
                 await step.sleep("nap", 60)
-            except BaseException:   # a handler that should not, but does
+            except BaseException:  # a handler that should not, but does
                 return web.json_response({"swallowed": True})
         return web.json_response({"first": first})
 
@@ -66,7 +66,8 @@ async def client(aiohttp_client: AiohttpClient) -> TestClient[Any, Any]:
 
 
 async def test_aiohttp_without_gateway_headers_runs_plainly(
-    client: TestClient[Any, Any], fake_gateway: FakeGateway,
+    client: TestClient[Any, Any],
+    fake_gateway: FakeGateway,
 ) -> None:
     resp = await client.post("/flow")
     assert resp.status == 200
@@ -75,7 +76,8 @@ async def test_aiohttp_without_gateway_headers_runs_plainly(
 
 
 async def test_aiohttp_records_steps_in_gateway_mode(
-    client: TestClient[Any, Any], fake_gateway: FakeGateway,
+    client: TestClient[Any, Any],
+    fake_gateway: FakeGateway,
 ) -> None:
     resp = await client.post("/flow", headers=fake_gateway.headers(steps=0))
     assert resp.status == 200
@@ -83,7 +85,8 @@ async def test_aiohttp_records_steps_in_gateway_mode(
 
 
 async def test_aiohttp_suspend_answers_202(
-    client: TestClient[Any, Any], fake_gateway: FakeGateway,
+    client: TestClient[Any, Any],
+    fake_gateway: FakeGateway,
 ) -> None:
     resp = await client.post("/flow?sleep=1", headers=fake_gateway.headers(steps=0))
     assert resp.status == 202
@@ -92,7 +95,8 @@ async def test_aiohttp_suspend_answers_202(
 
 
 async def test_aiohttp_swallowed_suspend_still_answers_202(
-    client: TestClient[Any, Any], fake_gateway: FakeGateway,
+    client: TestClient[Any, Any],
+    fake_gateway: FakeGateway,
 ) -> None:
     resp = await client.post("/flow?swallow=1", headers=fake_gateway.headers(steps=0))
     assert resp.status == 202
@@ -101,20 +105,26 @@ async def test_aiohttp_swallowed_suspend_still_answers_202(
 
 @pytest.mark.parametrize("gateway_mode", [True, False])
 async def test_aiohttp_non_retriable_error_answers_its_problem(
-    client: TestClient[Any, Any], fake_gateway: FakeGateway, gateway_mode: bool,
+    client: TestClient[Any, Any],
+    fake_gateway: FakeGateway,
+    gateway_mode: bool,
 ) -> None:
     headers = fake_gateway.headers(steps=0) if gateway_mode else {}
     resp = await client.post("/flow?refuse=1", headers=headers)
     assert resp.status == 422
     assert resp.headers["Content-Type"] == "application/problem+json"
     assert resp.headers["Stepgate-No-Retry"] == "true"
-    assert _problem(await resp.read()) == {"type": "about:blank",
-                                           "title": HTTPStatus(422).phrase, "status": 422,
-                                           "detail": "no such traveller"}
+    assert _problem(await resp.read()) == {
+        "type": "about:blank",
+        "title": HTTPStatus(422).phrase,
+        "status": 422,
+        "detail": "no such traveller",
+    }
 
 
 async def test_aiohttp_replay_mismatch_answers_500_no_retry(
-    client: TestClient[Any, Any], fake_gateway: FakeGateway,
+    client: TestClient[Any, Any],
+    fake_gateway: FakeGateway,
 ) -> None:
     fake_gateway.record("renamed", 0, output="x")
     resp = await client.post("/flow", headers=fake_gateway.headers())
@@ -125,8 +135,9 @@ async def test_aiohttp_replay_mismatch_answers_500_no_retry(
     assert "'first'" in problem["detail"] and "'renamed'" in problem["detail"]
 
 
-async def test_aiohttp_other_errors_are_left_to_aiohttp(aiohttp_client: AiohttpClient,
-                                                        fake_gateway: FakeGateway) -> None:
+async def test_aiohttp_other_errors_are_left_to_aiohttp(
+    aiohttp_client: AiohttpClient, fake_gateway: FakeGateway
+) -> None:
     async def missing(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="nope")
 
@@ -158,17 +169,31 @@ async def _asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b"Internal Server Error"})
         raise
     body = json.dumps({"value": value + 1}).encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json")]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 async def _drive(app: Any, headers: dict[str, str], query: str = "") -> list[dict[str, Any]]:
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-             "method": "POST", "path": "/flow", "raw_path": b"/flow", "root_path": "",
-             "scheme": "http", "query_string": query.encode(),
-             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/flow",
+        "raw_path": b"/flow",
+        "root_path": "",
+        "scheme": "http",
+        "query_string": query.encode(),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -219,8 +244,13 @@ async def test_asgi_other_errors_forward_what_the_app_sent(fake_gateway: FakeGat
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b""}
 
-    scope = {"type": "http", "query_string": b"raise-plain", "headers": [
-        (k.lower().encode(), v.encode()) for k, v in fake_gateway.headers(steps=0).items()]}
+    scope = {
+        "type": "http",
+        "query_string": b"raise-plain",
+        "headers": [
+            (k.lower().encode(), v.encode()) for k, v in fake_gateway.headers(steps=0).items()
+        ],
+    }
     with pytest.raises(RuntimeError):
         await stepgate.asgi.StepgateMiddleware(_asgi_app)(scope, receive, send)
     assert sent[0]["status"] == 500
@@ -264,10 +294,15 @@ def _wsgi_app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
     return body()
 
 
-def _call_wsgi(app: Any, headers: dict[str, str], query: str = "") -> tuple[str, dict[str, str],
-                                                                          bytes]:
-    environ: dict[str, Any] = {"REQUEST_METHOD": "POST", "PATH_INFO": "/flow",
-                               "QUERY_STRING": query, "wsgi.input": None}
+def _call_wsgi(
+    app: Any, headers: dict[str, str], query: str = ""
+) -> tuple[str, dict[str, str], bytes]:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/flow",
+        "QUERY_STRING": query,
+        "wsgi.input": None,
+    }
     for name, value in headers.items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
     started: dict[str, Any] = {}
@@ -295,7 +330,8 @@ def test_wsgi_suspend_and_problem(fake_gateway: FakeGateway) -> None:
     assert (status, headers["Stepgate-Suspend"], body) == ("202 Accepted", "true", b"")
     for gateway_mode in (True, False):
         status, headers, body = _call_wsgi(
-            app, fake_gateway.headers(steps=0) if gateway_mode else {}, "refuse")
+            app, fake_gateway.headers(steps=0) if gateway_mode else {}, "refuse"
+        )
         assert status == "409 Conflict"
         assert headers["Stepgate-No-Retry"] == "true"
         assert headers["Content-Type"] == "application/problem+json"
@@ -308,10 +344,12 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 async def test_wsgi_over_wsgiref_on_loopback(fake_gateway: FakeGateway) -> None:
-    server = make_server("127.0.0.1", 0, stepgate.wsgi.StepgateMiddleware(_wsgi_app),
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="wsgiref",
-                              daemon=True)
+    server = make_server(
+        "127.0.0.1", 0, stepgate.wsgi.StepgateMiddleware(_wsgi_app), handler_class=_QuietHandler
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.05,), name="wsgiref", daemon=True
+    )
     thread.start()
     url = f"http://127.0.0.1:{server.server_port}/flow?sleep"
 

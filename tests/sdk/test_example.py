@@ -33,8 +33,9 @@ def trips() -> Iterator[ModuleType]:
     del sys.modules[spec.name]
 
 
-async def test_books_a_trip_without_the_gateway(trips: ModuleType,
-                                                aiohttp_client: AiohttpClient) -> None:
+async def test_books_a_trip_without_the_gateway(
+    trips: ModuleType, aiohttp_client: AiohttpClient
+) -> None:
     client = await aiohttp_client(trips.make_app())
     resp = await client.post("/trips", json=TRIP)
     assert resp.status == 200
@@ -45,13 +46,17 @@ async def test_books_a_trip_without_the_gateway(trips: ModuleType,
     assert await (await client.get("/stats")).json() == dict.fromkeys(trips.STEPS, 1)
 
 
-@pytest.mark.parametrize(("query", "body", "detail"), [
-    ("", {"traveller": "ada"}, '"flight" must be a non-empty string'),
-    ("?fail=bogus", TRIP, "fail=bogus: expected STEP"),
-    ("?cooloff=soon", TRIP, "cooloff=soon"),
-])
-async def test_bad_requests_end_the_run(trips: ModuleType, aiohttp_client: AiohttpClient,
-                                        query: str, body: Any, detail: str) -> None:
+@pytest.mark.parametrize(
+    ("query", "body", "detail"),
+    [
+        ("", {"traveller": "ada"}, '"flight" must be a non-empty string'),
+        ("?fail=bogus", TRIP, "fail=bogus: expected STEP"),
+        ("?cooloff=soon", TRIP, "cooloff=soon"),
+    ],
+)
+async def test_bad_requests_end_the_run(
+    trips: ModuleType, aiohttp_client: AiohttpClient, query: str, body: Any, detail: str
+) -> None:
     client = await aiohttp_client(trips.make_app())
     resp = await client.post("/trips" + query, json=body)
     assert resp.status == 400
@@ -60,7 +65,9 @@ async def test_bad_requests_end_the_run(trips: ModuleType, aiohttp_client: Aioht
 
 
 async def test_a_retried_run_replays_finished_steps(
-    trips: ModuleType, aiohttp_client: AiohttpClient, monkeypatch: pytest.MonkeyPatch,
+    trips: ModuleType,
+    aiohttp_client: AiohttpClient,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fake = FakeGateway()
     monkeypatch.setattr(_transport, "default_async", FakeAsyncTransport(fake))
@@ -72,23 +79,41 @@ async def test_a_retried_run_replays_finished_steps(
     second = await client.post("/trips?fail=charge-card", json=TRIP, headers=fake.headers())
     assert second.status == 200
     booked = await second.json()
-    assert booked["flight"] == fake.steps["reserve-flight"]["output"]   # replayed, not redone
-    assert dict(trips.executions) == {"reserve-flight": 1, "reserve-hotel": 1,
-                                      "charge-card": 2, "send-confirmation": 1}
+    assert booked["flight"] == fake.steps["reserve-flight"]["output"]  # replayed, not redone
+    assert dict(trips.executions) == {
+        "reserve-flight": 1,
+        "reserve-hotel": 1,
+        "charge-card": 2,
+        "send-confirmation": 1,
+    }
 
 
-async def test_behind_the_real_gateway(trips: ModuleType, gateway: GatewayFactory,
-                                       upstream: UpstreamFactory) -> None:
+async def test_behind_the_real_gateway(
+    trips: ModuleType, gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
     base = await upstream(trips.make_app())
-    gw = await gateway([{"name": "trips", "path": "/trips", "upstream": base, "durable": True,
-                         "hold": "10s", "retry": {"attempts": 3, "initial": "20ms"}}])
-    async with gw.session.post(gw.url + "/trips?fail=charge-card&cooloff=0.2",
-                               json=TRIP) as resp:
+    gw = await gateway(
+        [
+            {
+                "name": "trips",
+                "path": "/trips",
+                "upstream": base,
+                "durable": True,
+                "hold": "10s",
+                "retry": {"attempts": 3, "initial": "20ms"},
+            }
+        ]
+    )
+    async with gw.session.post(gw.url + "/trips?fail=charge-card&cooloff=0.2", json=TRIP) as resp:
         assert resp.status == 200, await resp.text()
         booked = await resp.json()
     assert booked["traveller"] == TRIP["traveller"]
-    assert dict(trips.executions) == {"reserve-flight": 1, "reserve-hotel": 1,
-                                      "charge-card": 2, "send-confirmation": 1}
+    assert dict(trips.executions) == {
+        "reserve-flight": 1,
+        "reserve-hotel": 1,
+        "charge-card": 2,
+        "send-confirmation": 1,
+    }
     async with gw.session.post(gw.url + "/trips", json={"traveller": "x"}) as resp:
         assert resp.status == 400
-        assert "Stepgate-No-Retry" not in resp.headers   # the gateway strips its signals
+        assert "Stepgate-No-Retry" not in resp.headers  # the gateway strips its signals

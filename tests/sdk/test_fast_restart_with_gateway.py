@@ -47,11 +47,16 @@ from tests.gateway.test_crash import procs, wait_for_status  # noqa: F401 - a fi
 from tests.sdk.test_fencing_with_gateway import _asgi_bridge, _QuietHandler, _ThreadingWSGIServer
 from tests.test_js_client import JS, node_major
 
-SLOW = 2.0   # the second step, in attempt 1 only
-PATIENCE = 15.0   # how long attempt 1's slow step waits at most for attempt 2 to start
+SLOW = 2.0  # the second step, in attempt 1 only
+PATIENCE = 15.0  # how long attempt 1's slow step waits at most for attempt 2 to start
 STEPS = ("first", "second", "third")
-ROUTE = {"name": "book", "path": "/book", "durable": True, "hold": "10s",
-         "retry": {"attempts": 3, "initial": "10ms", "max": "10ms"}}
+ROUTE = {
+    "name": "book",
+    "path": "/book",
+    "durable": True,
+    "hold": "10s",
+    "retry": {"attempts": 3, "initial": "10ms", "max": "10ms"},
+}
 
 State = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -123,13 +128,17 @@ class Trip:
         return outputs
 
     async def state(self) -> dict[str, Any]:
-        return {"ran": dict(self.ran), "in_slow_step": self.in_slow_step,
-                "ended": {str(n): how for n, how in self.ended.items()},
-                "attempt_1_alive_when_2_started": self.attempt_1_alive_when_2_started}
+        return {
+            "ran": dict(self.ran),
+            "in_slow_step": self.in_slow_step,
+            "ended": {str(n): how for n, how in self.ended.items()},
+            "attempt_1_alive_when_2_started": self.attempt_1_alive_when_2_started,
+        }
 
 
-async def _until(state: State, ready: Callable[[dict[str, Any]], bool],
-                 timeout: float) -> dict[str, Any]:
+async def _until(
+    state: State, ready: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         now = await state()
@@ -139,14 +148,19 @@ async def _until(state: State, ready: Callable[[dict[str, Any]], bool],
         await asyncio.sleep(0.02)
 
 
-async def _restart_mid_step(tmp_path: Path, upstream: str, state: State,
-                            procs: list[GatewayProcess]) -> None:  # noqa: F811
+async def _restart_mid_step(
+    tmp_path: Path,
+    upstream: str,
+    state: State,
+    procs: list[GatewayProcess],  # noqa: F811
+) -> None:
     gw = GatewayProcess(tmp_path, [{**ROUTE, "upstream": upstream}])
     procs.append(gw)
     await gw.start()
     async with aiohttp.ClientSession() as client:
-        async with client.post(gw.url + "/book", json={}, allow_redirects=False,
-                               headers={"Prefer": "respond-async"}) as resp:
+        async with client.post(
+            gw.url + "/book", json={}, allow_redirects=False, headers={"Prefer": "respond-async"}
+        ) as resp:
             assert resp.status == 202, await resp.text()
             run_id = resp.headers["Stepgate-Run-Id"]
             location = resp.headers["Location"]
@@ -154,7 +168,7 @@ async def _restart_mid_step(tmp_path: Path, upstream: str, state: State,
         killed = time.monotonic()
         gw.kill()
         await asyncio.sleep(0.2)
-        await gw.start()   # attempt 2 starts while attempt 1's handler is still in "second"
+        await gw.start()  # attempt 2 starts while attempt 1's handler is still in "second"
         restarted = time.monotonic() - killed
         run = await wait_for_status(gw.internal, run_id, "completed")
         async with client.get(gw.url + location) as resp:
@@ -167,11 +181,16 @@ async def _restart_mid_step(tmp_path: Path, upstream: str, state: State,
     assert final["ran"] == {"first": 1, "second": 2, "third": 1}
     assert [a["outcome"] for a in run["attempts"]] == ["interrupted", "response"]
     assert {s["id"]: s["output"] for s in run["steps"]} == {
-        "first": "first by attempt 1", "second": "second by attempt 2",
-        "third": "third by attempt 2"}
+        "first": "first by attempt 1",
+        "second": "second by attempt 2",
+        "third": "third by attempt 2",
+    }
     assert [s["attempts"] for s in run["steps"]] == [1, 1, 1]
-    assert answer == {"first": "first by attempt 1", "second": "second by attempt 2",
-                      "third": "third by attempt 2"}
+    assert answer == {
+        "first": "first by attempt 1",
+        "second": "second by attempt 2",
+        "third": "third by attempt 2",
+    }
 
 
 def _attempt(headers: Any) -> int:
@@ -196,7 +215,8 @@ async def upstream() -> AsyncIterator[Callable[[web.Application], Awaitable[str]
 
 
 async def test_aiohttp_fast_restart_mid_step(
-    tmp_path: Path, upstream: Callable[[web.Application], Awaitable[str]],
+    tmp_path: Path,
+    upstream: Callable[[web.Application], Awaitable[str]],
     procs: list[GatewayProcess],  # noqa: F811
 ) -> None:
     trip = Trip()
@@ -210,7 +230,8 @@ async def test_aiohttp_fast_restart_mid_step(
 
 
 async def test_asgi_fast_restart_mid_step(
-    tmp_path: Path, upstream: Callable[[web.Application], Awaitable[str]],
+    tmp_path: Path,
+    upstream: Callable[[web.Application], Awaitable[str]],
     procs: list[GatewayProcess],  # noqa: F811
 ) -> None:
     trip = Trip()
@@ -218,8 +239,13 @@ async def test_asgi_fast_restart_mid_step(
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         body = json.dumps(await trip.book(int(headers.get("stepgate-attempt", "0")))).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
     url = await upstream(_asgi_bridge(stepgate.asgi.StepgateMiddleware(app)))
@@ -231,10 +257,12 @@ def wsgi_upstream() -> Iterable[Callable[[Any], str]]:
     servers: list[tuple[WSGIServer, threading.Thread]] = []
 
     def start(app: Any) -> str:
-        server = make_server("127.0.0.1", 0, app, server_class=_ThreadingWSGIServer,
-                             handler_class=_QuietHandler)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True,
-                                  name="wsgi-upstream")
+        server = make_server(
+            "127.0.0.1", 0, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+        thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), daemon=True, name="wsgi-upstream"
+        )
         thread.start()
         servers.append((server, thread))
         return f"http://127.0.0.1:{server.server_port}"
@@ -247,7 +275,8 @@ def wsgi_upstream() -> Iterable[Callable[[Any], str]]:
 
 
 async def test_wsgi_sync_fast_restart_mid_step(
-    tmp_path: Path, wsgi_upstream: Callable[[Any], str],
+    tmp_path: Path,
+    wsgi_upstream: Callable[[Any], str],
     procs: list[GatewayProcess],  # noqa: F811
 ) -> None:
     trip = Trip()
@@ -338,8 +367,10 @@ async def node_upstream(tmp_path: Path) -> AsyncIterator[NodeUpstream]:
     async def start() -> tuple[str, State]:
         script = tmp_path / "fast_restart_app.mjs"
         client = (JS / "src" / "index.js").as_uri()
-        script.write_text(NODE_APP % {"client": json.dumps(client), "slow_ms": SLOW * 1000,
-                                      "patience_ms": PATIENCE * 1000})
+        script.write_text(
+            NODE_APP
+            % {"client": json.dumps(client), "slow_ms": SLOW * 1000, "patience_ms": PATIENCE * 1000}
+        )
         errors = (tmp_path / "node.err").open("wb")
         child = subprocess.Popen([node, str(script)], stdout=subprocess.PIPE, stderr=errors)
         errors.close()
@@ -366,7 +397,8 @@ async def node_upstream(tmp_path: Path) -> AsyncIterator[NodeUpstream]:
 
 
 async def test_js_fast_restart_mid_step(
-    tmp_path: Path, node_upstream: NodeUpstream,
+    tmp_path: Path,
+    node_upstream: NodeUpstream,
     procs: list[GatewayProcess],  # noqa: F811
 ) -> None:
     url, state = await node_upstream()

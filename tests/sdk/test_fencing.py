@@ -58,14 +58,14 @@ async def test_a_refused_output_stops_the_handler(fake_gateway: FakeGateway) -> 
             await step.run("first", work, "first")
             await step.run("second", work, "second")
             await step.run("third", work, "third")
-        except Exception as exc:   # a handler's ordinary error handling
+        except Exception as exc:  # a handler's ordinary error handling
             caught.append(exc)
 
     with active(fake_gateway.invocation(steps=0)), pytest.raises(Superseded) as raised:
         await handler()
     assert ran == ["first", "second"]
     assert caught == []
-    assert fake_gateway.log == ["PUT first", "PUT second"]   # nothing after the refusal
+    assert fake_gateway.log == ["PUT first", "PUT second"]  # nothing after the refusal
     assert raised.value.run_id == RUN_ID
     assert (raised.value.attempt, raised.value.current_attempt) == (1, 2)
     assert raised.value.run_status == "running"
@@ -126,9 +126,17 @@ async def test_a_refused_sleep_does_not_suspend(fake_gateway: FakeGateway) -> No
 
 
 async def test_other_conflicts_stay_callback_errors(fake_gateway: FakeGateway) -> None:
-    fake_gateway.fail_next = _transport.Reply(409, json.dumps({
-        "type": "about:blank", "title": "Conflict", "status": 409,
-        "detail": "step 'first' is recorded as a sleep"}).encode())
+    fake_gateway.fail_next = _transport.Reply(
+        409,
+        json.dumps(
+            {
+                "type": "about:blank",
+                "title": "Conflict",
+                "status": 409,
+                "detail": "step 'first' is recorded as a sleep",
+            }
+        ).encode(),
+    )
     inv = fake_gateway.invocation(steps=0)
     with active(inv), pytest.raises(CallbackError) as raised:
         await step.run("first", lambda: 1)
@@ -176,10 +184,11 @@ async def test_gather_of_steps_refused_together_raises_one_signal(
     fake_gateway.fence_at = "PUT a"
     inv = fake_gateway.invocation(steps=0)
     with active(inv):
-        results = await asyncio.gather(step.run("a", lambda: 1), step.run("b", lambda: 2),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            step.run("a", lambda: 1), step.run("b", lambda: 2), return_exceptions=True
+        )
     assert all(result is inv.superseded for result in results)
-    assert fake_gateway.log == ["PUT a"]   # b had not reached its PUT: it never sends one
+    assert fake_gateway.log == ["PUT a"]  # b had not reached its PUT: it never sends one
 
 
 # --- the sync step API ---------------------------------------------------------------------
@@ -285,8 +294,9 @@ class Booking:
 
 
 @pytest.mark.parametrize("swallow", [False, True])
-async def test_aiohttp_answers_409_and_stops(aiohttp_client: AiohttpClient,
-                                             fake_gateway: FakeGateway, swallow: bool) -> None:
+async def test_aiohttp_answers_409_and_stops(
+    aiohttp_client: AiohttpClient, fake_gateway: FakeGateway, swallow: bool
+) -> None:
     booking = Booking()
 
     async def book(request: web.Request) -> web.Response:
@@ -327,20 +337,27 @@ async def test_asgi_answers_409_and_stops(fake_gateway: FakeGateway) -> None:
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b""}
 
-    scope = {"type": "http", "query_string": b"", "headers": [
-        (k.lower().encode(), v.encode()) for k, v in fake_gateway.headers(steps=0).items()]}
+    scope = {
+        "type": "http",
+        "query_string": b"",
+        "headers": [
+            (k.lower().encode(), v.encode()) for k, v in fake_gateway.headers(steps=0).items()
+        ],
+    }
     await stepgate.asgi.StepgateMiddleware(app)(scope, receive, send)
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     headers = dict(sent[0]["headers"])
-    _assert_superseded_problem(sent[0]["status"], headers[b"content-type"].decode(),
-                               sent[1]["body"])
+    _assert_superseded_problem(
+        sent[0]["status"], headers[b"content-type"].decode(), sent[1]["body"]
+    )
     assert (booking.ran, booking.caught) == (["first", "second"], [])
     assert fake_gateway.log == ["PUT first", "PUT second"]
 
 
 @pytest.mark.parametrize("framework_renders_errors", [False, True])
-def test_wsgi_answers_409_and_stops(fake_gateway: FakeGateway,
-                                    framework_renders_errors: bool) -> None:
+def test_wsgi_answers_409_and_stops(
+    fake_gateway: FakeGateway, framework_renders_errors: bool
+) -> None:
     booking = Booking()
 
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
@@ -356,8 +373,7 @@ def test_wsgi_answers_409_and_stops(fake_gateway: FakeGateway,
         return [b"booked"]
 
     fake_gateway.fence_at = "PUT second"
-    environ: dict[str, Any] = {"REQUEST_METHOD": "POST", "PATH_INFO": "/book",
-                               "QUERY_STRING": ""}
+    environ: dict[str, Any] = {"REQUEST_METHOD": "POST", "PATH_INFO": "/book", "QUERY_STRING": ""}
     for name, value in fake_gateway.headers(steps=0).items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
     started: dict[str, Any] = {}
@@ -378,8 +394,9 @@ async def test_a_fenced_suspend_is_not_answered_202(fake_gateway: FakeGateway) -
     inv = fake_gateway.invocation(steps=0)
     fake_gateway.fence_at = "PUT b"
     with active(inv):
-        results = await asyncio.gather(step.sleep("a", 60), step.run("b", lambda: 1),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            step.sleep("a", 60), step.run("b", lambda: 1), return_exceptions=True
+        )
     assert isinstance(results[0], Suspend) and results[1] is inv.superseded
     reply = reply_for(results[0], inv)
     assert reply is not None and reply.status == 409

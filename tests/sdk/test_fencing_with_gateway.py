@@ -30,9 +30,15 @@ from stepgate.sync import step as sync_step
 
 from tests.conftest import GatewayFactory, UpstreamFactory
 
-SLOW = 2.0   # the second step's first execution, against the route's 1 s timeout
-ROUTE = {"name": "book", "path": "/book", "durable": True, "timeout": "1s", "hold": "10s",
-         "retry": {"attempts": 3, "initial": "50ms", "max": "50ms"}}
+SLOW = 2.0  # the second step's first execution, against the route's 1 s timeout
+ROUTE = {
+    "name": "book",
+    "path": "/book",
+    "durable": True,
+    "timeout": "1s",
+    "hold": "10s",
+    "retry": {"attempts": 3, "initial": "50ms", "max": "50ms"},
+}
 
 
 class Trip:
@@ -40,8 +46,8 @@ class Trip:
 
     def __init__(self) -> None:
         self.ran: Counter[str] = Counter()
-        self.superseded: list[int] = []   # attempts whose handler got the signal
-        self.caught: list[BaseException] = []   # what the handler's `except Exception` saw
+        self.superseded: list[int] = []  # attempts whose handler got the signal
+        self.caught: list[BaseException] = []  # what the handler's `except Exception` saw
         self.done: dict[int, threading.Event] = {1: threading.Event(), 2: threading.Event()}
 
     async def work_async(self, name: str, attempt: int) -> str:
@@ -92,8 +98,11 @@ async def _check(trip: Trip, gw: Any) -> None:
         assert resp.status == 200, body
         run_id = resp.headers["Stepgate-Run-Id"]
     assert time.monotonic() - started < SLOW, "attempt 2 answered before attempt 1 woke up"
-    assert body == {"first": "first by attempt 1", "second": "second by attempt 2",
-                    "third": "third by attempt 2"}
+    assert body == {
+        "first": "first by attempt 1",
+        "second": "second by attempt 2",
+        "third": "third by attempt 2",
+    }
     # Attempt 1's handler is still in its slow step; let it reach the gateway and stop.
     assert await asyncio.to_thread(trip.done[1].wait, SLOW + 5)
     assert trip.superseded == [1]
@@ -131,8 +140,9 @@ async def upstream() -> AsyncIterator[Callable[[web.Application], Awaitable[str]
         await runner.cleanup()
 
 
-async def test_aiohttp_handler_of_a_timed_out_attempt_stops(gateway: GatewayFactory,
-                                                            upstream: UpstreamFactory) -> None:
+async def test_aiohttp_handler_of_a_timed_out_attempt_stops(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
     trip = Trip()
 
     async def book(request: web.Request) -> web.Response:
@@ -151,14 +161,23 @@ ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 def _asgi_bridge(asgi: ASGIApp) -> web.Application:
     """Serve an ASGI app from aiohttp: enough HTTP/1.1 for one request-response at a time."""
+
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": request.method, "path": request.path,
-                 "raw_path": request.raw_path.encode(), "root_path": "", "scheme": "http",
-                 "query_string": request.query_string.encode(),
-                 "headers": [(k.lower(), v) for k, v in request.raw_headers],
-                 "client": None, "server": None}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": request.method,
+            "path": request.path,
+            "raw_path": request.raw_path.encode(),
+            "root_path": "",
+            "scheme": "http",
+            "query_string": request.query_string.encode(),
+            "headers": [(k.lower(), v) for k, v in request.raw_headers],
+            "client": None,
+            "server": None,
+        }
         sent: list[dict[str, Any]] = []
 
         async def receive() -> dict[str, Any]:
@@ -170,8 +189,11 @@ def _asgi_bridge(asgi: ASGIApp) -> web.Application:
         await asgi(scope, receive, send)
         start = next(m for m in sent if m["type"] == "http.response.start")
         payload = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start["headers"]
-                   if k.lower() != b"content-length"}
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in start["headers"]
+            if k.lower() != b"content-length"
+        }
         return web.Response(status=start["status"], headers=headers, body=payload)
 
     app = web.Application()
@@ -179,20 +201,27 @@ def _asgi_bridge(asgi: ASGIApp) -> web.Application:
     return app
 
 
-async def test_asgi_handler_of_a_timed_out_attempt_stops(gateway: GatewayFactory,
-                                                         upstream: UpstreamFactory) -> None:
+async def test_asgi_handler_of_a_timed_out_attempt_stops(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
     trip = Trip()
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         attempt = int(headers.get("stepgate-attempt", "0"))
         body = json.dumps(await trip.book(attempt)).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
-    gw = await gateway([{**ROUTE, "upstream": await upstream(
-        _asgi_bridge(stepgate.asgi.StepgateMiddleware(app)))}])
+    gw = await gateway(
+        [{**ROUTE, "upstream": await upstream(_asgi_bridge(stepgate.asgi.StepgateMiddleware(app)))}]
+    )
     await _check(trip, gw)
 
 
@@ -203,7 +232,7 @@ class _ThreadingWSGIServer(socketserver.ThreadingMixIn, WSGIServer):
     daemon_threads = True
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        pass   # attempt 1 answers a connection the gateway has closed: expected here
+        pass  # attempt 1 answers a connection the gateway has closed: expected here
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -216,10 +245,12 @@ async def wsgi_upstream() -> AsyncIterator[Callable[[Any], str]]:
     servers: list[tuple[WSGIServer, threading.Thread]] = []
 
     def start(app: Any) -> str:
-        server = make_server("127.0.0.1", 0, app, server_class=_ThreadingWSGIServer,
-                             handler_class=_QuietHandler)
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True,
-                                  name="wsgi-upstream")
+        server = make_server(
+            "127.0.0.1", 0, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+        )
+        thread = threading.Thread(
+            target=server.serve_forever, args=(0.05,), daemon=True, name="wsgi-upstream"
+        )
         thread.start()
         servers.append((server, thread))
         return f"http://127.0.0.1:{server.server_port}"
@@ -232,7 +263,8 @@ async def wsgi_upstream() -> AsyncIterator[Callable[[Any], str]]:
 
 
 async def test_wsgi_handler_of_a_timed_out_attempt_stops(
-    gateway: GatewayFactory, wsgi_upstream: Callable[[Any], str],
+    gateway: GatewayFactory,
+    wsgi_upstream: Callable[[Any], str],
 ) -> None:
     trip = Trip()
 

@@ -32,7 +32,7 @@ class _QuietHandler(WSGIRequestHandler):
 async def flask_shop() -> AsyncIterator[tuple[str, list[str]]]:
     ran: list[str] = []
     app = flask.Flask("shop")
-    app.logger.disabled = True   # Flask logs the view's exception with its traceback
+    app.logger.disabled = True  # Flask logs the view's exception with its traceback
 
     @app.post("/pay")
     def pay() -> Any:
@@ -46,10 +46,12 @@ async def flask_shop() -> AsyncIterator[tuple[str, list[str]]]:
         return {"unreachable": True}
 
     app.wsgi_app = stepgate.wsgi.StepgateMiddleware(app.wsgi_app)  # type: ignore[method-assign]
-    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingWSGIServer,
-                         handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True,
-                              name="flask-shop")
+    server = make_server(
+        "127.0.0.1", 0, app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.05,), daemon=True, name="flask-shop"
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}", ran
@@ -60,11 +62,22 @@ async def flask_shop() -> AsyncIterator[tuple[str, list[str]]]:
 
 
 async def test_flask_non_retriable_error_ends_the_run_at_once(
-    gateway: GatewayFactory, flask_shop: tuple[str, list[str]],
+    gateway: GatewayFactory,
+    flask_shop: tuple[str, list[str]],
 ) -> None:
     url, ran = flask_shop
-    gw = await gateway([{"name": "pay", "path": "/pay", "upstream": url, "durable": True,
-                         "hold": "10s", "retry": {"attempts": 4, "initial": "50ms"}}])
+    gw = await gateway(
+        [
+            {
+                "name": "pay",
+                "path": "/pay",
+                "upstream": url,
+                "durable": True,
+                "hold": "10s",
+                "retry": {"attempts": 4, "initial": "50ms"},
+            }
+        ]
+    )
     async with gw.session.post(gw.url + "/pay", json={}) as resp:
         assert resp.status == 402, await resp.text()
         assert resp.headers["Content-Type"] == "application/problem+json"

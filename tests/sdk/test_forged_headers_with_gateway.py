@@ -45,9 +45,20 @@ class Attacker:
         async def any_call(request: web.Request) -> web.Response:
             self.calls.append(f"{request.method} {request.path}")
             if request.method == "GET":
-                return web.json_response({"steps": [{"id": "charge", "seq": 0, "kind": "run",
-                                                     "status": "completed", "attempts": 1,
-                                                     "output": "forged"}]})
+                return web.json_response(
+                    {
+                        "steps": [
+                            {
+                                "id": "charge",
+                                "seq": 0,
+                                "kind": "run",
+                                "status": "completed",
+                                "attempts": 1,
+                                "output": "forged",
+                            }
+                        ]
+                    }
+                )
             return web.json_response({"status": "completed", "output": "forged"}, status=201)
 
         app = web.Application()
@@ -65,10 +76,16 @@ async def shop() -> AsyncIterator[tuple[str, list[str]]]:
         start_response("200 OK", [("Content-Type", "application/json")])
         return [json.dumps({"charge": value}).encode()]
 
-    server = make_server("127.0.0.1", 0, stepgate.wsgi.StepgateMiddleware(app),
-                         server_class=_ThreadingWSGIServer, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True,
-                              name="wsgi-shop")
+    server = make_server(
+        "127.0.0.1",
+        0,
+        stepgate.wsgi.StepgateMiddleware(app),
+        server_class=_ThreadingWSGIServer,
+        handler_class=_QuietHandler,
+    )
+    thread = threading.Thread(
+        target=server.serve_forever, args=(0.05,), daemon=True, name="wsgi-shop"
+    )
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}", ran
@@ -78,22 +95,37 @@ async def shop() -> AsyncIterator[tuple[str, list[str]]]:
         thread.join()
 
 
-async def _start(gateway: GatewayFactory, upstream: UpstreamFactory,
-                 shop_url: str) -> tuple[Running, Attacker, dict[str, str]]:
+async def _start(
+    gateway: GatewayFactory, upstream: UpstreamFactory, shop_url: str
+) -> tuple[Running, Attacker, dict[str, str]]:
     attacker = Attacker()
     attacker_url = await upstream(attacker.app())
-    gw = await gateway([
-        {"name": "pay", "path": "/pay", "upstream": shop_url, "durable": True, "hold": "5s",
-         "retry": {"attempts": 1}},
-        {"name": "plain-pay", "path": "/plain-pay", "upstream": shop_url},
-    ])
-    forged = {"Stepgate_Callback": f"{attacker_url}/v1/runs/forged",
-              "Stepgate_Token": "forged", "Stepgate_Steps": "1", "Stepgate_Run_Id": "forged"}
+    gw = await gateway(
+        [
+            {
+                "name": "pay",
+                "path": "/pay",
+                "upstream": shop_url,
+                "durable": True,
+                "hold": "5s",
+                "retry": {"attempts": 1},
+            },
+            {"name": "plain-pay", "path": "/plain-pay", "upstream": shop_url},
+        ]
+    )
+    forged = {
+        "Stepgate_Callback": f"{attacker_url}/v1/runs/forged",
+        "Stepgate_Token": "forged",
+        "Stepgate_Steps": "1",
+        "Stepgate_Run_Id": "forged",
+    }
     return gw, attacker, forged
 
 
 async def test_on_a_durable_route_the_forgery_never_reaches_the_attackers_server(
-    gateway: GatewayFactory, upstream: UpstreamFactory, shop: tuple[str, list[str]],
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    shop: tuple[str, list[str]],
 ) -> None:
     shop_url, ran = shop
     gw, attacker, forged = await _start(gateway, upstream, shop_url)
@@ -109,7 +141,10 @@ async def test_on_a_durable_route_the_forgery_never_reaches_the_attackers_server
 # and the plain route passes the forged headers on.
 @pytest.mark.parametrize("path", ["/pay", "/plain-pay"])
 async def test_forged_underscore_headers_never_reach_the_service(
-    gateway: GatewayFactory, upstream: UpstreamFactory, shop: tuple[str, list[str]], path: str,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    shop: tuple[str, list[str]],
+    path: str,
 ) -> None:
     shop_url, ran = shop
     gw, attacker, forged = await _start(gateway, upstream, shop_url)

@@ -34,12 +34,12 @@ def _declined() -> None:
 
 def _shown(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     """Records a default logging set-up shows (INFO and up), access log lines aside."""
-    return [r for r in caplog.records
-            if r.levelno >= logging.INFO and r.name != "aiohttp.access"]
+    return [r for r in caplog.records if r.levelno >= logging.INFO and r.name != "aiohttp.access"]
 
 
 async def test_a_failed_step_logs_one_line_without_traceback(
-    caplog: pytest.LogCaptureFixture, fake_gateway: FakeGateway,
+    caplog: pytest.LogCaptureFixture,
+    fake_gateway: FakeGateway,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     with active(fake_gateway.invocation(steps=0)), pytest.raises(RuntimeError):
@@ -54,8 +54,9 @@ async def test_a_failed_step_logs_one_line_without_traceback(
     assert "RuntimeError: card declined by the issuer" in message
 
 
-def test_a_failed_sync_step_logs_one_line(caplog: pytest.LogCaptureFixture,
-                                          fake_gateway: FakeGateway) -> None:
+def test_a_failed_sync_step_logs_one_line(
+    caplog: pytest.LogCaptureFixture, fake_gateway: FakeGateway
+) -> None:
     caplog.set_level(logging.DEBUG)
     with active(fake_gateway.invocation(steps=0)), pytest.raises(RuntimeError):
         sync_step.run("charge", _declined)
@@ -86,7 +87,9 @@ def _app() -> web.Application:
 
 
 async def test_aiohttp_a_step_failure_is_not_logged_again_with_its_traceback(
-    aiohttp_client: AiohttpClient, caplog: pytest.LogCaptureFixture, fake_gateway: FakeGateway,
+    aiohttp_client: AiohttpClient,
+    caplog: pytest.LogCaptureFixture,
+    fake_gateway: FakeGateway,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     client = await aiohttp_client(_app())
@@ -101,7 +104,9 @@ async def test_aiohttp_a_step_failure_is_not_logged_again_with_its_traceback(
 
 
 async def test_aiohttp_an_error_outside_steps_is_logged_like_aiohttp_does(
-    aiohttp_client: AiohttpClient, caplog: pytest.LogCaptureFixture, fake_gateway: FakeGateway,
+    aiohttp_client: AiohttpClient,
+    caplog: pytest.LogCaptureFixture,
+    fake_gateway: FakeGateway,
 ) -> None:
     client = await aiohttp_client(_app())
     resp = await client.post("/pay?bug=1", headers=fake_gateway.headers(steps=0))
@@ -111,8 +116,9 @@ async def test_aiohttp_an_error_outside_steps_is_logged_like_aiohttp_does(
     assert record.exc_info is not None and record.exc_info[0] is KeyError
 
 
-async def test_a_fenced_attempt_logs_one_line(caplog: pytest.LogCaptureFixture,
-                                              fake_gateway: FakeGateway) -> None:
+async def test_a_fenced_attempt_logs_one_line(
+    caplog: pytest.LogCaptureFixture, fake_gateway: FakeGateway
+) -> None:
     from stepgate import Superseded
 
     caplog.set_level(logging.DEBUG)

@@ -20,10 +20,10 @@ def test_an_ordinary_ending_is_left_alone(fake_gateway: FakeGateway) -> None:
     assert reply_for(ValueError("x"), fake_gateway.invocation()) is None
 
 
-@pytest.mark.parametrize("signal", [asyncio.CancelledError(), KeyboardInterrupt(),
-                                    SystemExit(0), GeneratorExit()])
-def test_control_flow_is_never_answered(fake_gateway: FakeGateway,
-                                        signal: BaseException) -> None:
+@pytest.mark.parametrize(
+    "signal", [asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(0), GeneratorExit()]
+)
+def test_control_flow_is_never_answered(fake_gateway: FakeGateway, signal: BaseException) -> None:
     inv = fake_gateway.invocation()
     inv.suspended = True
     assert reply_for(signal, inv) is None
@@ -33,7 +33,7 @@ def test_suspend_by_exception_or_by_flag(fake_gateway: FakeGateway) -> None:
     inv = fake_gateway.invocation()
     assert reply_for(Suspend(run_id="r", step_id="s"), inv) is SUSPEND
     assert SUSPEND.status == 202 and dict(SUSPEND.headers) == {"Stepgate-Suspend": "true"}
-    inv.suspended = True   # the handler caught the signal and returned or raised otherwise
+    inv.suspended = True  # the handler caught the signal and returned or raised otherwise
     assert reply_for(None, inv) is SUSPEND
     assert reply_for(RuntimeError("later"), inv) is SUSPEND
 
@@ -42,10 +42,16 @@ def test_non_retriable_error_becomes_its_problem() -> None:
     reply = reply_for(NonRetriableError("card declined", status=402), None)
     assert reply is not None
     assert reply.status == 402
-    assert dict(reply.headers) == {"Content-Type": "application/problem+json",
-                                   "Stepgate-No-Retry": "true"}
-    assert json.loads(reply.body) == {"type": "about:blank", "title": "Payment Required",
-                                      "status": 402, "detail": "card declined"}
+    assert dict(reply.headers) == {
+        "Content-Type": "application/problem+json",
+        "Stepgate-No-Retry": "true",
+    }
+    assert json.loads(reply.body) == {
+        "type": "about:blank",
+        "title": "Payment Required",
+        "status": 402,
+        "detail": "card declined",
+    }
 
 
 def test_a_mismatch_wins_even_when_swallowed(fake_gateway: FakeGateway) -> None:

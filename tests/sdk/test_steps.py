@@ -38,7 +38,7 @@ async def test_without_gateway_steps_simply_run() -> None:
 
     assert await step.run("plain", plain, 1) == 2
     assert await step.run("coro", coro, 3, times=2) == [3, 3]
-    assert await step.run("plain", plain, 1) == 2   # no memo outside the gateway
+    assert await step.run("plain", plain, 1) == 2  # no memo outside the gateway
     assert ran == ["plain", "coro", "plain"]
 
 
@@ -60,9 +60,15 @@ async def test_without_gateway_wait_for_event_is_a_clear_error() -> None:
         await step.wait_for_event("paid", event="order.paid")
 
 
-@pytest.mark.parametrize(("name", "error"), [
-    ("", ValueError), ("a#2", ValueError), ("x" * 300, ValueError), (7, TypeError),
-])
+@pytest.mark.parametrize(
+    ("name", "error"),
+    [
+        ("", ValueError),
+        ("a#2", ValueError),
+        ("x" * 300, ValueError),
+        (7, TypeError),
+    ],
+)
 async def test_bad_step_names_are_refused_at_the_call(name: Any, error: type[Exception]) -> None:
     with pytest.raises(error):
         _ = step.run(name, lambda: 1)
@@ -110,7 +116,12 @@ async def test_repeated_names_get_numbered_ids_in_call_order(fake_gateway: FakeG
         await step.run("other", lambda: "x")
         await step.run("charge", lambda: 3)
     assert [(sid, body["seq"]) for sid, body in fake_gateway.puts()] == [
-        ("charge", 0), ("charge#2", 1), ("charge#3", 2), ("other", 3), ("charge#4", 4)]
+        ("charge", 0),
+        ("charge#2", 1),
+        ("charge#3", 2),
+        ("other", 3),
+        ("charge#4", 4),
+    ]
 
 
 async def test_gather_numbers_steps_in_call_order_not_finish_order(
@@ -124,11 +135,12 @@ async def test_gather_numbers_steps_in_call_order_not_finish_order(
         return "fast"
 
     with active(fake_gateway.invocation(steps=0)):
-        results = await asyncio.gather(step.run("a", slow), step.run("b", fast),
-                                       step.run("a", fast))
+        results = await asyncio.gather(
+            step.run("a", slow), step.run("b", fast), step.run("a", fast)
+        )
     assert list(results) == ["slow", "fast", "fast"]
     finished = [(sid, body["seq"]) for sid, body in fake_gateway.puts()]
-    assert finished[0] == ("b", 1)   # b finished first ...
+    assert finished[0] == ("b", 1)  # b finished first ...
     assert sorted(finished, key=lambda p: p[1]) == [("a", 0), ("b", 1), ("a#2", 2)]  # ... seq kept
 
 
@@ -140,8 +152,10 @@ async def test_ids_are_fixed_when_the_call_is_made_not_when_awaited(
         second = step.run("second", lambda: 2)
         await second
         await first
-    assert fake_gateway.puts() == [("second", {"output": 2, "seq": 1}),
-                                   ("first", {"output": 1, "seq": 0})]
+    assert fake_gateway.puts() == [
+        ("second", {"output": 2, "seq": 1}),
+        ("first", {"output": 1, "seq": 0}),
+    ]
 
 
 async def test_a_concurrently_stored_output_wins(fake_gateway: FakeGateway) -> None:
@@ -182,8 +196,9 @@ async def test_parallel_first_steps_share_one_fetch(fake_gateway: FakeGateway) -
     fake_gateway.record("a", 0, output=1)
     fake_gateway.record("b", 1, output=2)
     with active(fake_gateway.invocation()):
-        results = await asyncio.gather(step.run("a", lambda: 0), step.run("b", lambda: 0),
-                                       step.run("c", lambda: 3))
+        results = await asyncio.gather(
+            step.run("a", lambda: 0), step.run("b", lambda: 0), step.run("c", lambda: 3)
+        )
     assert list(results) == [1, 2, 3]
     assert fake_gateway.log.count("GET steps") == 1
 
@@ -198,7 +213,11 @@ async def test_a_different_step_at_a_recorded_position_is_a_mismatch(
         await step.run("reserve-hotel", lambda: ran.append("hotel"))
     error = caught.value
     assert (error.run_id, error.step_id, error.recorded_step_id, error.seq) == (
-        "run-1", "reserve-hotel", "reserve-flight", 0)
+        "run-1",
+        "reserve-hotel",
+        "reserve-flight",
+        0,
+    )
     assert "'reserve-hotel'" in str(error) and "'reserve-flight'" in str(error)
     assert inv.fatal is error
     assert ran == []
@@ -227,9 +246,15 @@ async def test_a_failing_step_records_a_retriable_error_and_reraises(
     with active(fake_gateway.invocation(steps=0)), pytest.raises(ValueError) as caught:
         await step.run("charge", charge)
     assert caught.value is boom
-    assert fake_gateway.puts() == [("charge", {
-        "error": {"message": "card service down", "type": "ValueError", "retriable": True},
-        "seq": 0})]
+    assert fake_gateway.puts() == [
+        (
+            "charge",
+            {
+                "error": {"message": "card service down", "type": "ValueError", "retriable": True},
+                "seq": 0,
+            },
+        )
+    ]
 
 
 async def test_a_non_retriable_step_error_is_recorded_as_such(fake_gateway: FakeGateway) -> None:
@@ -239,7 +264,10 @@ async def test_a_non_retriable_step_error_is_recorded_as_such(fake_gateway: Fake
     with active(fake_gateway.invocation(steps=0)), pytest.raises(NonRetriableError) as caught:
         await step.run("charge", charge)
     assert (caught.value.status, caught.value.step_id, caught.value.run_id) == (
-        402, "charge", "run-1")
+        402,
+        "charge",
+        "run-1",
+    )
     error = fake_gateway.puts()[0][1]["error"]
     assert error["retriable"] is False
     assert error["type"] == "stepgate.errors.NonRetriableError"
@@ -264,15 +292,18 @@ async def test_an_unrecordable_failure_keeps_the_original_error(
     def fail() -> None:
         raise KeyError("k")
 
-    with active(fake_gateway.invocation(steps=0, transport=Unreachable())), \
-            pytest.raises(KeyError) as caught:
+    with (
+        active(fake_gateway.invocation(steps=0, transport=Unreachable())),
+        pytest.raises(KeyError) as caught,
+    ):
         await step.run("s", fail)
     assert any("could not record this failure" in note for note in caught.value.__notes__)
 
 
 async def test_a_refused_callback_raises_callback_error(fake_gateway: FakeGateway) -> None:
-    fake_gateway.fail_next = Reply(409, b'{"type":"about:blank","status":409,'
-                                        b'"detail":"the run has ended (cancelled)"}')
+    fake_gateway.fail_next = Reply(
+        409, b'{"type":"about:blank","status":409,"detail":"the run has ended (cancelled)"}'
+    )
     with active(fake_gateway.invocation(steps=0)), pytest.raises(CallbackError) as caught:
         await step.run("s", lambda: 1)
     assert caught.value.status == 409
@@ -300,7 +331,7 @@ async def test_a_sleep_that_is_not_due_suspends(fake_gateway: FakeGateway) -> No
     with active(inv), pytest.raises(Suspend) as caught:
         try:
             await step.sleep("cool-off", timedelta(minutes=5))
-        except Exception:   # a handler's broad except must not swallow the signal
+        except Exception:  # a handler's broad except must not swallow the signal
             pytest.fail("Suspend was caught by `except Exception`")
     assert (caught.value.run_id, caught.value.step_id) == ("run-1", "cool-off")
     assert inv.suspended
@@ -331,11 +362,18 @@ async def test_recorded_sleeps_replay_without_calls(fake_gateway: FakeGateway) -
 
 async def test_a_wait_registers_and_suspends(fake_gateway: FakeGateway) -> None:
     with active(fake_gateway.invocation(steps=0)), pytest.raises(Suspend):
-        await step.wait_for_event("paid", event="order.paid", match={"data.order_id": 7},
-                                  timeout=timedelta(hours=1))
-    assert fake_gateway.puts() == [("paid", {
-        "wait": {"event": "order.paid", "match": {"data.order_id": 7}, "timeout": "3600s"},
-        "seq": 0})]
+        await step.wait_for_event(
+            "paid", event="order.paid", match={"data.order_id": 7}, timeout=timedelta(hours=1)
+        )
+    assert fake_gateway.puts() == [
+        (
+            "paid",
+            {
+                "wait": {"event": "order.paid", "match": {"data.order_id": 7}, "timeout": "3600s"},
+                "seq": 0,
+            },
+        )
+    ]
 
 
 async def test_a_wait_returns_the_event_once_matched(fake_gateway: FakeGateway) -> None:

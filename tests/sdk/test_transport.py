@@ -37,20 +37,21 @@ class Recorder:
         return app
 
     async def callback(self, request: web.Request) -> web.Response:
-        self.peers.append(request.transport.get_extra_info("peername") if request.transport
-                          else None)
+        self.peers.append(
+            request.transport.get_extra_info("peername") if request.transport else None
+        )
         self.authorizations.append(request.headers.get("Authorization"))
         body = await request.read()
-        reply = self.gateway.handle(request.method, request.raw_path,
-                                    request.headers.get("Authorization"), body or None)
-        return web.Response(status=reply.status, body=reply.body,
-                            content_type="application/json")
+        reply = self.gateway.handle(
+            request.method, request.raw_path, request.headers.get("Authorization"), body or None
+        )
+        return web.Response(status=reply.status, body=reply.body, content_type="application/json")
 
     async def chunked(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse()
         response.enable_chunked_encoding()
         await response.prepare(request)
-        for part in (b'{"parts":', b'[1,2', b",3]}"):
+        for part in (b'{"parts":', b"[1,2", b",3]}"):
             await response.write(part)
         await response.write_eof()
         return response
@@ -80,58 +81,68 @@ def _steps_url(base: str) -> str:
 
 
 async def test_async_transport_reuses_one_connection(
-    recorder: tuple[Recorder, str], transport: AsyncTransport,
+    recorder: tuple[Recorder, str],
+    transport: AsyncTransport,
 ) -> None:
     rec, base = recorder
     odd_id = "charge card/é#2?"
     for i in range(4):
         reply = await transport.request(
-            "PUT", f"{_steps_url(base)}/step-{i}", TOKEN, json.dumps({"output": i}).encode())
+            "PUT", f"{_steps_url(base)}/step-{i}", TOKEN, json.dumps({"output": i}).encode()
+        )
         assert reply.status == 201
-    reply = await transport.request("PUT", f"{_steps_url(base)}/charge%20card%2F%C3%A9%232%3F",
-                                    TOKEN, b'{"output": "x"}')
+    reply = await transport.request(
+        "PUT", f"{_steps_url(base)}/charge%20card%2F%C3%A9%232%3F", TOKEN, b'{"output": "x"}'
+    )
     assert reply.status == 201
     reply = await transport.request("GET", _steps_url(base), TOKEN)
     assert reply.status == 200
     ids = [s["id"] for s in json.loads(reply.body)["steps"]]
     assert ids == ["step-0", "step-1", "step-2", "step-3", odd_id]
     assert len(rec.peers) == 6
-    assert len(set(rec.peers)) == 1   # one TCP connection served every call
+    assert len(set(rec.peers)) == 1  # one TCP connection served every call
     assert set(rec.authorizations) == {f"Bearer {TOKEN}"}
 
 
 async def test_async_transport_parallel_calls(
-    recorder: tuple[Recorder, str], transport: AsyncTransport,
+    recorder: tuple[Recorder, str],
+    transport: AsyncTransport,
 ) -> None:
     rec, base = recorder
-    replies = await asyncio.gather(*(
-        transport.request("PUT", f"{_steps_url(base)}/p{i}", TOKEN, b'{"output":1}')
-        for i in range(4)))
+    replies = await asyncio.gather(
+        *(
+            transport.request("PUT", f"{_steps_url(base)}/p{i}", TOKEN, b'{"output":1}')
+            for i in range(4)
+        )
+    )
     assert [r.status for r in replies] == [201] * 4
     parallel = set(rec.peers)
     for _ in range(4):
         await transport.request("GET", _steps_url(base), TOKEN)
-    assert set(rec.peers) == parallel   # later calls reuse the pooled connections
+    assert set(rec.peers) == parallel  # later calls reuse the pooled connections
 
 
 async def test_async_transport_reads_chunked_and_honours_close(
-    recorder: tuple[Recorder, str], transport: AsyncTransport,
+    recorder: tuple[Recorder, str],
+    transport: AsyncTransport,
 ) -> None:
     _, base = recorder
+
     def idle() -> int:
         pool = transport._pools[asyncio.get_running_loop()]
         return sum(len(conns) for conns in pool.idle.values())
 
     reply = await transport.request("GET", f"{base}/chunked", TOKEN)
     assert json.loads(reply.body) == {"parts": [1, 2, 3]}
-    assert idle() == 1   # a complete chunked answer leaves the connection reusable
+    assert idle() == 1  # a complete chunked answer leaves the connection reusable
     reply = await transport.request("GET", f"{base}/close", TOKEN)
     assert json.loads(reply.body) == {"closing": True}
-    assert idle() == 0   # "Connection: close" is honoured
+    assert idle() == 0  # "Connection: close" is honoured
 
 
-async def _raw_server(serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter],
-                                      Awaitable[None]]) -> tuple[asyncio.Server, int]:
+async def _raw_server(
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+) -> tuple[asyncio.Server, int]:
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
 
@@ -143,8 +154,9 @@ def _stale_keepalive_server() -> tuple[list[int], Callable[..., Awaitable[None]]
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         connections.append(1)
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 2\r\n\r\n{}")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        )
         await writer.drain()
         writer.close()
         await writer.wait_closed()
@@ -171,8 +183,9 @@ async def test_sync_transport_retries_a_stale_kept_alive_connection() -> None:
 
     def calls() -> list[int]:
         try:
-            return [client.request("GET", f"http://127.0.0.1:{port}/x", TOKEN).status
-                    for _ in range(3)]
+            return [
+                client.request("GET", f"http://127.0.0.1:{port}/x", TOKEN).status for _ in range(3)
+            ]
         finally:
             client.close()
 
@@ -199,7 +212,7 @@ async def test_unreachable_gateway_is_a_clear_error(transport: AsyncTransport) -
 
 async def test_a_silent_gateway_times_out() -> None:
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()   # until the client gives up and closes
+        await reader.read()  # until the client gives up and closes
         writer.close()
 
     server, port = await _raw_server(never_answer)
@@ -209,8 +222,7 @@ async def test_a_silent_gateway_times_out() -> None:
         with pytest.raises(GatewayUnavailableError, match=r"did not answer within 0\.2 s"):
             await client.request("GET", f"http://127.0.0.1:{port}/x", TOKEN)
         with pytest.raises(GatewayUnavailableError, match="did not answer"):
-            await asyncio.to_thread(sync_client.request, "GET", f"http://127.0.0.1:{port}/x",
-                                    TOKEN)
+            await asyncio.to_thread(sync_client.request, "GET", f"http://127.0.0.1:{port}/x", TOKEN)
     await client.aclose()
 
 
@@ -230,8 +242,10 @@ async def test_sync_transport_reuses_one_connection_per_thread(
 
     def calls() -> list[int]:
         try:
-            statuses = [client.request("PUT", f"{_steps_url(base)}/s{i}", TOKEN,
-                                       b'{"output":1}').status for i in range(3)]
+            statuses = [
+                client.request("PUT", f"{_steps_url(base)}/s{i}", TOKEN, b'{"output":1}').status
+                for i in range(3)
+            ]
             statuses.append(client.request("GET", _steps_url(base), TOKEN).status)
             return statuses
         finally:
@@ -267,25 +281,35 @@ async def test_steps_end_to_end_over_http(recorder: tuple[Recorder, str]) -> Non
     ran: list[str] = []
 
     def invocation(steps: int) -> Invocation:
-        return Invocation(callback=f"{base}/v1/runs/{RUN_ID}", token=TOKEN, run_id=RUN_ID,
-                          recorded_count=steps, transport=client)
+        return Invocation(
+            callback=f"{base}/v1/runs/{RUN_ID}",
+            token=TOKEN,
+            run_id=RUN_ID,
+            recorded_count=steps,
+            transport=client,
+        )
 
     async def quote(city: str) -> dict[str, Any]:
         ran.append(city)
         return {"city": city, "price": 100}
 
     with active(invocation(0)):
-        first = await asyncio.gather(step.run("quote", quote, "Oslo"),
-                                     step.run("quote", quote, "Rome"))
+        first = await asyncio.gather(
+            step.run("quote", quote, "Oslo"), step.run("quote", quote, "Rome")
+        )
     with active(invocation(len(rec.gateway.steps))):
-        again = await asyncio.gather(step.run("quote", quote, "Oslo"),
-                                     step.run("quote", quote, "Rome"))
+        again = await asyncio.gather(
+            step.run("quote", quote, "Oslo"), step.run("quote", quote, "Rome")
+        )
         assert await step.run("book", lambda: "booked") == "booked"
     await client.aclose()
     assert first == again
     assert ran == ["Oslo", "Rome"]
     assert {s["id"]: s["seq"] for s in rec.gateway.steps.values()} == {
-        "quote": 0, "quote#2": 1, "book": 2}
+        "quote": 0,
+        "quote#2": 1,
+        "book": 2,
+    }
 
 
 async def test_aclose_closes_this_loops_connections(recorder: tuple[Recorder, str]) -> None:

@@ -29,9 +29,16 @@ def _fake_transport(monkeypatch: pytest.MonkeyPatch, fake_gateway: FakeGateway) 
 
 def _environ(headers: dict[str, str], path: str = "/", query: str = "") -> dict[str, Any]:
     environ: dict[str, Any] = {
-        "REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": query, "SCRIPT_NAME": "",
-        "SERVER_NAME": "upstream.test", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
-        "wsgi.url_scheme": "http", "wsgi.input": None, "wsgi.errors": None,
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": path,
+        "QUERY_STRING": query,
+        "SCRIPT_NAME": "",
+        "SERVER_NAME": "upstream.test",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": None,
+        "wsgi.errors": None,
         "CONTENT_LENGTH": "0",
     }
     for name, value in headers.items():
@@ -88,13 +95,14 @@ def _flask_app() -> Any:
         raise KeyError("a bug")
 
     app.wsgi_app = stepgate.wsgi.StepgateMiddleware(app.wsgi_app)  # type: ignore[method-assign]
-    app.logger.disabled = True   # Flask logs the view's exception with its traceback
+    app.logger.disabled = True  # Flask logs the view's exception with its traceback
     return app
 
 
 @pytest.mark.parametrize("gateway_mode", [True, False])
 def test_flask_non_retriable_error_without_propagate_exceptions(
-    fake_gateway: FakeGateway, gateway_mode: bool,
+    fake_gateway: FakeGateway,
+    gateway_mode: bool,
 ) -> None:
     headers = fake_gateway.headers(steps=0) if gateway_mode else {}
     status, response_headers, body = _call(_flask_app(), _environ(headers, "/refuse"))
@@ -105,8 +113,9 @@ def test_flask_non_retriable_error_without_propagate_exceptions(
 
 
 def test_flask_non_retriable_error_from_a_step(fake_gateway: FakeGateway) -> None:
-    status, response_headers, _ = _call(_flask_app(), _environ(fake_gateway.headers(steps=0),
-                                                               "/refuse-in-step"))
+    status, response_headers, _ = _call(
+        _flask_app(), _environ(fake_gateway.headers(steps=0), "/refuse-in-step")
+    )
     assert (status, response_headers["Stepgate-No-Retry"]) == (402, "true")
     [(step_id, put)] = fake_gateway.puts()
     assert step_id == "charge" and put["error"]["retriable"] is False
@@ -120,10 +129,11 @@ def test_flask_a_caught_non_retriable_error_leaves_the_answer_alone(
 
 
 def test_flask_an_ordinary_error_keeps_flasks_500(fake_gateway: FakeGateway) -> None:
-    status, response_headers, body = _call(_flask_app(),
-                                           _environ(fake_gateway.headers(steps=0), "/bug"))
+    status, response_headers, body = _call(
+        _flask_app(), _environ(fake_gateway.headers(steps=0), "/bug")
+    )
     assert status == 500
-    assert "Stepgate-No-Retry" not in response_headers   # the gateway may retry it
+    assert "Stepgate-No-Retry" not in response_headers  # the gateway may retry it
     assert b"Internal Server Error" in body
 
 
@@ -132,6 +142,7 @@ def test_flask_an_ordinary_error_keeps_flasks_500(fake_gateway: FakeGateway) -> 
 
 def _swallowing(view: Any) -> Any:
     """What frameworks do: catch the view's exception and render a 500 page."""
+
     def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         try:
             body = view()
@@ -140,6 +151,7 @@ def _swallowing(view: Any) -> Any:
             body, status = b"<h1>Server Error (500)</h1>", "500 Internal Server Error"
         start_response(status, [("Content-Type", "text/html")])
         return [body]
+
     return app
 
 
@@ -161,8 +173,10 @@ def test_a_refusal_of_an_earlier_request_does_not_leak(fake_gateway: FakeGateway
         raise RuntimeError("bug")
 
     _call(stepgate.wsgi.StepgateMiddleware(_swallowing(refuse)), _environ({}))
-    status, headers, _ = _call(stepgate.wsgi.StepgateMiddleware(_swallowing(broken)),
-                               _environ(fake_gateway.headers(steps=0)))
+    status, headers, _ = _call(
+        stepgate.wsgi.StepgateMiddleware(_swallowing(broken)),
+        _environ(fake_gateway.headers(steps=0)),
+    )
     assert status == 500 and "Stepgate-No-Retry" not in headers
 
 
@@ -174,20 +188,35 @@ def _stepping_app(ran: list[str]) -> Any:
         value = step.run("charge", lambda: ran.append("charge") or "charged")
         start_response("200 OK", [("Content-Type", "application/json")])
         return [json.dumps({"charge": value}).encode()]
+
     return app
 
 
-@pytest.mark.parametrize("key", ["Stepgate-Callback", "Stepgate-Token", "Stepgate-Steps",
-                                 "Stepgate-Run-Id", "Stepgate-Attempt"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "Stepgate-Callback",
+        "Stepgate-Token",
+        "Stepgate-Steps",
+        "Stepgate-Run-Id",
+        "Stepgate-Attempt",
+    ],
+)
 def test_merged_stepgate_values_are_refused(fake_gateway: FakeGateway, key: str) -> None:
     headers = fake_gateway.headers(steps=1)
     # What wsgiref and CGI make of the gateway's header plus a client's `Stepgate_...` one.
-    forged = {"Stepgate-Callback": "http://attacker.test/v1/runs/x", "Stepgate-Token": "forged",
-              "Stepgate-Steps": "1", "Stepgate-Run-Id": "x", "Stepgate-Attempt": "9"}[key]
+    forged = {
+        "Stepgate-Callback": "http://attacker.test/v1/runs/x",
+        "Stepgate-Token": "forged",
+        "Stepgate-Steps": "1",
+        "Stepgate-Run-Id": "x",
+        "Stepgate-Attempt": "9",
+    }[key]
     headers[key] = f"{headers[key]},{forged}"
     ran: list[str] = []
-    status, response_headers, body = _call(stepgate.wsgi.StepgateMiddleware(_stepping_app(ran)),
-                                           _environ(headers))
+    status, response_headers, body = _call(
+        stepgate.wsgi.StepgateMiddleware(_stepping_app(ran)), _environ(headers)
+    )
     assert status == 400
     assert response_headers["Stepgate-No-Retry"] == "true"
     assert key in json.loads(body)["detail"]
@@ -198,8 +227,7 @@ def test_a_callback_outside_the_configured_gateway_is_refused(fake_gateway: Fake
     ran: list[str] = []
     headers = fake_gateway.headers(steps=1)
     headers["Stepgate-Callback"] = "http://attacker.test/v1/runs/x"
-    app = stepgate.wsgi.StepgateMiddleware(_stepping_app(ran),
-                                           internal_url="http://gateway.test/")
+    app = stepgate.wsgi.StepgateMiddleware(_stepping_app(ran), internal_url="http://gateway.test/")
     status, _, _ = _call(app, _environ(headers))
     assert status == 400 and ran == [] and fake_gateway.calls == []
     # The gateway's own callback passes.
@@ -213,7 +241,13 @@ def test_forged_headers_is_a_pure_check() -> None:
     assert stepgate.wsgi.forged_headers({}) is None
     assert stepgate.wsgi.forged_headers({"HTTP_STEPGATE_CALLBACK": CALLBACK}) is None
     assert stepgate.wsgi.forged_headers({"HTTP_STEPGATE_TOKEN": "a,b"}) is not None
-    assert stepgate.wsgi.forged_headers({"HTTP_STEPGATE_CALLBACK": CALLBACK},
-                                        "http://gateway.test") is None
-    assert stepgate.wsgi.forged_headers({"HTTP_STEPGATE_CALLBACK": "http://gateway.test.evil/v1/"
-                                         "runs/x"}, "http://gateway.test") is not None
+    assert (
+        stepgate.wsgi.forged_headers({"HTTP_STEPGATE_CALLBACK": CALLBACK}, "http://gateway.test")
+        is None
+    )
+    assert (
+        stepgate.wsgi.forged_headers(
+            {"HTTP_STEPGATE_CALLBACK": "http://gateway.test.evil/v1/runs/x"}, "http://gateway.test"
+        )
+        is not None
+    )

@@ -31,8 +31,17 @@ from gateway.store.sqlite import SQLiteStore
 from tests.conftest import DIALECTS, empty_pg
 
 ROUTE = parse_settings(
-    {"routes": [{"name": "r", "path": "/r", "upstream": "http://127.0.0.1:9", "durable": True,
-                 "retry": {"attempts": 3, "initial": "10ms", "max": "10ms"}}]},
+    {
+        "routes": [
+            {
+                "name": "r",
+                "path": "/r",
+                "upstream": "http://127.0.0.1:9",
+                "durable": True,
+                "retry": {"attempts": 3, "initial": "10ms", "max": "10ms"},
+            }
+        ]
+    },
     source="test",
 ).routes[0]
 
@@ -62,13 +71,30 @@ async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
         await store.close()
 
 
-def new_run(run_id: str, *, status: RunStatus = RunStatus.RUNNING, idem: str | None = None,
-            due: float | None = None) -> Run:
+def new_run(
+    run_id: str,
+    *,
+    status: RunStatus = RunStatus.RUNNING,
+    idem: str | None = None,
+    due: float | None = None,
+) -> Run:
     now = time.time()
-    return Run(id=run_id, route="r", status=status, attempt=1, token=f"secret-{run_id}",
-               poll_token="poll", method="POST", target="/r?q=1",
-               headers=[("Content-Type", "text/plain"), ("X-Caf\u00e9", "v")], body=b"\x00body",
-               created_at=now, updated_at=now, idem_key=idem, due_at=due)
+    return Run(
+        id=run_id,
+        route="r",
+        status=status,
+        attempt=1,
+        token=f"secret-{run_id}",
+        poll_token="poll",
+        method="POST",
+        target="/r?q=1",
+        headers=[("Content-Type", "text/plain"), ("X-Caf\u00e9", "v")],
+        body=b"\x00body",
+        created_at=now,
+        updated_at=now,
+        idem_key=idem,
+        due_at=due,
+    )
 
 
 def token(run: Run, attempt: int | None = None) -> str:
@@ -82,8 +108,9 @@ def answered(attempt: int, status: int = 200) -> Outcome:
 
 
 def after(outcome: Outcome) -> Callable[..., lifecycle.AfterAttempt]:
-    return lambda run, parked: lifecycle.after_attempt(run, outcome, ROUTE, parked, time.time(),
-                                                       random.Random(1))
+    return lambda run, parked: lifecycle.after_attempt(
+        run, outcome, ROUTE, parked, time.time(), random.Random(1)
+    )
 
 
 OUTPUT = StepCall(StepKind.RUN, StepStatus.COMPLETED, 0, output='{"n":1}')
@@ -123,9 +150,14 @@ async def test_steps_first_write_wins_and_only_the_current_attempt_writes(
     await store.create_run(run)
     now = time.time()
     first = await store.put_step("r1", token(run), "s", OUTPUT, now=now, lookback_since=now)
-    again = await store.put_step("r1", token(run), "s",
-                                 StepCall(StepKind.RUN, StepStatus.COMPLETED, 0, output="2"),
-                                 now=now, lookback_since=now)
+    again = await store.put_step(
+        "r1",
+        token(run),
+        "s",
+        StepCall(StepKind.RUN, StepStatus.COMPLETED, 0, output="2"),
+        now=now,
+        lookback_since=now,
+    )
     assert first.created and not again.created and again.step.output == '{"n":1}'
     with pytest.raises(WrongToken):
         await store.put_step("r1", "1.forged", "t", OUTPUT, now=now, lookback_since=now)
@@ -137,7 +169,8 @@ async def test_steps_first_write_wins_and_only_the_current_attempt_writes(
     # The crash of attempt 1: it is fenced, attempt 2 claims the run and writes.
     recovered = await store.recover(
         lambda r: lifecycle.after_interruption(r, ROUTE, time.time(), crashed=True),
-        before=time.time() + 1)
+        before=time.time() + 1,
+    )
     assert [a.run.status for a in recovered] == [RunStatus.RETRYING]
     claimed = await store.claim("r1", time.time() + 1)
     assert claimed is not None and claimed.attempt == 2
@@ -156,8 +189,14 @@ async def test_an_event_completes_a_wait_and_the_lookback_finds_an_early_one(
     run = new_run("r1")
     await store.create_run(run)
     now = time.time()
-    wait = StepCall(StepKind.WAIT, StepStatus.WAITING, 0, wake_at=now + 60, event="paid",
-                    match='{"data.order":7}')
+    wait = StepCall(
+        StepKind.WAIT,
+        StepStatus.WAITING,
+        0,
+        wake_at=now + 60,
+        event="paid",
+        match='{"data.order":7}',
+    )
     await store.put_step("r1", token(run), "w", wait, now=now, lookback_since=now - 60)
     assert await store.deliver_event("e1", "paid", '{"order":8}', now) == []
     assert await store.deliver_event("e2", "paid", '{"order":7}', now) == ["r1"]
@@ -165,10 +204,14 @@ async def test_an_event_completes_a_wait_and_the_lookback_finds_an_early_one(
     (step,) = await store.steps("r1")
     assert step.status == StepStatus.COMPLETED and '"e2"' in (step.output or "")
     # An event that came first is found by a wait registered after it.
-    early = await store.put_step("r1", token(run), "w2",
-                                 StepCall(StepKind.WAIT, StepStatus.WAITING, 1,
-                                          wake_at=now + 60, event="paid", match="{}"),
-                                 now=now, lookback_since=now - 60)
+    early = await store.put_step(
+        "r1",
+        token(run),
+        "w2",
+        StepCall(StepKind.WAIT, StepStatus.WAITING, 1, wake_at=now + 60, event="paid", match="{}"),
+        now=now,
+        lookback_since=now - 60,
+    )
     assert early.step.status == StepStatus.COMPLETED
 
 
@@ -235,7 +278,8 @@ async def test_a_replica_hears_of_the_other_ones_changes(
 
 
 async def test_the_runs_of_a_replica_whose_lease_expired_are_taken_over_once(
-    replicas: tuple[PostgresStore, PostgresStore], pg_database: str,
+    replicas: tuple[PostgresStore, PostgresStore],
+    pg_database: str,
 ) -> None:
     a, b = replicas
     await a.create_run(new_run("mine"))
@@ -251,8 +295,9 @@ async def test_the_runs_of_a_replica_whose_lease_expired_are_taken_over_once(
         task.cancel()
     conn = await asyncpg.connect(pg_database)
     try:
-        await conn.execute("UPDATE replicas SET last_seen = now() - interval '2 seconds' "
-                           "WHERE id = 'b'")
+        await conn.execute(
+            "UPDATE replicas SET last_seen = now() - interval '2 seconds' WHERE id = 'b'"
+        )
     finally:
         await conn.close()
     assert [r.id for r in await a.replicas()] == ["a"]
@@ -268,7 +313,8 @@ async def test_the_runs_of_a_replica_whose_lease_expired_are_taken_over_once(
 
 
 async def test_a_wait_and_its_event_cannot_miss_each_other_across_replicas(
-    replicas: tuple[PostgresStore, PostgresStore], monkeypatch: pytest.MonkeyPatch,
+    replicas: tuple[PostgresStore, PostgresStore],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Forced interleaving: replica a's new wait has looked back (no event yet) and is paused
     before it commits; replica b delivers the event meanwhile. Under READ COMMITTED alone b
@@ -291,7 +337,8 @@ async def test_a_wait_and_its_event_cannot_miss_each_other_across_replicas(
     now = time.time()
     wait = StepCall(StepKind.WAIT, StepStatus.WAITING, 0, wake_at=now + 60, event="paid")
     writing = asyncio.create_task(
-        a.put_step("r1", token(run), "w", wait, now=now, lookback_since=now - 60))
+        a.put_step("r1", token(run), "w", wait, now=now, lookback_since=now - 60)
+    )
     await asyncio.wait_for(looked.wait(), 5)
     delivering = asyncio.create_task(b.deliver_event("e1", "paid", "{}", time.time()))
     await asyncio.sleep(0.3)

@@ -43,8 +43,9 @@ async def test_assets_have_their_content_types_and_revalidate(
         assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
         assert await resp.read() == (STATIC / name).read_bytes()
         etag = resp.headers["ETag"]
-    async with gw.session.get(gw.internal + "/ui/static/" + name,
-                              headers={"If-None-Match": etag}) as resp:
+    async with gw.session.get(
+        gw.internal + "/ui/static/" + name, headers={"If-None-Match": etag}
+    ) as resp:
         assert resp.status == 304
         assert await resp.read() == b""
 
@@ -62,8 +63,14 @@ async def test_everything_the_page_loads_is_served_by_the_gateway(gateway: Gatew
 
 @pytest.mark.parametrize(
     "path",
-    ["/ui/static/nope.js", "/ui/static/index.html", "/ui/static/..%2Fui.py",
-     "/ui/static/%2E%2E%2F__init__.py", "/ui/static/", "/ui/static/a/ui.js"],
+    [
+        "/ui/static/nope.js",
+        "/ui/static/index.html",
+        "/ui/static/..%2Fui.py",
+        "/ui/static/%2E%2E%2F__init__.py",
+        "/ui/static/",
+        "/ui/static/a/ui.js",
+    ],
 )
 async def test_only_known_files_are_served(gateway: GatewayFactory, path: str) -> None:
     gw = await gateway([])
@@ -93,6 +100,12 @@ def test_script_never_parses_data_as_html() -> None:
     # Escaping is structural: every value goes through textContent or setAttribute. These sinks
     # would turn a step output into markup, so the script must not use them at all.
     script = (STATIC / "ui.js").read_text()
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
-                 "new Function"):
+    for sink in (
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+    ):
         assert sink not in script, sink

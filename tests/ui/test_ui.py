@@ -48,10 +48,17 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in (
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
-        "--window-size=1360,1000", "--lang=en-GB",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+        "--window-size=1360,1000",
+        "--lang=en-GB",
     ):
         options.add_argument(flag)
     # An explicit driver path keeps Selenium Manager from trying to download one.
@@ -89,11 +96,14 @@ def screenshot(driver: WebDriver, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
     size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
-    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "png",
-        "captureBeyondViewport": True,
-        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
-    })
+    shot = driver.execute_cdp_cmd(
+        "Page.captureScreenshot",
+        {
+            "format": "png",
+            "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+        },
+    )
     path.write_bytes(base64.b64decode(shot["data"]))
     return path
 
@@ -108,8 +118,9 @@ def checkout() -> web.Application:
         if request.query.get("broken"):
             error = {"message": "bad card number", "type": "ValueError", "retriable": False}
             await steps.put("validate", {"error": error})
-            return web.Response(status=500, text="broken for good",
-                                headers={"Stepgate-No-Retry": "true"})
+            return web.Response(
+                status=500, text="broken for good", headers={"Stepgate-No-Retry": "true"}
+            )
         run_id = steps.run_id or ""
 
         async def reserve() -> str:
@@ -139,8 +150,13 @@ def checkout() -> web.Application:
 
 async def start(gateway: GatewayFactory, upstream: UpstreamFactory, **extra: Any) -> Running:
     base = await upstream(checkout())
-    route = {"name": "checkout", "path": "/checkout", "upstream": base, "durable": True,
-             "retry": FAST_RETRY}
+    route = {
+        "name": "checkout",
+        "path": "/checkout",
+        "upstream": base,
+        "durable": True,
+        "retry": FAST_RETRY,
+    }
     return await gateway([route], **extra)
 
 
@@ -162,15 +178,18 @@ async def test_retried_run_is_listed_and_drawn(
     row = f'tr[data-run-id="{retried}"]'
     await blocking(wait_for, browser, lambda d: find(d, row), "the retried run is listed")
     assert await blocking(lambda: find(browser, row + " .badge")[0].text) == "completed"
-    assert await blocking(lambda: find(browser, f'tr[data-run-id="{broken}"] .badge')[0].text) \
+    assert (
+        await blocking(lambda: find(browser, f'tr[data-run-id="{broken}"] .badge')[0].text)
         == "failed"
+    )
     await blocking(screenshot, browser, "ui-list.png")
 
     # Paging: one run per page, then "More" follows the cursor to the other one.
     await blocking(browser.get, gw.internal + "/ui#/runs?limit=1")
     await blocking(wait_for, browser, lambda d: find(d, "#more:not([hidden])"), "a next page")
-    assert await blocking(lambda: [r.get_attribute("data-run-id")
-                                   for r in find(browser, "tr.run-row")]) == [broken]
+    assert await blocking(
+        lambda: [r.get_attribute("data-run-id") for r in find(browser, "tr.run-row")]
+    ) == [broken]
     await blocking(lambda: find(browser, "#more")[0].click())
     await blocking(wait_for, browser, lambda d: len(find(d, "tr.run-row")) == 2, "the next page")
     assert await blocking(lambda: find(browser, "#more")[0].is_displayed()) is False
@@ -200,12 +219,17 @@ async def test_retried_run_is_listed_and_drawn(
     def read_run() -> dict[str, Any]:
         return {
             "id": find(browser, "#run-id")[0].text,
-            "status": browser.find_element("css selector", "[data-run-status]")
-            .get_attribute("data-run-status"),
-            "attempts": [[td.text for td in r.find_elements("css selector", "td")]
-                         for r in find(browser, "tr.attempt-row")],
-            "steps": [[td.text for td in r.find_elements("css selector", "td")][:5]
-                      for r in find(browser, "tr.step-row")],
+            "status": browser.find_element("css selector", "[data-run-status]").get_attribute(
+                "data-run-status"
+            ),
+            "attempts": [
+                [td.text for td in r.find_elements("css selector", "td")]
+                for r in find(browser, "tr.attempt-row")
+            ],
+            "steps": [
+                [td.text for td in r.find_elements("css selector", "td")][:5]
+                for r in find(browser, "tr.step-row")
+            ],
             "timeline": [e.text for e in find(browser, "#timeline .tl-name")],
             "bars": [e.get_attribute("class") for e in find(browser, "#timeline .tl-bar")],
             "live": len(find(browser, ".live-dot")),
@@ -237,8 +261,12 @@ async def test_retried_run_is_listed_and_drawn(
 
     # The failed run shows its failed step's error and the run's own error.
     await blocking(browser.get, f"{gw.internal}/ui#/runs/{broken}")
-    await blocking(wait_for, browser, lambda d: find(d, 'tr[data-step-id="validate"]'),
-                   "the failed run is drawn")
+    await blocking(
+        wait_for,
+        browser,
+        lambda d: find(d, 'tr[data-step-id="validate"]'),
+        "the failed run is drawn",
+    )
     failed = await blocking(read_run)
     assert failed["status"] == "failed"
     assert failed["steps"] == [["0", "validate", "run", "failed", "1"]]
@@ -265,10 +293,10 @@ async def test_live_run_refreshes_until_it_ends(
     browser: WebDriver, gateway: GatewayFactory, upstream: UpstreamFactory
 ) -> None:
     base = await upstream(waiting_checkout())
-    gw = await gateway([{"name": "checkout", "path": "/checkout", "upstream": base,
-                         "durable": True}])
-    async with gw.session.post(gw.url + "/checkout",
-                               headers={"Prefer": "respond-async"}) as resp:
+    gw = await gateway(
+        [{"name": "checkout", "path": "/checkout", "upstream": base, "durable": True}]
+    )
+    async with gw.session.post(gw.url + "/checkout", headers={"Prefer": "respond-async"}) as resp:
         assert resp.status == 202
         run_id = resp.headers["Stepgate-Run-Id"]
     for _ in range(200):
@@ -291,8 +319,9 @@ async def test_live_run_refreshes_until_it_ends(
     await blocking(screenshot, browser, "ui-live.png")
 
     # The event arrives while the page is open: the page must notice without a reload.
-    async with gw.session.post(gw.internal + "/v1/events",
-                               json={"name": "order.paid", "data": {"order": 7}}) as resp:
+    async with gw.session.post(
+        gw.internal + "/v1/events", json={"name": "order.paid", "data": {"order": 7}}
+    ) as resp:
         assert resp.status == 202
         assert (await resp.json())["woke"] == 1
     await blocking(wait_for, browser, lambda d: run_status(d) == "completed", "the run ends")
@@ -302,11 +331,13 @@ async def test_live_run_refreshes_until_it_ends(
     assert "order.paid" in await blocking(lambda: find(browser, "tr.step-row td.detail")[0].text)
 
     # Ended: no more polling. Count the page's requests to the run over two refresh periods.
-    before = await blocking(browser.execute_script,
-                            "return performance.getEntriesByType('resource').length")
+    before = await blocking(
+        browser.execute_script, "return performance.getEntriesByType('resource').length"
+    )
     await asyncio.sleep(2.2)
-    after = await blocking(browser.execute_script,
-                           "return performance.getEntriesByType('resource').length")
+    after = await blocking(
+        browser.execute_script, "return performance.getEntriesByType('resource').length"
+    )
     assert after == before
 
 
@@ -319,8 +350,12 @@ async def test_admin_token_is_asked_for_and_sent(
         run_id = resp.headers["Stepgate-Run-Id"]
 
     await blocking(browser.get, gw.internal + "/ui")
-    await blocking(wait_for, browser, lambda d: find(d, "#token-form:not([hidden])"),
-                   "the page asks for the token")
+    await blocking(
+        wait_for,
+        browser,
+        lambda d: find(d, "#token-form:not([hidden])"),
+        "the page asks for the token",
+    )
     notice = await blocking(lambda: find(browser, "#notice")[0].text)
     assert "admin token" in notice
 
@@ -331,14 +366,23 @@ async def test_admin_token_is_asked_for_and_sent(
         find(browser, "#token-form button[type=submit]")[0].click()
 
     await blocking(enter, "wrong")
-    await blocking(wait_for, browser,
-                   lambda d: "refused" in find(d, "#notice")[0].text, "a wrong token is refused")
+    await blocking(
+        wait_for,
+        browser,
+        lambda d: "refused" in find(d, "#notice")[0].text,
+        "a wrong token is refused",
+    )
     await blocking(enter, "s3cret-token")
-    await blocking(wait_for, browser, lambda d: find(d, f'tr[data-run-id="{run_id}"]'),
-                   "the run is listed with the token")
+    await blocking(
+        wait_for,
+        browser,
+        lambda d: find(d, f'tr[data-run-id="{run_id}"]'),
+        "the run is listed with the token",
+    )
     assert await blocking(lambda: find(browser, "#notice")[0].is_displayed()) is False
-    stored = await blocking(browser.execute_script,
-                            "return sessionStorage.getItem('stepgate.adminToken')")
+    stored = await blocking(
+        browser.execute_script, "return sessionStorage.getItem('stepgate.adminToken')"
+    )
     assert stored == "s3cret-token"
     # The run view uses the same token.
     await blocking(browser.get, f"{gw.internal}/ui#/runs/{run_id}")

@@ -138,8 +138,17 @@ def test_plain_mapping_input() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["Stepgate_Callback", "Stepgate_Token", "Stepgate_Steps", "STEPGATE_RUN_ID", "stepgate_attempt",
-     "Stepgate-Callback_", "X_Api_Key", "_", "x-a_b"],
+    [
+        "Stepgate_Callback",
+        "Stepgate_Token",
+        "Stepgate_Steps",
+        "STEPGATE_RUN_ID",
+        "stepgate_attempt",
+        "Stepgate-Callback_",
+        "X_Api_Key",
+        "_",
+        "x-a_b",
+    ],
 )
 def test_request_names_with_underscores_are_dropped(name: str) -> None:
     """nginx's default (`underscores_in_headers off`): CGI, WSGI, PHP and Rack map `_` and `-`
@@ -204,8 +213,19 @@ def test_response_headers_are_cleaned() -> None:
 _tchar = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 tokens = st.text(alphabet=_tchar, min_size=1, max_size=12)
 special = st.sampled_from(
-    sorted(HOP_BY_HOP | {"Stepgate-Run-Id", "stepgate-x", "STEPGATE-", "X-Forwarded-For", "Via",
-                         "Stepgate_Token", "stepgate_", "X_Forwarded_For"})
+    sorted(
+        HOP_BY_HOP
+        | {
+            "Stepgate-Run-Id",
+            "stepgate-x",
+            "STEPGATE-",
+            "X-Forwarded-For",
+            "Via",
+            "Stepgate_Token",
+            "stepgate_",
+            "X_Forwarded_For",
+        }
+    )
 )
 names = st.one_of(tokens, special, special.map(str.swapcase), tokens.map("Stepgate-{}".format))
 values = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30)

@@ -604,8 +604,10 @@ def head_of(answer: bytes) -> list[bytes]:
     ids=["first-piece-then-rest", "head-then-body", "chunked"],
 )
 async def test_the_head_leaves_when_it_arrives_not_with_the_whole_body(
-    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
-    client: aiohttp.ClientSession, parts: list[bytes],
+    start_gateway: Start,
+    canned_upstream: Callable[[Canned], Awaitable[str]],
+    client: aiohttp.ClientSession,
+    parts: list[bytes],
 ) -> None:
     """Service alone: the head at once, the rest later. Behind the gateway: the same."""
     base = await canned_upstream(Canned(parts, pause=1.0))
@@ -621,7 +623,8 @@ async def test_the_head_leaves_when_it_arrives_not_with_the_whole_body(
 
 
 async def test_no_content_type_or_server_is_invented(
-    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    start_gateway: Start,
+    canned_upstream: Callable[[Canned], Awaitable[str]],
 ) -> None:
     base = await canned_upstream(Canned([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]))
     gateway = await start_gateway(make_route(base))
@@ -632,7 +635,8 @@ async def test_no_content_type_or_server_is_invented(
 
 
 async def test_the_upstreams_server_header_passes_as_it_is(
-    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    start_gateway: Start,
+    canned_upstream: Callable[[Canned], Awaitable[str]],
 ) -> None:
     base = await canned_upstream(
         Canned([b"HTTP/1.1 200 OK\r\nServer: shop/1.0\r\nContent-Length: 2\r\n\r\nok"])
@@ -645,12 +649,18 @@ async def test_the_upstreams_server_header_passes_as_it_is(
 
 
 async def test_header_names_and_value_bytes_pass_as_they_are(
-    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    start_gateway: Start,
+    canned_upstream: Callable[[Canned], Awaitable[str]],
 ) -> None:
     """Field names keep their case (as nginx keeps them) and a value that is not UTF-8 (a
     latin-1 file name, say) keeps its bytes."""
-    fields = [b"etag: \"v1\"", b"x-lower: 1", b"Content-Type: text/plain",
-              b"Content-Disposition: attachment; filename=\"caf\xe9.txt\"", b"X-Raw: \xff\xfe"]
+    fields = [
+        b'etag: "v1"',
+        b"x-lower: 1",
+        b"Content-Type: text/plain",
+        b'Content-Disposition: attachment; filename="caf\xe9.txt"',
+        b"X-Raw: \xff\xfe",
+    ]
     base = await canned_upstream(
         Canned([b"HTTP/1.1 200 OK\r\n" + b"\r\n".join(fields) + b"\r\nContent-Length: 2\r\n\r\nok"])
     )
@@ -662,7 +672,8 @@ async def test_header_names_and_value_bytes_pass_as_they_are(
 
 
 async def test_an_upstream_header_that_cannot_be_relayed_is_a_502(
-    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    start_gateway: Start,
+    canned_upstream: Callable[[Canned], Awaitable[str]],
     client: aiohttp.ClientSession,
 ) -> None:
     base = await canned_upstream(
@@ -679,15 +690,19 @@ async def test_an_upstream_header_that_cannot_be_relayed_is_a_502(
 
 @pytest.mark.parametrize(
     "head",
-    [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
-     b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc",
-     b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\nabc",
-     b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc"],
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc",
+    ],
     ids=["chunked", "small", "large", "until-close"],
 )
 async def test_a_body_that_stops_moving_is_cut_after_the_route_timeout(
-    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
-    client: aiohttp.ClientSession, head: bytes,
+    start_gateway: Start,
+    canned_upstream: Callable[[Canned], Awaitable[str]],
+    client: aiohttp.ClientSession,
+    head: bytes,
 ) -> None:
     base = await canned_upstream(Canned([head, b""], pause=30.0))
     gateway = await start_gateway(make_route(base, timeout=0.5))
@@ -701,7 +716,8 @@ async def test_a_body_that_stops_moving_is_cut_after_the_route_timeout(
 
 
 async def test_a_body_that_keeps_moving_is_never_cut(
-    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    start_gateway: Start,
+    canned_upstream: Callable[[Canned], Awaitable[str]],
     client: aiohttp.ClientSession,
 ) -> None:
     drip = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"]
@@ -713,7 +729,8 @@ async def test_a_body_that_keeps_moving_is_never_cut(
 
 
 async def test_each_attempt_gets_the_route_timeout_for_its_head(
-    start_gateway: Start, canned_upstream: Callable[[Canned], Awaitable[str]],
+    start_gateway: Start,
+    canned_upstream: Callable[[Canned], Awaitable[str]],
     client: aiohttp.ClientSession,
 ) -> None:
     """A head that never comes: with retry.attempts: 3 the client waits for three time-outs

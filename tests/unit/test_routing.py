@@ -208,8 +208,28 @@ def test_absolute_form_default_ports() -> None:
     assert read_target("GET", "http://[::1]:8080/x", "[::1]:8080") == Target("/x", "/x")
 
 
-_target_chars = st.sampled_from(["/", ".", "..", "%2e", "%2E", "%2f", "%2F", "%5c", "\\", ";", "%",
-                                 "%00", "a", "b", "?", "%41", "%zz", "x.y"])
+_target_chars = st.sampled_from(
+    [
+        "/",
+        ".",
+        "..",
+        "%2e",
+        "%2E",
+        "%2f",
+        "%2F",
+        "%5c",
+        "\\",
+        ";",
+        "%",
+        "%00",
+        "a",
+        "b",
+        "?",
+        "%41",
+        "%zz",
+        "x.y",
+    ]
+)
 
 
 @given(st.lists(_target_chars, max_size=12).map("".join))

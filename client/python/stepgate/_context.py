@@ -59,21 +59,21 @@ def _default_sync() -> _transport.SyncTransportLike:
 
 @dataclass(eq=False, slots=True)
 class Invocation:
-    callback: str                 # {internal_url}/v1/runs/{id}
+    callback: str  # {internal_url}/v1/runs/{id}
     token: str
     run_id: str
     attempt: int = 1
-    recorded_count: int | None = None   # Stepgate-Steps; None: unknown, so ask
+    recorded_count: int | None = None  # Stepgate-Steps; None: unknown, so ask
     transport: _transport.AsyncTransportLike = field(default_factory=_default_async)
     sync_transport: _transport.SyncTransportLike = field(default_factory=_default_sync)
-    recorded: dict[int, Recorded] | None = None   # by seq, fetched at the first step call
-    suspended: bool = False       # a sleep or wait stopped this invocation
-    fatal: ReplayMismatchError | None = None   # seen even if the handler swallows it
-    superseded: Superseded | None = None   # the first fencing answer; sticky
-    failures: list[BaseException] = field(default_factory=list)   # recorded step errors
+    recorded: dict[int, Recorded] | None = None  # by seq, fetched at the first step call
+    suspended: bool = False  # a sleep or wait stopped this invocation
+    fatal: ReplayMismatchError | None = None  # seen even if the handler swallows it
+    superseded: Superseded | None = None  # the first fencing answer; sticky
+    failures: list[BaseException] = field(default_factory=list)  # recorded step errors
     fetch_lock: asyncio.Lock | None = None
     fetch_mutex: threading.Lock = field(default_factory=threading.Lock)
-    running: set[asyncio.Task[Any]] = field(default_factory=set)   # tasks inside a step.run
+    running: set[asyncio.Task[Any]] = field(default_factory=set)  # tasks inside a step.run
     _repeats: dict[str, int] = field(default_factory=dict)
     _next_seq: int = 0
     _mutex: threading.Lock = field(default_factory=threading.Lock)
@@ -110,7 +110,9 @@ class Invocation:
                 f" run {self.run_id} recorded step {record.step_id!r} ({record.kind or '?'}):"
                 " the handler's code changed under a running run, or it picks its steps"
                 " non-deterministically",
-                run_id=self.run_id, step_id=call.step_id, recorded_step_id=record.step_id,
+                run_id=self.run_id,
+                step_id=call.step_id,
+                recorded_step_id=record.step_id,
                 seq=call.seq,
             )
             self.fatal = error
@@ -135,16 +137,18 @@ class Invocation:
         if self.superseded is not None:
             raise self.superseded
 
-    async def request(self, method: str, url: str, body: bytes | None = None, *,
-                      step_id: str | None = None) -> Reply:
+    async def request(
+        self, method: str, url: str, body: bytes | None = None, *, step_id: str | None = None
+    ) -> Reply:
         """One callback of this attempt; a fenced attempt sends none."""
         self.check_live()
         reply = await self.transport.request(method, url, self.token, body)
         self._check_fence(reply, step_id)
         return reply
 
-    def request_sync(self, method: str, url: str, body: bytes | None = None, *,
-                     step_id: str | None = None) -> Reply:
+    def request_sync(
+        self, method: str, url: str, body: bytes | None = None, *, step_id: str | None = None
+    ) -> Reply:
         self.check_live()
         reply = self.sync_transport.request(method, url, self.token, body)
         self._check_fence(reply, step_id)
@@ -154,33 +158,45 @@ class Invocation:
         problem = superseded_problem(reply)
         if problem is None:
             return
-        with self._mutex:   # parallel steps: the first answer wins, the others raise it too
+        with self._mutex:  # parallel steps: the first answer wins, the others raise it too
             first = self.superseded is None
             if first:
                 self.superseded = Superseded(
-                    run_id=self.run_id, attempt=_int(problem.get("attempt")) or self.attempt,
+                    run_id=self.run_id,
+                    attempt=_int(problem.get("attempt")) or self.attempt,
                     current_attempt=_int(problem.get("current_attempt")),
-                    run_status=_str(problem.get("run_status")), step_id=step_id)
+                    run_status=_str(problem.get("run_status")),
+                    step_id=step_id,
+                )
             signal = self.superseded
         assert signal is not None
         if first:
-            log.warning("attempt.superseded run_id=%s attempt=%s step=%s current_attempt=%s"
-                        " run_status=%s: the gateway has given up on this attempt; stopping"
-                        " the handler", signal.run_id, signal.attempt, step_id,
-                        signal.current_attempt, signal.run_status,
-                        extra={"run_id": signal.run_id, "attempt": signal.attempt,
-                               "step": step_id})
+            log.warning(
+                "attempt.superseded run_id=%s attempt=%s step=%s current_attempt=%s"
+                " run_status=%s: the gateway has given up on this attempt; stopping"
+                " the handler",
+                signal.run_id,
+                signal.attempt,
+                step_id,
+                signal.current_attempt,
+                signal.run_status,
+                extra={"run_id": signal.run_id, "attempt": signal.attempt, "step": step_id},
+            )
         raise signal
 
     def failed(self, call: Call, exc: BaseException, recorded: bool) -> None:
         """Note a step's failure: one concise line, no traceback (the handler's framework shows
         the exception if the handler lets it out)."""
         self.failures.append(exc)
-        log.warning("step.failed run_id=%s attempt=%s step=%s recorded=%s error=%s",
-                    self.run_id, self.attempt, call.step_id, "yes" if recorded else "no",
-                    one_line(exc),
-                    extra={"run_id": self.run_id, "attempt": self.attempt,
-                           "step": call.step_id})
+        log.warning(
+            "step.failed run_id=%s attempt=%s step=%s recorded=%s error=%s",
+            self.run_id,
+            self.attempt,
+            call.step_id,
+            "yes" if recorded else "no",
+            one_line(exc),
+            extra={"run_id": self.run_id, "attempt": self.attempt, "step": call.step_id},
+        )
 
     def recorded_failure(self, exc: BaseException) -> bool:
         """Whether `exc` (every leaf of a group) is a step failure already reported."""

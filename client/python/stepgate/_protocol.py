@@ -78,7 +78,7 @@ def step_id_for(name: str, repeat: int) -> str:
     return name if repeat == 1 else f"{name}#{repeat}"
 
 
-@functools.lru_cache(maxsize=1024)   # handlers reuse the same few step ids on every run
+@functools.lru_cache(maxsize=1024)  # handlers reuse the same few step ids on every run
 def quote_step_id(step_id: str) -> str:
     """Percent-encode like JavaScript's encodeURIComponent, so every SDK builds the same URL."""
     return quote(step_id, safe="!'()*")
@@ -91,7 +91,8 @@ def output_body(call: Call, value: object, run_id: str | None) -> bytes:
         raise StepOutputError(
             f"step {call.step_id!r} returned {type(value).__name__}, which is not JSON"
             f" ({exc}); return dicts, lists, str, int, float, bool or None",
-            run_id=run_id, step_id=call.step_id,
+            run_id=run_id,
+            step_id=call.step_id,
         ) from exc
     return f'{{"output":{encoded},"seq":{call.seq}}}'.encode()
 
@@ -103,11 +104,14 @@ def check_output(call: Call, value: object) -> None:
 
 def error_body(call: Call, exc: BaseException) -> bytes:
     kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else (
-        f"{kind.__module__}.{kind.__qualname__}")
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else (f"{kind.__module__}.{kind.__qualname__}")
+    )
     message = str(exc) or name
     if len(message) > MAX_ERROR_MESSAGE:
-        message = message[:MAX_ERROR_MESSAGE - 1] + "…"
+        message = message[: MAX_ERROR_MESSAGE - 1] + "…"
     # A step that stored a non-JSON output would fail the same way on every retry.
     retriable = not isinstance(exc, NonRetriableError | StepOutputError)
     error = {"message": message, "type": name, "retriable": retriable}
@@ -155,8 +159,9 @@ def check_moment(moment: object) -> datetime:
     return moment
 
 
-def check_wait(event: object, match: Mapping[str, Any] | None,
-               timeout: timedelta | float) -> tuple[str, Mapping[str, Any], float]:
+def check_wait(
+    event: object, match: Mapping[str, Any] | None, timeout: timedelta | float
+) -> tuple[str, Mapping[str, Any], float]:
     if not isinstance(event, str) or not event:
         raise ValueError("wait_for_event needs a non-empty event name (event=...)")
     if match is None:
@@ -179,16 +184,26 @@ def answer(reply: Reply, *, what: str, run_id: str, step_id: str | None = None) 
         detail = _problem_detail(reply.body)
         raise CallbackError(
             f"the gateway answered {reply.status} to {what}" + (f": {detail}" if detail else ""),
-            status=reply.status, run_id=run_id, step_id=step_id,
+            status=reply.status,
+            run_id=run_id,
+            step_id=step_id,
         )
     try:
         data = json.loads(reply.body)
     except ValueError as exc:
-        raise CallbackError(f"the gateway answered {what} with invalid JSON",
-                            status=reply.status, run_id=run_id, step_id=step_id) from exc
+        raise CallbackError(
+            f"the gateway answered {what} with invalid JSON",
+            status=reply.status,
+            run_id=run_id,
+            step_id=step_id,
+        ) from exc
     if not isinstance(data, dict):
-        raise CallbackError(f"the gateway answered {what} with {type(data).__name__}, not an"
-                            " object", status=reply.status, run_id=run_id, step_id=step_id)
+        raise CallbackError(
+            f"the gateway answered {what} with {type(data).__name__}, not an object",
+            status=reply.status,
+            run_id=run_id,
+            step_id=step_id,
+        )
     return data
 
 
@@ -199,8 +214,11 @@ def parked(data: dict[str, Any], parked_status: str, run_id: str, call: Call) ->
         return False
     if status == parked_status:
         return True
-    raise CallbackError(f"the gateway answered {call.kind} {call.step_id!r} with status"
-                        f" {status!r}", run_id=run_id, step_id=call.step_id)
+    raise CallbackError(
+        f"the gateway answered {call.kind} {call.step_id!r} with status {status!r}",
+        run_id=run_id,
+        step_id=call.step_id,
+    )
 
 
 def superseded_problem(reply: Reply) -> dict[str, Any] | None:
@@ -220,7 +238,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     """`Type: message` on one line, shortened, for a log line about an expected failure."""
     text = " ".join(str(exc).split())
     if len(text) > limit:
-        text = text[:limit - 1] + "…"
+        text = text[: limit - 1] + "…"
     name = type(exc).__qualname__
     return f"{name}: {text}" if text else name
 
@@ -244,13 +262,15 @@ def parse_steps(reply: Reply, run_id: str) -> dict[int, Recorded]:
     recorded: dict[int, Recorded] = {}
     for position, item in enumerate(steps):
         if not isinstance(item, dict) or not isinstance(item.get("id"), str):
-            raise CallbackError(f"the gateway's step list has a malformed entry: {item!r}",
-                                run_id=run_id)
+            raise CallbackError(
+                f"the gateway's step list has a malformed entry: {item!r}", run_id=run_id
+            )
         seq = item.get("seq")
         if not isinstance(seq, int):
-            seq = position   # the list is in call order
-        recorded[seq] = Recorded(item["id"], seq, item.get("kind"), str(item.get("status")),
-                                 item.get("output"))
+            seq = position  # the list is in call order
+        recorded[seq] = Recorded(
+            item["id"], seq, item.get("kind"), str(item.get("status")), item.get("output")
+        )
     return recorded
 
 
@@ -258,7 +278,8 @@ def nested_step(name: str, outer: str) -> StepgateError:
     # A nested step would shift every later seq on replay once its outer step is replayed.
     return StepgateError(
         f"step {name!r} is called inside step {outer!r}; steps cannot nest (call it from the"
-        " handler instead)", step_id=outer,
+        " handler instead)",
+        step_id=outer,
     )
 
 

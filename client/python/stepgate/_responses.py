@@ -45,26 +45,41 @@ SUSPEND = Reply(202, (("Stepgate-Suspend", "true"),), b"")
 def problem(status: int, detail: str) -> Reply:
     """An RFC 9457 problem that also tells the gateway not to retry."""
     title = Reply(status, (), b"").reason
-    body = json.dumps({"type": "about:blank", "title": title, "status": status,
-                       "detail": detail}).encode()
-    return Reply(status, (("Content-Type", "application/problem+json"),
-                          ("Stepgate-No-Retry", "true")), body)
+    body = json.dumps(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    ).encode()
+    return Reply(
+        status, (("Content-Type", "application/problem+json"), ("Stepgate-No-Retry", "true")), body
+    )
 
 
 def superseded(signal: Superseded) -> Reply:
     """The answer of a fenced attempt. The gateway ignores it (it has moved on); it says what
     happened to anyone else reading the service's answers, in the gateway's own terms."""
-    body = json.dumps({"type": SUPERSEDED_TYPE, "title": "Attempt superseded", "status": 409,
-                       "detail": "the gateway has given up on this attempt; the handler stopped",
-                       "run_id": signal.run_id, "attempt": signal.attempt}).encode()
+    body = json.dumps(
+        {
+            "type": SUPERSEDED_TYPE,
+            "title": "Attempt superseded",
+            "status": 409,
+            "detail": "the gateway has given up on this attempt; the handler stopped",
+            "run_id": signal.run_id,
+            "attempt": signal.attempt,
+        }
+    ).encode()
     return Reply(409, (("Content-Type", "application/problem+json"),), body)
 
 
 def failure(exc: Exception) -> Reply:
     """An unexpected error under the gateway: 500 problem+json naming only the error's type
     (its message may hold data the client must not see); the gateway may retry it."""
-    body = json.dumps({"type": "about:blank", "title": "Internal Server Error", "status": 500,
-                       "detail": f"the handler failed with {type(exc).__name__}"}).encode()
+    body = json.dumps(
+        {
+            "type": "about:blank",
+            "title": "Internal Server Error",
+            "status": 500,
+            "detail": f"the handler failed with {type(exc).__name__}",
+        }
+    ).encode()
     return Reply(500, (("Content-Type", "application/problem+json"),), body)
 
 
@@ -78,9 +93,10 @@ def _leaves(exc: BaseException) -> Iterator[BaseException]:
 
 def reply_for(exc: BaseException | None, inv: Invocation | None) -> Reply | None:
     """The answer to send instead, given how the handler ended; None to leave it alone."""
-    if exc is not None and not isinstance(exc, Exception | Suspend | Superseded |
-                                          BaseExceptionGroup):
-        return None   # cancellation, KeyboardInterrupt, SystemExit: not ours to answer
+    if exc is not None and not isinstance(
+        exc, Exception | Suspend | Superseded | BaseExceptionGroup
+    ):
+        return None  # cancellation, KeyboardInterrupt, SystemExit: not ours to answer
     leaves = list(_leaves(exc)) if exc is not None else []
     # Fenced: nothing this attempt says is recorded any more, whatever else went wrong.
     fence = inv.superseded if inv is not None else None

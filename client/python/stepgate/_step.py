@@ -46,15 +46,18 @@ class Step:
     __slots__ = ()
 
     @overload
-    def run(self, name: str, fn: Callable[P, Awaitable[T]], /,
-            *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]: ...
+    def run(
+        self, name: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, T]: ...
 
     @overload
-    def run(self, name: str, fn: Callable[P, T], /,
-            *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, T]: ...
+    def run(
+        self, name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, T]: ...
 
-    def run(self, name: str, fn: Callable[P, Any], /,
-            *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Any]:
+    def run(
+        self, name: str, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, Any]:
         """Run `fn(*args, **kwargs)` once per run and return its output; await the result.
 
         `fn` may be async or plain. A plain function runs directly on the event loop, so
@@ -95,9 +98,14 @@ class Step:
             return asyncio.sleep(max(0.0, (moment - proto.now()).total_seconds()))
         return _sleep(inv, inv.begin(name, "sleep"), moment)
 
-    def wait_for_event(self, name: str, *, event: str, match: Mapping[str, Any] | None = None,
-                       timeout: timedelta | float = proto.DEFAULT_WAIT_TIMEOUT,
-                       ) -> Coroutine[Any, Any, dict[str, Any] | None]:
+    def wait_for_event(
+        self,
+        name: str,
+        *,
+        event: str,
+        match: Mapping[str, Any] | None = None,
+        timeout: timedelta | float = proto.DEFAULT_WAIT_TIMEOUT,
+    ) -> Coroutine[Any, Any, dict[str, Any] | None]:
         """Wait for an event posted to the gateway; await the result.
 
         Returns the event `{"name", "data", "id", "ts"}` whose fields match every dotted path
@@ -123,8 +131,9 @@ async def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str,
     return result
 
 
-async def _run_plain(name: str, fn: Callable[..., Any], args: tuple[Any, ...],
-                     kwargs: dict[str, Any]) -> Any:
+async def _run_plain(
+    name: str, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     token = in_step.set(name)
     try:
         result = await _call(fn, args, kwargs)
@@ -138,18 +147,23 @@ async def _recorded(inv: Invocation, call: Call) -> Recorded | None:
     """The run's record for this call, fetched once per invocation and only if there is one."""
     if inv.recorded is None:
         if inv.recorded_count == 0:
-            return None   # the first invocation: nothing to ask for
+            return None  # the first invocation: nothing to ask for
         if inv.fetch_lock is None:
             inv.fetch_lock = asyncio.Lock()
-        async with inv.fetch_lock:   # parallel first steps share one GET
+        async with inv.fetch_lock:  # parallel first steps share one GET
             if inv.recorded is None:
                 reply = await inv.request("GET", inv.steps_url)
                 inv.recorded = proto.parse_steps(reply, inv.run_id)
     return inv.replayed(call)
 
 
-async def _run(inv: Invocation, call: Call, fn: Callable[..., Any], args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> Any:
+async def _run(
+    inv: Invocation,
+    call: Call,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
     task = asyncio.current_task()
     if task is not None:
         inv.running.add(task)
@@ -160,8 +174,13 @@ async def _run(inv: Invocation, call: Call, fn: Callable[..., Any], args: tuple[
             inv.running.discard(task)
 
 
-async def _run_step(inv: Invocation, call: Call, fn: Callable[..., Any], args: tuple[Any, ...],
-                    kwargs: dict[str, Any]) -> Any:
+async def _run_step(
+    inv: Invocation,
+    call: Call,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
     inv.check_live()
     record = await _recorded(inv, call)
     if record is not None and record.status == "completed":
@@ -176,11 +195,12 @@ async def _run_step(inv: Invocation, call: Call, fn: Callable[..., Any], args: t
     finally:
         in_step.reset(token)
     reply = await inv.request("PUT", inv.step_url(call.step_id), body, step_id=call.step_id)
-    if reply.status == 201:   # stored ours
+    if reply.status == 201:  # stored ours
         return result
     # 200: another invocation stored this step first; its output is the one the run keeps.
-    data = proto.answer(reply, what=f"PUT step {call.step_id!r}", run_id=inv.run_id,
-                        step_id=call.step_id)
+    data = proto.answer(
+        reply, what=f"PUT step {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+    )
     return data.get("output")
 
 
@@ -188,14 +208,15 @@ async def _record_failure(inv: Invocation, call: Call, exc: Exception) -> None:
     """Record the step's error (a fenced attempt raises Superseded instead) and log one line."""
     proto.tag(exc, inv.run_id, call)
     try:
-        reply = await inv.request("PUT", inv.step_url(call.step_id),
-                                  proto.error_body(call, exc), step_id=call.step_id)
-        proto.answer(reply, what=f"PUT step {call.step_id!r} error", run_id=inv.run_id,
-                     step_id=call.step_id)
+        reply = await inv.request(
+            "PUT", inv.step_url(call.step_id), proto.error_body(call, exc), step_id=call.step_id
+        )
+        proto.answer(
+            reply, what=f"PUT step {call.step_id!r} error", run_id=inv.run_id, step_id=call.step_id
+        )
     except CallbackError as failed:
         # The step's own error matters more; the gateway still sees this invocation fail.
-        exc.add_note(f"stepgate: could not record this failure of step {call.step_id!r}:"
-                     f" {failed}")
+        exc.add_note(f"stepgate: could not record this failure of step {call.step_id!r}: {failed}")
         inv.failed(call, exc, recorded=False)
         return
     inv.failed(call, exc, recorded=True)
@@ -208,27 +229,34 @@ async def _sleep(inv: Invocation, call: Call, until: datetime) -> None:
         return
     if record is not None and record.status == "sleeping":
         raise inv.suspend(call)
-    reply = await inv.request("PUT", inv.step_url(call.step_id), proto.sleep_body(call, until),
-                              step_id=call.step_id)
-    data = proto.answer(reply, what=f"PUT sleep {call.step_id!r}", run_id=inv.run_id,
-                        step_id=call.step_id)
+    reply = await inv.request(
+        "PUT", inv.step_url(call.step_id), proto.sleep_body(call, until), step_id=call.step_id
+    )
+    data = proto.answer(
+        reply, what=f"PUT sleep {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+    )
     if proto.parked(data, "sleeping", inv.run_id, call):
         raise inv.suspend(call)
 
 
-async def _wait(inv: Invocation, call: Call, event: str, match: Mapping[str, Any],
-                seconds: float) -> dict[str, Any] | None:
+async def _wait(
+    inv: Invocation, call: Call, event: str, match: Mapping[str, Any], seconds: float
+) -> dict[str, Any] | None:
     inv.check_live()
     record = await _recorded(inv, call)
     if record is not None and record.status == "completed":
         return proto.event_output(record.output)
     if record is not None and record.status == "waiting":
         raise inv.suspend(call)
-    reply = await inv.request("PUT", inv.step_url(call.step_id),
-                              proto.wait_body(call, event, match, seconds), step_id=call.step_id)
-    data = proto.answer(reply, what=f"PUT wait {call.step_id!r}", run_id=inv.run_id,
-                        step_id=call.step_id)
+    reply = await inv.request(
+        "PUT",
+        inv.step_url(call.step_id),
+        proto.wait_body(call, event, match, seconds),
+        step_id=call.step_id,
+    )
+    data = proto.answer(
+        reply, what=f"PUT wait {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+    )
     if proto.parked(data, "waiting", inv.run_id, call):
         raise inv.suspend(call)
     return proto.event_output(data.get("output"))
-

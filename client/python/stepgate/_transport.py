@@ -41,23 +41,23 @@ class Reply(NamedTuple):
 
 
 class AsyncTransportLike(Protocol):
-    async def request(self, method: str, url: str, token: str,
-                      body: bytes | None = None) -> Reply: ...
+    async def request(
+        self, method: str, url: str, token: str, body: bytes | None = None
+    ) -> Reply: ...
 
 
 class SyncTransportLike(Protocol):
-    def request(self, method: str, url: str, token: str,
-                body: bytes | None = None) -> Reply: ...
+    def request(self, method: str, url: str, token: str, body: bytes | None = None) -> Reply: ...
 
 
 class _Target(NamedTuple):
     host: str
     port: int
-    netloc: str   # as written, for the Host header
+    netloc: str  # as written, for the Host header
     path: str
 
 
-_targets: dict[str, tuple[str, str, int]] = {}   # netloc -> (netloc, host, port); few entries
+_targets: dict[str, tuple[str, str, int]] = {}  # netloc -> (netloc, host, port); few entries
 
 
 def _target(url: str) -> _Target:
@@ -80,9 +80,9 @@ def _target(url: str) -> _Target:
 
 def _split_netloc(netloc: str, url: str) -> tuple[str, str, int]:
     host, port_text = netloc, ""
-    if netloc.startswith("["):   # [::1]:8081
+    if netloc.startswith("["):  # [::1]:8081
         end = netloc.find("]")
-        host, port_text = netloc[1:end], netloc[end + 2:]
+        host, port_text = netloc[1:end], netloc[end + 2 :]
     elif ":" in netloc:
         host, _, port_text = netloc.rpartition(":")
     try:
@@ -118,7 +118,7 @@ class _Connection:
     def close(self) -> None:
         try:
             self.writer.close()
-        except RuntimeError:   # its loop is already closed; nothing left to release
+        except RuntimeError:  # its loop is already closed; nothing left to release
             pass
 
 
@@ -138,9 +138,11 @@ class _LoopPool:
         self.idle.clear()
 
 
-async def _close_at_loop_shutdown(pool: _LoopPool,
-                                  pools: dict[asyncio.AbstractEventLoop, _LoopPool],
-                                  loop: asyncio.AbstractEventLoop) -> AsyncGenerator[None, None]:
+async def _close_at_loop_shutdown(
+    pool: _LoopPool,
+    pools: dict[asyncio.AbstractEventLoop, _LoopPool],
+    loop: asyncio.AbstractEventLoop,
+) -> AsyncGenerator[None, None]:
     # An async generator started on a loop is closed by loop.shutdown_asyncgens(), which
     # asyncio.run(), asyncio.Runner and aiohttp's run_app call before closing the loop: the one
     # hook that lets a library close its sockets without the application wiring a cleanup.
@@ -159,15 +161,14 @@ class AsyncTransport:
         self.timeout = timeout
         self._pools: dict[asyncio.AbstractEventLoop, _LoopPool] = {}
 
-    async def request(self, method: str, url: str, token: str,
-                      body: bytes | None = None) -> Reply:
+    async def request(self, method: str, url: str, token: str, body: bytes | None = None) -> Reply:
         target = _target(url)
         data = _request_bytes(method, target, token, body)
         pool = self._pools.get(asyncio.get_running_loop()) or await self._new_pool()
         try:
             async with asyncio.timeout(self.timeout):
                 return await self._send(pool, target, data)
-        except TimeoutError as exc:   # before OSError: TimeoutError is one
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
             raise GatewayUnavailableError(
                 f"the gateway at {target.netloc} did not answer within {self.timeout:g} s"
             ) from exc
@@ -178,14 +179,14 @@ class AsyncTransport:
         """Close this loop's idle connections (they are also closed at loop shutdown)."""
         pool = self._pools.get(asyncio.get_running_loop())
         if pool is not None and pool.keeper is not None:
-            await pool.keeper.aclose()   # runs its finally: close, forget the pool
+            await pool.keeper.aclose()  # runs its finally: close, forget the pool
 
     async def _new_pool(self) -> _LoopPool:
         loop = asyncio.get_running_loop()
         # list() first: handlers on loops in other threads may add pools meanwhile.
         for stale in [other for other in list(self._pools) if other.is_closed()]:
             self._pools.pop(stale, None)
-        pool = self._pools[loop] = _LoopPool()   # registered before any await: one per loop
+        pool = self._pools[loop] = _LoopPool()  # registered before any await: one per loop
         pool.keeper = _close_at_loop_shutdown(pool, self._pools, loop)
         await anext(pool.keeper)
         return pool
@@ -196,12 +197,12 @@ class AsyncTransport:
         while idle:
             conn = idle.pop()
             if conn.writer.is_closing() or conn.reader.at_eof():
-                conn.close()   # the gateway closed it while idle, and we noticed
+                conn.close()  # the gateway closed it while idle, and we noticed
                 continue
             try:
                 return await _exchange(pool, key, conn, data)
             except _NothingReceived:
-                break   # closed meanwhile, unnoticed: one fresh connection instead
+                break  # closed meanwhile, unnoticed: one fresh connection instead
         reader, writer = await asyncio.open_connection(target.host, target.port)
         try:
             return await _exchange(pool, key, _Connection(reader, writer), data)
@@ -210,8 +211,7 @@ class AsyncTransport:
             raise _unreachable(target, cause) from cause
 
 
-async def _exchange(pool: _LoopPool, key: tuple[str, int], conn: _Connection,
-                    data: bytes) -> Reply:
+async def _exchange(pool: _LoopPool, key: tuple[str, int], conn: _Connection, data: bytes) -> Reply:
     """One request/answer on `conn`; the connection goes back to the pool only when clean."""
     keep = False
     try:
@@ -234,7 +234,7 @@ async def _exchange(pool: _LoopPool, key: tuple[str, int], conn: _Connection,
                 body = await conn.reader.readexactly(length)
             elif chunked:
                 body = await _read_chunked(conn.reader)
-            else:   # delimited by close
+            else:  # delimited by close
                 body, keep_alive = await conn.reader.read(), False
         except asyncio.IncompleteReadError as exc:
             raise CallbackError("the gateway closed the connection mid-answer") from exc
@@ -248,13 +248,16 @@ async def _exchange(pool: _LoopPool, key: tuple[str, int], conn: _Connection,
 
 
 def _request_bytes(method: str, target: _Target, token: str, body: bytes | None) -> bytes:
-    head = (f"{method} {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\n"
-            f"User-Agent: {_USER_AGENT}\r\nAuthorization: Bearer {token}\r\n"
-            "Accept: application/json\r\n")
+    head = (
+        f"{method} {target.path} HTTP/1.1\r\nHost: {target.netloc}\r\n"
+        f"User-Agent: {_USER_AGENT}\r\nAuthorization: Bearer {token}\r\n"
+        "Accept: application/json\r\n"
+    )
     if body is None:
         return (head + "\r\n").encode("latin-1")
-    return (head + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode("latin-1") + body
+    return (head + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode(
+        "latin-1"
+    ) + body
 
 
 def _parse_head(head: bytes) -> tuple[int, int | None, bool, bool]:
@@ -263,7 +266,7 @@ def _parse_head(head: bytes) -> tuple[int, int | None, bool, bool]:
     first = lines[0]
     if not first.startswith(b"HTTP/1.") or len(first) < 12 or not first[9:12].isdigit():
         raise CallbackError(f"the gateway did not answer HTTP/1.x: {first[:40]!r}")
-    keep = first[7:8] == b"1"   # HTTP/1.1 keeps the connection unless told otherwise
+    keep = first[7:8] == b"1"  # HTTP/1.1 keeps the connection unless told otherwise
     length: int | None = None
     chunked = False
     for line in lines[1:]:
@@ -291,7 +294,7 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
         except ValueError:
             raise CallbackError("the gateway sent a bad chunk size") from None
         if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":   # skip trailers
+            while await reader.readuntil(b"\r\n") != b"\r\n":  # skip trailers
                 pass
             return b"".join(parts)
         parts.append((await reader.readexactly(size + 2))[:-2])
@@ -318,8 +321,11 @@ class SyncTransport:
 
     def request(self, method: str, url: str, token: str, body: bytes | None = None) -> Reply:
         target = _target(url)
-        headers = {"User-Agent": _USER_AGENT, "Authorization": f"Bearer {token}",
-                   "Accept": "application/json"}
+        headers = {
+            "User-Agent": _USER_AGENT,
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/json",
+        }
         if body is not None:
             headers["Content-Type"] = "application/json"
         conns = self._connections()
@@ -330,7 +336,7 @@ class SyncTransport:
                 try:
                     return self._exchange(conns, key, conn, method, target.path, body, headers)
                 except (ConnectionResetError, BrokenPipeError):
-                    pass   # the gateway closed this kept-alive connection meanwhile
+                    pass  # the gateway closed this kept-alive connection meanwhile
             conn = http.client.HTTPConnection(target.host, target.port, timeout=self.timeout)
             return self._exchange(conns, key, conn, method, target.path, body, headers)
         except TimeoutError as exc:
@@ -354,16 +360,22 @@ class SyncTransport:
         return conns
 
     @staticmethod
-    def _exchange(conns: _ThreadConnections, key: tuple[str, int],
-                  conn: http.client.HTTPConnection, method: str, path: str,
-                  body: bytes | None, headers: dict[str, str]) -> Reply:
+    def _exchange(
+        conns: _ThreadConnections,
+        key: tuple[str, int],
+        conn: http.client.HTTPConnection,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+    ) -> Reply:
         try:
             conn.request(method, path, body=body, headers=headers)
             response = conn.getresponse()
             data = response.read()
         except http.client.HTTPException as exc:
             conn.close()
-            if isinstance(exc, ConnectionResetError):   # RemoteDisconnected is both
+            if isinstance(exc, ConnectionResetError):  # RemoteDisconnected is both
                 raise
             raise CallbackError(f"the gateway sent a malformed answer: {exc!r}") from exc
         except BaseException:

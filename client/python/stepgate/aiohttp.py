@@ -44,8 +44,12 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             if inv is not None:
                 await inv.settle()
             reply = reply_for(exc, inv)
-            if reply is None and inv is not None and isinstance(exc, Exception) and not \
-                    isinstance(exc, web.HTTPException):
+            if (
+                reply is None
+                and inv is not None
+                and isinstance(exc, Exception)
+                and not isinstance(exc, web.HTTPException)
+            ):
                 # Under the gateway an unexpected error answers as problem+json, retriable.
                 if inv.recorded_failure(exc):
                     log.debug("handler.failed run_id=%s step failure", inv.run_id, exc_info=exc)
@@ -58,7 +62,7 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         if inv is not None:
             await inv.settle()
         if inv is not None and not response.prepared:
-            reply = reply_for(None, inv)   # the handler swallowed a suspend or a mismatch
+            reply = reply_for(None, inv)  # the handler swallowed a suspend or a mismatch
             if reply is not None:
                 return _response(reply)
         return response

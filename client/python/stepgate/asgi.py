@@ -30,7 +30,7 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 def _header_getter(scope: Scope) -> Callable[[str], str | None]:
     headers: dict[str, str] = {}
     for name, value in scope.get("headers", ()):
-        if name[:9].lower() == b"stepgate-":   # only ours; skip decoding the rest
+        if name[:9].lower() == b"stepgate-":  # only ours; skip decoding the rest
             headers[name.decode("latin-1").lower()] = value.decode("latin-1")
     return lambda name: headers.get(name.lower())
 
@@ -69,14 +69,14 @@ class StepgateMiddleware:
             await inv.settle()
             reply = reply_for(exc, inv)
             if reply is None:
-                for message in held:   # e.g. the framework's own 500 page, then the error
+                for message in held:  # e.g. the framework's own 500 page, then the error
                     await send(message)
                 raise
             await _send_reply(send, reply)
             return
         finally:
             current.reset(token)
-        reply = reply_for(None, inv)   # the app swallowed a suspend or a mismatch
+        reply = reply_for(None, inv)  # the app swallowed a suspend or a mismatch
         if reply is not None:
             await _send_reply(send, reply)
             return

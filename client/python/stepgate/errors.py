@@ -44,8 +44,9 @@ __all__ = [
 class StepgateError(Exception):
     """The root of the SDK's errors. `run_id` and `step_id` say where, when known."""
 
-    def __init__(self, message: str, *, run_id: str | None = None,
-                 step_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, run_id: str | None = None, step_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.run_id = run_id
@@ -58,8 +59,7 @@ class StepgateError(Exception):
 # The NonRetriableErrors made while the WSGI adapter runs a request (None elsewhere): frameworks
 # such as Flask and Django catch a view's exception and answer their own 500 page, so the
 # adapter looks here for one that was raised (it has a traceback) to answer it after all.
-refusals: ContextVar[list[NonRetriableError] | None] = ContextVar("stepgate_refusals",
-                                                                  default=None)
+refusals: ContextVar[list[NonRetriableError] | None] = ContextVar("stepgate_refusals", default=None)
 
 
 class NonRetriableError(StepgateError):
@@ -69,8 +69,14 @@ class NonRetriableError(StepgateError):
     inside a step, the step's failure is recorded with `retriable: false`.
     """
 
-    def __init__(self, message: str, status: int = 500, *, run_id: str | None = None,
-                 step_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 500,
+        *,
+        run_id: str | None = None,
+        step_id: str | None = None,
+    ) -> None:
         if not 400 <= status <= 599:
             raise ValueError(f"NonRetriableError status must be 400-599, got {status}")
         super().__init__(message, run_id=run_id, step_id=step_id)
@@ -93,8 +99,9 @@ class ReplayMismatchError(StepgateError):
     same code cannot help.
     """
 
-    def __init__(self, message: str, *, run_id: str, step_id: str, recorded_step_id: str,
-                 seq: int) -> None:
+    def __init__(
+        self, message: str, *, run_id: str, step_id: str, recorded_step_id: str, seq: int
+    ) -> None:
         super().__init__(message, run_id=run_id, step_id=step_id)
         self.recorded_step_id = recorded_step_id
         self.seq = seq
@@ -107,8 +114,14 @@ class StepOutputError(StepgateError):
 class CallbackError(StepgateError):
     """The gateway answered a step callback with an error `status` (None: no usable answer)."""
 
-    def __init__(self, message: str, *, status: int | None = None, run_id: str | None = None,
-                 step_id: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        run_id: str | None = None,
+        step_id: str | None = None,
+    ) -> None:
         super().__init__(message, run_id=run_id, step_id=step_id)
         self.status = status
 
@@ -141,8 +154,15 @@ class Superseded(BaseException):
     the gateway said the run is at now, when it said so.
     """
 
-    def __init__(self, *, run_id: str, attempt: int, current_attempt: int | None = None,
-                 run_status: str | None = None, step_id: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        attempt: int,
+        current_attempt: int | None = None,
+        run_status: str | None = None,
+        step_id: str | None = None,
+    ) -> None:
         now = f" (the run is at attempt {current_attempt})" if current_attempt else ""
         super().__init__(f"attempt {attempt} of run {run_id} was superseded{now}")
         self.run_id = run_id

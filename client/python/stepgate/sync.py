@@ -61,9 +61,10 @@ class SyncStep:
         reply = inv.request_sync("PUT", inv.step_url(call.step_id), body, step_id=call.step_id)
         if reply.status == 201:
             return result
-        data = proto.answer(reply, what=f"PUT step {call.step_id!r}", run_id=inv.run_id,
-                            step_id=call.step_id)
-        return cast(T, data.get("output"))   # the output the run keeps, stored first
+        data = proto.answer(
+            reply, what=f"PUT step {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+        )
+        return cast(T, data.get("output"))  # the output the run keeps, stored first
 
     def sleep(self, name: str, duration: timedelta | float) -> None:
         """Pause the run for `duration`; under the gateway the invocation suspends."""
@@ -89,9 +90,14 @@ class SyncStep:
             return
         _sleep(inv, inv.begin(name, "sleep"), moment)
 
-    def wait_for_event(self, name: str, *, event: str, match: Mapping[str, Any] | None = None,
-                       timeout: timedelta | float = proto.DEFAULT_WAIT_TIMEOUT,
-                       ) -> dict[str, Any] | None:
+    def wait_for_event(
+        self,
+        name: str,
+        *,
+        event: str,
+        match: Mapping[str, Any] | None = None,
+        timeout: timedelta | float = proto.DEFAULT_WAIT_TIMEOUT,
+    ) -> dict[str, Any] | None:
         """Wait for a matching event (or None after `timeout`); needs the gateway."""
         event, match, seconds = proto.check_wait(event, match, timeout)
         proto.check_name(name)
@@ -107,10 +113,15 @@ class SyncStep:
             return proto.event_output(record.output)
         if record is not None and record.status == "waiting":
             raise inv.suspend(call)
-        reply = inv.request_sync("PUT", inv.step_url(call.step_id),
-                                 proto.wait_body(call, event, match, seconds), step_id=call.step_id)
-        data = proto.answer(reply, what=f"PUT wait {call.step_id!r}", run_id=inv.run_id,
-                            step_id=call.step_id)
+        reply = inv.request_sync(
+            "PUT",
+            inv.step_url(call.step_id),
+            proto.wait_body(call, event, match, seconds),
+            step_id=call.step_id,
+        )
+        data = proto.answer(
+            reply, what=f"PUT wait {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+        )
         if proto.parked(data, "waiting", inv.run_id, call):
             raise inv.suspend(call)
         return proto.event_output(data.get("output"))
@@ -130,9 +141,7 @@ def _check_blocking_allowed(name: str) -> None:
     )
 
 
-
-def _call(step_id: str, fn: Callable[..., T], args: tuple[Any, ...],
-          kwargs: dict[str, Any]) -> T:
+def _call(step_id: str, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
     token = in_step.set(step_id)
     try:
         result = fn(*args, **kwargs)
@@ -140,9 +149,11 @@ def _call(step_id: str, fn: Callable[..., T], args: tuple[Any, ...],
         in_step.reset(token)
     if inspect.isawaitable(result):
         if inspect.iscoroutine(result):
-            result.close()   # never awaited; close it so Python does not warn as well
-        raise TypeError(f"step {step_id!r}: stepgate.sync runs plain functions, and this one"
-                        " returned an awaitable; use `from stepgate import step` in async code")
+            result.close()  # never awaited; close it so Python does not warn as well
+        raise TypeError(
+            f"step {step_id!r}: stepgate.sync runs plain functions, and this one"
+            " returned an awaitable; use `from stepgate import step` in async code"
+        )
     return result
 
 
@@ -150,7 +161,7 @@ def _recorded(inv: Invocation, call: Call) -> Recorded | None:
     if inv.recorded is None:
         if inv.recorded_count == 0:
             return None
-        with inv.fetch_mutex:   # threads sharing the invocation fetch once
+        with inv.fetch_mutex:  # threads sharing the invocation fetch once
             if inv.recorded is None:
                 reply = inv.request_sync("GET", inv.steps_url)
                 inv.recorded = proto.parse_steps(reply, inv.run_id)
@@ -160,13 +171,14 @@ def _recorded(inv: Invocation, call: Call) -> Recorded | None:
 def _record_failure(inv: Invocation, call: Call, exc: Exception) -> None:
     proto.tag(exc, inv.run_id, call)
     try:
-        reply = inv.request_sync("PUT", inv.step_url(call.step_id), proto.error_body(call, exc),
-                                 step_id=call.step_id)
-        proto.answer(reply, what=f"PUT step {call.step_id!r} error", run_id=inv.run_id,
-                     step_id=call.step_id)
+        reply = inv.request_sync(
+            "PUT", inv.step_url(call.step_id), proto.error_body(call, exc), step_id=call.step_id
+        )
+        proto.answer(
+            reply, what=f"PUT step {call.step_id!r} error", run_id=inv.run_id, step_id=call.step_id
+        )
     except CallbackError as failed:
-        exc.add_note(f"stepgate: could not record this failure of step {call.step_id!r}:"
-                     f" {failed}")
+        exc.add_note(f"stepgate: could not record this failure of step {call.step_id!r}: {failed}")
         inv.failed(call, exc, recorded=False)
         return
     inv.failed(call, exc, recorded=True)
@@ -179,10 +191,11 @@ def _sleep(inv: Invocation, call: Call, until: datetime) -> None:
         return
     if record is not None and record.status == "sleeping":
         raise inv.suspend(call)
-    reply = inv.request_sync("PUT", inv.step_url(call.step_id), proto.sleep_body(call, until),
-                             step_id=call.step_id)
-    data = proto.answer(reply, what=f"PUT sleep {call.step_id!r}", run_id=inv.run_id,
-                        step_id=call.step_id)
+    reply = inv.request_sync(
+        "PUT", inv.step_url(call.step_id), proto.sleep_body(call, until), step_id=call.step_id
+    )
+    data = proto.answer(
+        reply, what=f"PUT sleep {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+    )
     if proto.parked(data, "sleeping", inv.run_id, call):
         raise inv.suspend(call)
-

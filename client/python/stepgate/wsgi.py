@@ -41,9 +41,13 @@ if TYPE_CHECKING:
 __all__ = ["StepgateMiddleware", "forged_headers", "middleware"]
 
 # The environ keys of the Stepgate-* request headers the SDK reads.
-_KEYS = {"HTTP_STEPGATE_CALLBACK": "Stepgate-Callback", "HTTP_STEPGATE_TOKEN": "Stepgate-Token",
-         "HTTP_STEPGATE_RUN_ID": "Stepgate-Run-Id", "HTTP_STEPGATE_ATTEMPT": "Stepgate-Attempt",
-         "HTTP_STEPGATE_STEPS": "Stepgate-Steps"}
+_KEYS = {
+    "HTTP_STEPGATE_CALLBACK": "Stepgate-Callback",
+    "HTTP_STEPGATE_TOKEN": "Stepgate-Token",
+    "HTTP_STEPGATE_RUN_ID": "Stepgate-Run-Id",
+    "HTTP_STEPGATE_ATTEMPT": "Stepgate-Attempt",
+    "HTTP_STEPGATE_STEPS": "Stepgate-Steps",
+}
 
 
 def forged_headers(environ: Mapping[str, Any], internal_url: str | None = None) -> str | None:
@@ -52,8 +56,10 @@ def forged_headers(environ: Mapping[str, Any], internal_url: str | None = None) 
         value = environ.get(key)
         if isinstance(value, str) and "," in value:
             # None of these values has a comma: two headers were merged into one key.
-            return (f"{header} arrived more than once (a client may have sent it spelt with"
-                    " underscores); refusing to trust it")
+            return (
+                f"{header} arrived more than once (a client may have sent it spelt with"
+                " underscores); refusing to trust it"
+            )
     callback = environ.get("HTTP_STEPGATE_CALLBACK")
     if internal_url is not None and callback:
         prefix = internal_url.rstrip("/") + "/v1/runs/"
@@ -89,8 +95,7 @@ class StepgateMiddleware:
         self.app = app
         self.internal_url = internal_url
 
-    def __call__(self, environ: WSGIEnvironment,
-                 start_response: StartResponse) -> Iterable[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         forged = forged_headers(environ, self.internal_url)
         if forged is not None:
             return _start(start_response, problem(400, forged))
@@ -113,7 +118,7 @@ class StepgateMiddleware:
                 reply = reply_for(raised_refusal(), None)
                 if reply is not None:
                     replaced.append(reply)
-                    return lambda data: None   # the app's write(): its 500 page is dropped
+                    return lambda data: None  # the app's write(): its 500 page is dropped
             return start_response(status, headers, exc_info)
 
         token = current.set(None)
@@ -132,17 +137,19 @@ class StepgateMiddleware:
             return _start(start_response, replaced[0])
         return result
 
-    def _durable(self, inv: Invocation, environ: WSGIEnvironment,
-                 start_response: StartResponse) -> list[bytes]:
+    def _durable(
+        self, inv: Invocation, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> list[bytes]:
         status = "500 Internal Server Error"
         headers: list[tuple[str, str]] = []
         written: list[bytes] = []
 
-        def capture(new_status: str, new_headers: list[tuple[str, str]],
-                    exc_info: Any = None) -> Callable[[bytes], object]:
+        def capture(
+            new_status: str, new_headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Callable[[bytes], object]:
             nonlocal status, headers
             status, headers = new_status, list(new_headers)
-            return written.append   # the legacy write() callable
+            return written.append  # the legacy write() callable
 
         token = current.set(inv)
         try:
