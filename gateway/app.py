@@ -344,7 +344,8 @@ async def serve(
     settings: Settings, child: Sequence[str] | None = None, config_path: str | None = None
 ) -> int:
     """Run until SIGTERM or SIGINT (or until the child exits); return the exit code. SIGHUP
-    reloads `config_path` (and is passed on to the child too, which may reload its own)."""
+    reloads `config_path`; a supervised child keeps running (SIGUSR1 and SIGUSR2 are passed on
+    to it, SIGHUP is not: most programs end on one)."""
     configure_logging(settings.log_level, settings.log_format)
     was, now = raise_open_file_limit()
     log.info("gateway.open_files", limit=now, raised_from=was if was != now else None)
@@ -355,11 +356,9 @@ async def serve(
     process: ChildProcess | None = None
     gateway = Gateway(settings)
 
-    def hangup() -> None:
+    def hangup() -> None:  # the child keeps running: SIGHUP would end most programs
         if config_path is not None:
             reload(gateway, config_path)
-        if process is not None:
-            process.send_signal(signal.SIGHUP)
 
     code = 0
     try:

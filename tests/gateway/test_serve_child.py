@@ -91,6 +91,23 @@ async def test_serve_runs_the_app_and_stops_it_on_sigterm(tmp_path: Path) -> Non
         proc.kill()
 
 
+async def test_a_reload_keeps_the_child_running(tmp_path: Path) -> None:
+    """SIGHUP reloads the gateway's config; the child, which has no handler for it (like most
+    programs), must not get it, or it would end and take the gateway down with it."""
+    proc, public = start(tmp_path)
+    try:
+        assert await get(f"http://127.0.0.1:{public}/hello") == (200, "hello from the child")
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(1.0)
+        assert proc.poll() is None
+        assert await get(f"http://127.0.0.1:{public}/hello") == (200, "hello from the child")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 async def test_serve_exits_with_the_childs_exit_code(tmp_path: Path) -> None:
     proc, public = start(tmp_path)
     try:
