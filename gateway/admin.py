@@ -7,6 +7,7 @@
     POST /v1/runs/retry           the same for every run the filters select (status, route,
     POST /v1/runs/cancel            since, until; at least one): {"count": runs acted on}
     GET  /v1/replicas             the gateways serving the store
+    POST /v1/reload               read the config file again (gateway.app.reload_endpoint)
     POST /v1/events               deliver an event to waiting runs
 
 When `admin_token` is set every one of these needs it as a bearer token.
@@ -54,7 +55,7 @@ def _seconds(text: str) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
-def _authorize(request: web.Request, engine: Engine) -> None:
+def authorize(request: web.Request, engine: Engine) -> None:
     expected = engine.settings.admin_token
     if expected is None:
         return
@@ -162,7 +163,7 @@ def _filters(query: Mapping[str, str]) -> dict[str, Any]:
 
 async def list_runs(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    _authorize(request, engine)
+    authorize(request, engine)
     query = request.query
     filters = _filters(query)
     limit = _limit(query.get("limit"))
@@ -178,7 +179,7 @@ async def list_runs(request: web.Request) -> web.StreamResponse:
 
 
 async def _run(request: web.Request, engine: Engine) -> Run:
-    _authorize(request, engine)
+    authorize(request, engine)
     with _store():
         run = await engine.lookup(request.match_info["run_id"])
     if run is None:
@@ -278,7 +279,7 @@ async def _bulk(
     """`act` on every run the filters select, one transaction a run (each is a compare-and-set,
     so a run that moved on meanwhile is passed over); answers how many it acted on."""
     engine = request.app[ENGINE]
-    _authorize(request, engine)
+    authorize(request, engine)
     unknown = set(request.query) - {"status", "route", "since", "until"}
     if unknown:
         raise Problem(
@@ -324,7 +325,7 @@ async def cancel_runs(request: web.Request) -> web.StreamResponse:
 
 async def post_event(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    _authorize(request, engine)
+    authorize(request, engine)
     body = await jsonin.read_object(request)
     unknown = set(body) - {"name", "data", "id"}
     if unknown:
@@ -348,7 +349,7 @@ async def post_event(request: web.Request) -> web.StreamResponse:
 async def list_replicas(request: web.Request) -> web.StreamResponse:
     """The gateways serving this store: every live replica on PostgreSQL, this one on SQLite."""
     engine = request.app[ENGINE]
-    _authorize(request, engine)
+    authorize(request, engine)
     with _store():
         replicas = await engine.store.replicas()
     return web.json_response(

@@ -58,6 +58,7 @@ log = structlog.get_logger("stepgate")
 SESSION = web.AppKey("stepgate.session", aiohttp.ClientSession)
 ROUTER = web.AppKey("stepgate.router", Router)
 METRICS = web.AppKey("stepgate.metrics", Metrics)
+GATEWAY: web.AppKey[Gateway] = web.AppKey("stepgate.gateway")
 TARGET = web.RequestKey("stepgate.target", Target)  # set by before_routes
 
 RESERVED_PREFIX = "/_stepgate/"
@@ -178,8 +179,9 @@ def _with_port(url: str, port: int) -> str:
 class Gateway:
     """One running gateway. `await start()`, then `await stop()`; ports 0 are resolved."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, config_path: str | None = None) -> None:
         self.settings = settings
+        self.config_path = config_path  # what a reload reads again
         self.metrics = Metrics()
         self.store = open_store(settings)
         self.store.write_observer = self.metrics.store_write_duration.observe
@@ -211,6 +213,8 @@ class Gateway:
         internal = web.Application(client_max_size=INTERNAL_MAX_BODY, middlewares=[problems])
         internal[ENGINE] = engine
         internal[METRICS] = self.metrics
+        internal[GATEWAY] = self
+        internal.router.add_post("/v1/reload", reload_endpoint)
         callbacks.add_routes(internal)
         admin.add_routes(internal)
         ui.add_routes(internal)
@@ -300,20 +304,25 @@ RELOADABLE: Final = (
 )
 
 
-def reload(gateway: Gateway, path: str) -> bool:
-    """Read the config again and take what may change without a restart (a SIGHUP). A config
-    that does not load is refused with its one-line error, and the running one stays."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reloaded:
+    changed: list[str]  # keys that took their new values
+    kept: list[str]  # keys that differ but need a restart
+
+
+def reload(gateway: Gateway, path: str) -> Reloaded:
+    """Read the config again and take what may change without a restart (SIGHUP, or
+    POST /v1/reload). A config that does not load raises ConfigError, logged with its one-line
+    error, and the running one stays. Attempts in flight finish on the route they started
+    with; a run's next attempt, and every new request, use the new one."""
     old = gateway.settings
     try:
         new = load_settings(path)
+        if not new.routes:
+            raise ConfigError(path, "routes", "no routes: the gateway would answer 404 to all")
     except ConfigError as exc:
         log.error("config.reload_refused", error=str(exc), kept="the running config")
-        return False
-    if not new.routes:
-        log.error(
-            "config.reload_refused", error=f"{path}: routes: no routes", kept="the running config"
-        )
-        return False
+        raise
     kept = [
         field.name
         for field in dataclasses.fields(Settings)
@@ -326,18 +335,28 @@ def reload(gateway: Gateway, path: str) -> bool:
     if gateway.engine is not None:
         gateway.engine.reload(taken)
     set_log_level(taken.log_level)
-    log.info(
-        "config.reloaded",
-        routes=len(taken.routes),
-        changed=[name for name in RELOADABLE if getattr(taken, name) != getattr(old, name)],
-    )
+    changed = [name for name in RELOADABLE if getattr(taken, name) != getattr(old, name)]
+    log.info("config.reloaded", routes=len(taken.routes), changed=changed)
     if kept:
         log.warning(
             "config.reload_kept",
             keys=kept,
             why="listeners, the store and limits change only with a restart",
         )
-    return True
+    return Reloaded(changed, kept)
+
+
+async def reload_endpoint(request: web.Request) -> web.StreamResponse:
+    """POST /v1/reload: what a SIGHUP does, for `stepgate reload` and hosts without signals."""
+    gateway = request.app[GATEWAY]
+    admin.authorize(request, request.app[ENGINE])
+    if gateway.config_path is None:
+        return problem(409, detail="this gateway was not started from a config file")
+    try:
+        done = reload(gateway, gateway.config_path)
+    except ConfigError as exc:
+        return problem(422, detail=f"the config was not reloaded: {exc}")
+    return web.json_response({"reloaded": True, "changed": done.changed, "kept": done.kept})
 
 
 async def serve(
@@ -354,11 +373,12 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     process: ChildProcess | None = None
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, config_path)
 
     def hangup() -> None:  # the child keeps running: SIGHUP would end most programs
         if config_path is not None:
-            reload(gateway, config_path)
+            with contextlib.suppress(ConfigError):  # logged; the running config stays
+                reload(gateway, config_path)
 
     code = 0
     try:

@@ -464,6 +464,20 @@ def _cmd_replicas(args: argparse.Namespace, child: list[str] | None) -> int:
     return _emit(args, text, render)
 
 
+def _cmd_reload(args: argparse.Namespace, child: list[str] | None) -> int:
+    text, answer = _Admin.from_args(args).call("POST", "/v1/reload")
+
+    def render() -> str:
+        done = _expect_dict(answer, "reload")
+        changed = ", ".join(done.get("changed") or []) or "nothing"
+        line = f"reloaded: {changed} changed"
+        if done.get("kept"):
+            line += f"; kept until a restart: {', '.join(done['kept'])}"
+        return line
+
+    return _emit(args, text, render)
+
+
 def _run_path(run_id: str, action: str = "") -> str:
     if not run_id:  # would be /v1/runs/, which is not a run
         raise _Failure("the run ID must not be empty", 2)
@@ -653,6 +667,13 @@ def _parser() -> argparse.ArgumentParser:
         "replicas", parents=[common], help="list the gateways serving the store"
     )
     replicas.set_defaults(handler=_cmd_replicas)
+
+    reloading = commands.add_parser(
+        "reload",
+        parents=[common],
+        help="make the gateway read its config file again (what a SIGHUP does)",
+    )
+    reloading.set_defaults(handler=_cmd_reload)
     return parser
 
 

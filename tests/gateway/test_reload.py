@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -149,3 +151,33 @@ async def test_listeners_are_kept_and_the_log_level_changes(
             run_id = resp.headers["Stepgate-Run-Id"]
     started = await until_logged(process, "run.started")  # a debug line: the level took
     assert started["run_id"] == run_id
+
+
+def reload_cli(process: GatewayProcess, *where: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "reload", *(where or ("--config", str(process.config)))],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+async def test_stepgate_reload_does_what_a_sighup_does_and_says_what_changed(
+    served: tuple[GatewayProcess, Service, str],
+) -> None:
+    process, _, base = served
+    rewrite(process, lambda c: c["routes"].append({"name": "b", "path": "/b/*", "upstream": base}))
+    done = await asyncio.to_thread(reload_cli, process)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.strip() == "reloaded: routes changed"
+    async with aiohttp.ClientSession() as session:
+        assert await status(session, process.url + "/b/x") == 200
+    # A config that does not load: refused, exit 1 with the reason, the running one stays.
+    # (--url: with --config the command itself would refuse to read it, exit 2.)
+    process.config.write_text(process.config.read_text().replace("routes:", "routes: 7\nx:"))
+    done = await asyncio.to_thread(reload_cli, process, "--url", process.internal)
+    assert done.returncode == 1 and "was not reloaded" in done.stderr
+    assert done.stderr.count("\n") == 1
+    async with aiohttp.ClientSession() as session:
+        assert await status(session, process.url + "/b/x") == 200
