@@ -4,8 +4,9 @@
     GET  /v1/runs/{id}            one run with its whole timeline
     POST /v1/runs/{id}/retry      re-run an ended run from its failed step
     POST /v1/runs/{id}/cancel     cancel a run that has not ended
-    POST /v1/runs/retry           the same for every run the filters select (status, route,
-    POST /v1/runs/cancel            since, until; at least one): {"count": runs acted on}
+    POST /v1/runs/retry           the same for the runs the filters select (status, route,
+    POST /v1/runs/cancel            since, until; at least one), at most `limit`; `dry_run`
+                                    counts only: {"count", "more", "dry_run"}
     GET  /v1/replicas             the gateways serving the store
     POST /v1/reload               read the config file again (gateway.app.reload_endpoint)
     POST /v1/events               deliver an event to waiting runs
@@ -123,12 +124,12 @@ def _moment(value: str, name: str) -> float:
     return moment.timestamp()
 
 
-def _limit(value: str | None) -> int:
+def _limit(value: str | None, *, default: int = DEFAULT_LIMIT, most: int = MAX_LIMIT) -> int:
     if value is None:
-        return DEFAULT_LIMIT
+        return default
     # isdigit() alone takes "²" (superscript two), which int() then refuses.
-    if not re.fullmatch(r"[0-9]{1,3}", value) or not 1 <= int(value) <= MAX_LIMIT:
-        raise Problem(400, f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    if not re.fullmatch(r"[0-9]{1,6}", value) or not 1 <= int(value) <= most:
+        raise Problem(400, f"limit must be a whole number from 1 to {most}")
     return int(value)
 
 
@@ -271,56 +272,77 @@ async def cancel_run(request: web.Request) -> web.StreamResponse:
 
 
 _BULK_PAGE = 500
+BULK_LIMIT = 10_000  # runs one bulk call acts on at most, unless it names its own limit
+MAX_BULK_LIMIT = 100_000
 
 
 async def _bulk(
-    request: web.Request, act: Callable[[Engine, str], Awaitable[Run | None]]
+    request: web.Request,
+    act: Callable[[Engine, str], Awaitable[Run | None]],
+    qualifies: Callable[[Run], bool],
 ) -> web.StreamResponse:
-    """`act` on every run the filters select, one transaction a run (each is a compare-and-set,
-    so a run that moved on meanwhile is passed over); answers how many it acted on."""
+    """`act` on the runs the filters select, one transaction a run (each is a compare-and-set,
+    so a run that moved on meanwhile is passed over), at most `limit` of them; answers how many
+    it acted on and whether more qualify. With `dry_run=true` it only counts them."""
     engine = request.app[ENGINE]
     authorize(request, engine)
-    unknown = set(request.query) - {"status", "route", "since", "until"}
+    query = request.query
+    unknown = set(query) - {"status", "route", "since", "until", "limit", "dry_run"}
     if unknown:
         raise Problem(
             400,
-            f"unknown parameter {sorted(unknown)[0]!r}: the filters are "
-            "status, route, since and until",
+            f"unknown parameter {sorted(unknown)[0]!r}: the filters are status, route, since "
+            "and until, besides limit and dry_run",
         )
-    filters = _filters(request.query)
+    filters = _filters(query)
     if not any(value is not None for value in filters.values()):
         raise Problem(
             400,
             "name at least one filter (status, route, since, until): a bulk "
             "action on every run is not taken by accident",
         )
-    count = 0
+    limit = _limit(query.get("limit"), default=BULK_LIMIT, most=MAX_BULK_LIMIT)
+    dry_run = query.get("dry_run", "false")
+    if dry_run not in ("true", "false"):
+        raise Problem(400, "dry_run must be true or false")
+    count, more = 0, False
     cursor: tuple[float, str] | None = None
     with _store():
-        while True:
+        while not more:
             page = await engine.store.list_runs(**filters, limit=_BULK_PAGE, cursor=cursor)
             for run in page.runs:
-                if await act(engine, run.id) is not None:
+                if not qualifies(run):
+                    continue
+                if count == limit:
+                    more = True
+                    break
+                if dry_run == "true" or await act(engine, run.id) is not None:
                     count += 1
             if page.next_cursor is None:
                 break
             created, _, last_id = page.next_cursor.partition("~")
             cursor = (float(created), last_id)
-    log.info(
-        "runs.bulk",
-        path=request.path,
-        count=count,
-        **{k: v for k, v in filters.items() if v is not None},
-    )
-    return web.json_response({"count": count})
+    if dry_run == "false":
+        log.info(
+            "runs.bulk",
+            path=request.path,
+            count=count,
+            more=more,
+            **{k: v for k, v in filters.items() if v is not None},
+        )
+    return web.json_response({"count": count, "more": more, "dry_run": dry_run == "true"})
 
 
 async def retry_runs(request: web.Request) -> web.StreamResponse:
-    return await _bulk(request, lambda engine, run_id: engine.retry_ended(run_id))
+    return await _bulk(
+        request, lambda engine, run_id: engine.retry_ended(run_id), lambda run: run.ended
+    )
 
 
 async def cancel_runs(request: web.Request) -> web.StreamResponse:
-    return await _bulk(request, lambda engine, run_id: engine.cancel(run_id))
+    return await _bulk(
+        request, lambda engine, run_id: engine.cancel(run_id), lambda run: not run.ended
+    )
 
 
 async def post_event(request: web.Request) -> web.StreamResponse:

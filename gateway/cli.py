@@ -464,6 +464,36 @@ def _cmd_replicas(args: argparse.Namespace, child: list[str] | None) -> int:
     return _emit(args, text, render)
 
 
+def _bulk(args: argparse.Namespace, action: str, done: str, filters: dict[str, str]) -> int:
+    """`runs retry|cancel FILTERS`: count first and ask, unless --yes."""
+    admin = _Admin.from_args(args)
+    path = f"/v1/runs/{action}"
+    if args.limit is not None:
+        filters = {**filters, "limit": str(args.limit)}
+    if not args.yes:
+        _, preview = admin.call("POST", path, query={**filters, "dry_run": "true"})
+        count = preview.get("count") if isinstance(preview, dict) else None
+        if not count:
+            print(f"no run to {action}")
+            return 0
+        more = " (and more: repeat it)" if isinstance(preview, dict) and preview.get("more") else ""
+        if not sys.stdin.isatty():
+            raise _Failure(
+                f"{count} runs would be affected{more}; add --yes to {action} them "
+                "without a question",
+                2,
+            )
+        shown = ", ".join(f"{name}={value}" for name, value in filters.items())
+        answer = input(f"{action} {count} run{'' if count == 1 else 's'} ({shown}){more}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing done")
+            return 1
+    text, result = admin.call("POST", path, query=filters)
+    acted = result.get("count") if isinstance(result, dict) else None
+    left = "; more remain: run it again" if isinstance(result, dict) and result.get("more") else ""
+    return _emit(args, text, lambda: f"{acted} run{'' if acted == 1 else 's'}: {done}{left}")
+
+
 def _cmd_reload(args: argparse.Namespace, child: list[str] | None) -> int:
     text, answer = _Admin.from_args(args).call("POST", "/v1/reload")
 
@@ -512,9 +542,7 @@ def _run_action(action: str, done: str) -> Callable[[argparse.Namespace, list[st
                     "every run they select (--status, --route, --since, --until)",
                     2,
                 )
-            text, answer = _Admin.from_args(args).call("POST", f"/v1/runs/{action}", query=filters)
-            count = answer.get("count") if isinstance(answer, dict) else None
-            return _emit(args, text, lambda: f"{count} run{'' if count == 1 else 's'}: {done}")
+            return _bulk(args, action, done, filters)
         text, answer = _Admin.from_args(args).call("POST", _run_path(args.id, f"/{action}"))
         status = answer.get("status") if isinstance(answer, dict) else None
         return _emit(
@@ -651,6 +679,14 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--route", help="every run of this route")
             sub.add_argument("--since", help="created at or after: RFC 3339, or a duration ago")
             sub.add_argument("--until", help="created before: RFC 3339, or a duration ago")
+            sub.add_argument(
+                "--limit", type=_bulk_limit, help="act on at most this many runs (default 10000)"
+            )
+            sub.add_argument(
+                "--yes",
+                action="store_true",
+                help="act at once; without it the command counts the runs and asks",
+            )
         else:
             sub.add_argument("id", metavar="ID", help='the run id (one that starts with "-" too)')
         sub.set_defaults(handler=handler)
@@ -687,8 +723,9 @@ _VALUED_OPTIONS: Final = (
     "--route",
     "--since",
     "--until",
+    "--limit",
 )
-_FLAG_OPTIONS: Final = ("--json", "--help")
+_FLAG_OPTIONS: Final = ("--json", "--help", "--yes")
 
 
 def _option(word: str) -> str | None:
@@ -736,6 +773,16 @@ def _limit(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if not 1 <= value <= 500:
         raise argparse.ArgumentTypeError("must be from 1 to 500")
+    return value
+
+
+def _bulk_limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError("must be from 1 to 100000")
     return value
 
 

@@ -91,7 +91,8 @@ class FakeAdmin:
                 return web.json_response(RUN_DETAIL | {"id": run_id})
             return web.json_response(RUN_SUMMARY | {"id": run_id, "status": "running"})
         if route in (("POST", "/v1/runs/retry"), ("POST", "/v1/runs/cancel")):
-            return web.json_response({"count": 3})
+            dry = request.query.get("dry_run") == "true"
+            return web.json_response({"count": 3, "more": False, "dry_run": dry})
         if route == ("POST", "/v1/events"):
             return web.json_response({"id": body["id"], "woke": 2}, status=202)
         if request.path == "/v1/runs/secret":
@@ -217,24 +218,21 @@ async def test_url_and_token_from_config(
 
 async def test_bulk_retry_and_cancel_send_the_filters(admin: Any, run_cli: Cli) -> None:
     outcome = await run_cli(
-        "runs",
-        "retry",
-        "--url",
-        admin.url,
-        "--status",
-        "failed",
-        "--route",
-        "trips",
-        "--since",
-        "2025-01-01T00:00:00Z",
-    )
+        "runs", "retry", "--url", admin.url, "--status", "failed", "--route", "trips",
+        "--since", "2025-01-01T00:00:00Z", "--yes",
+    )  # fmt: skip
     assert (outcome.code, outcome.out.strip()) == (0, "3 runs: retry requested")
     method, path, query, _, _ = admin.requests[-1]
     assert (method, path) == ("POST", "/v1/runs/retry")
     assert query == {"status": "failed", "route": "trips", "since": "2025-01-01T00:00:00Z"}
-    outcome = await run_cli("runs", "cancel", "--url", admin.url, "--status=retrying", "--json")
-    assert outcome.code == 0 and json.loads(outcome.out) == {"count": 3}
-    assert admin.requests[-1][:3] == ("POST", "/v1/runs/cancel", {"status": "retrying"})
+    outcome = await run_cli(
+        "runs", "cancel", "--url", admin.url, "--status=retrying", "--limit", "50", "--yes",
+        "--json",
+    )  # fmt: skip
+    assert outcome.code == 0 and json.loads(outcome.out)["count"] == 3
+    assert admin.requests[-1][:3] == (
+        "POST", "/v1/runs/cancel", {"status": "retrying", "limit": "50"},
+    )  # fmt: skip
     # An id or filters, one of the two.
     for args in (
         ("runs", "retry", "--url", admin.url),
@@ -244,6 +242,30 @@ async def test_bulk_retry_and_cancel_send_the_filters(admin: Any, run_cli: Cli) 
         outcome = await run_cli(*args)
         assert outcome.code == 2 and "filters" in outcome.err
         assert len(admin.requests) == before
+
+
+async def test_bulk_actions_count_and_ask_first_unless_yes(
+    admin: Any, run_cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --yes: a dry run counts the runs; with no terminal to ask, nothing is done."""
+    outcome = await run_cli("runs", "retry", "--url", admin.url, "--status", "failed")
+    assert outcome.code == 2 and "3 runs would be affected; add --yes" in outcome.err
+    assert [r[2] for r in admin.requests] == [{"status": "failed", "dry_run": "true"}]
+    # At a terminal: asked, and "n" does nothing, "y" acts.
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    answers = iter(["n", "y"])
+    asked: list[str] = []
+    monkeypatch.setattr("builtins.input", lambda prompt: asked.append(prompt) or next(answers))
+    outcome = await run_cli("runs", "cancel", "--url", admin.url, "--route", "trips")
+    assert outcome.code == 1 and outcome.out.strip() == "nothing done"
+    assert asked == ["cancel 3 runs (route=trips)? [y/N] "]
+    outcome = await run_cli("runs", "cancel", "--url", admin.url, "--route", "trips")
+    assert (outcome.code, outcome.out.strip()) == (0, "3 runs: cancel requested")
+    assert [r[2] for r in admin.requests[-3:]] == [
+        {"route": "trips", "dry_run": "true"},
+        {"route": "trips", "dry_run": "true"},
+        {"route": "trips"},
+    ]
 
 
 async def test_admin_commands_do_not_need_the_store_key(

@@ -235,20 +235,45 @@ async def test_bulk_retry_and_cancel_act_on_what_the_filters_select(
             assert resp.status == 303  # retrying, in an hour
             parked.append(resp.headers["Stepgate-Run-Id"])
 
-    async with gw.session.post(gw.internal + "/v1/runs/retry?status=failed") as resp:
-        assert resp.status == 200 and await resp.json() == {"count": 2}
+    async def bulk(query: str) -> dict[str, object]:
+        async with gw.session.post(gw.internal + query) as resp:
+            assert resp.status == 200, await resp.text()
+            return dict(await resp.json())
+
+    # A dry run counts and changes nothing; a limit bounds a call and says more remain.
+    assert await bulk("/v1/runs/retry?status=failed&dry_run=true") == {
+        "count": 2,
+        "more": False,
+        "dry_run": True,
+    }
+    assert {(await gw.store.get_run(r)).status for r in failed} == {"failed"}
+    assert await bulk("/v1/runs/retry?status=failed&limit=1") == {
+        "count": 1,
+        "more": True,
+        "dry_run": False,
+    }
+    assert await bulk("/v1/runs/retry?status=failed") == {
+        "count": 1,
+        "more": False,
+        "dry_run": False,
+    }
     for run_id in failed:
-        async with gw.session.get(
-            f"{gw.url}/_stepgate/runs/{run_id}?token="
-            f"{(await gw.store.get_run(run_id)).poll_token}&wait=10"
-        ) as resp:
+        poll_token = (await gw.store.get_run(run_id)).poll_token
+        url = f"{gw.url}/_stepgate/runs/{run_id}?token={poll_token}&wait=10"
+        async with gw.session.get(url) as resp:
             assert resp.status == 200
-    async with gw.session.post(gw.internal + "/v1/runs/cancel?route=slow") as resp:
-        assert resp.status == 200 and await resp.json() == {"count": 3}
+    assert (await bulk("/v1/runs/cancel?route=slow"))["count"] == 3
     assert {(await gw.store.get_run(r)).status for r in parked} == {"cancelled"}
-    async with gw.session.post(gw.internal + "/v1/runs/cancel?route=slow") as resp:
-        assert await resp.json() == {"count": 0}  # cancelled already: ended
-    for bad in ("", "?status=weird", "?limit=5", "?since=yesterday"):
+    assert (await bulk("/v1/runs/cancel?route=slow"))["count"] == 0  # safe to repeat
+    for bad in (
+        "",
+        "?status=weird",
+        "?limit=0",
+        "?route=x&limit=100001",
+        "?since=yesterday",
+        "?route=x&dry_run=maybe",
+        "?route=x&page=2",
+    ):
         async with gw.session.post(gw.internal + "/v1/runs/retry" + bad) as resp:
             assert resp.status == 400, bad
             assert resp.content_type == "application/problem+json"
