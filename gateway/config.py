@@ -81,6 +81,9 @@ class Route:
     max_body: int  # bytes
     retry: RetryPolicy
     max_response: int = 10 * 1024 * 1024  # bytes of an upstream's answer a durable route keeps
+    # What the upstream gets in place of `base`: "" strips it (strip_prefix), a path
+    # replaces it (rewrite); None forwards the path as it came. See routing.upstream_target.
+    replace_base: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +170,7 @@ _TOP_KEYS: Final = (
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
     "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
-    "max_response", "retry",
+    "max_response", "retry", "strip_prefix", "rewrite",
 )  # fmt: skip
 _RETRY_KEYS: Final = ("attempts", "initial", "max", "multiplier", "on", "non_idempotent")
 _EVENTS_KEYS: Final = ("lookback",)
@@ -668,7 +671,34 @@ def _route(data: object, key: str) -> Route:
         max_body=section.optional("max_body", _max_body, DEFAULT_MAX_BODY),
         retry=_retry(section.raw("retry"), section.key("retry"), durable=durable),
         max_response=section.optional("max_response", _max_response, DEFAULT_MAX_RESPONSE),
+        replace_base=_replace_base(section),
     )
+
+
+_REWRITE = re.compile(r"(/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})+)+")
+
+
+def _replace_base(section: _Section) -> str | None:
+    """`strip_prefix: true` or `rewrite: /new/prefix`: what takes the route's base's place."""
+    strip = section.optional("strip_prefix", _boolean, False)
+    rewrite = section.raw("rewrite")
+    if rewrite is _Section._MISSING or rewrite is None:
+        return "" if strip else None
+    if strip:
+        raise _Invalid(section.key("rewrite"), "give strip_prefix or rewrite, not both")
+    text = _string(rewrite, section.key("rewrite"))
+    segments = text.split("/")[1:]
+    if (
+        not _REWRITE.fullmatch(text)
+        or any(s in (".", "..") for s in segments)
+        or ("%2e" in text.lower() or "%2f" in text.lower() or "%00" in text)
+    ):
+        raise _Invalid(
+            section.key("rewrite"),
+            f"{_show(text)} is not a path prefix: start with /, end without one, and use no "
+            "dot segments, encoded dots or slashes, query or fragment (e.g. /v2/orders)",
+        )
+    return text
 
 
 def _routes(value: object, key: str) -> tuple[Route, ...]:

@@ -58,6 +58,7 @@ from yarl import URL
 from gateway.limits import BodyTimeout, body_timeout_problem
 from gateway.problem import problem
 from gateway.retry import FailureKind, Outcome, is_retriable, method_may_retry, next_delay
+from gateway.routing import upstream_target
 
 if TYPE_CHECKING:
     from gateway.config import Route
@@ -300,8 +301,9 @@ def _upstream_url(route: Route, request: web.BaseRequest) -> URL:
     if not raw.startswith("/"):
         # Absolute-form or asterisk request targets: aiohttp has already reduced them.
         raw = request.rel_url.raw_path_qs
-    # encoded=True: the upstream receives the target exactly as the client wrote it.
-    return URL(route.upstream + raw, encoded=True)
+    # encoded=True: the upstream receives the target exactly as the client wrote it (but for
+    # the route's base, where the route strips or rewrites it).
+    return URL(route.upstream + upstream_target(route, raw), encoded=True)
 
 
 def _client_gone(request: web.BaseRequest) -> bool:

@@ -119,6 +119,21 @@ class Router:
         return MethodNotAllowed(frozenset(allowed))
 
 
+def upstream_target(route: Route, raw: str) -> str:
+    """The request target the upstream gets for `raw` (path and query as the client wrote
+    them): the route's base stripped or replaced when the route says so (`strip_prefix`,
+    `rewrite`), everything after it byte for byte. The base's segments are counted on the raw
+    path, which routes as its decoded form does: an encoded slash never separates segments."""
+    replace = route.replace_base
+    if replace is None:
+        return raw
+    path, mark, query = raw.partition("?")
+    depth = route.base.count("/")
+    rest = path.split("/")[depth + 1 :]  # what follows the base's segments
+    new_path = replace + "".join("/" + segment for segment in rest)
+    return (new_path or "/") + mark + query
+
+
 def match_route(routes: Sequence[Route], method: str, path: str) -> Route | MethodNotAllowed | None:
     """One-off `Router(routes).match(method, path)`; build a `Router` once for repeated use."""
     return Router(routes).match(method, path)

@@ -31,6 +31,7 @@ from gateway.lifecycle import AfterAttempt
 from gateway.metrics import Metrics
 from gateway.model import Outcome, Run, Step
 from gateway.retry import Outcome as RetryOutcome
+from gateway.routing import upstream_target
 from gateway.store import Store
 
 log = structlog.get_logger("stepgate.engine")
@@ -161,7 +162,7 @@ class Invoker:
         call = Invocation(
             run.attempt,
             run.method,
-            route.upstream + run.target,
+            route.upstream + upstream_target(route, run.target),
             headers,
             run.body,
             route.timeout,

@@ -238,7 +238,7 @@ def test_example_config_shows_every_option_at_its_default() -> None:
         # every route option is spelled out
         assert set(next(r for r in raw["routes"] if r["name"] == route.name)) == {
             "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
-            "max_response", "retry",
+            "max_response", "retry", "strip_prefix", "rewrite",
         }  # fmt: skip
 
 
