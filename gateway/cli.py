@@ -766,24 +766,23 @@ def _dashed_id_last(arguments: list[str]) -> list[str]:
     return [*head, *rest[:at], *rest[at + 1 :], "--", rest[at]]
 
 
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 500:
-        raise argparse.ArgumentTypeError("must be from 1 to 500")
-    return value
+def _whole(most: int) -> Callable[[str], int]:
+    """An argparse type: a whole number from 1 to `most`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 1 <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be from 1 to {most}")
+        return value
+
+    return parse
 
 
-def _bulk_limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= 100_000:
-        raise argparse.ArgumentTypeError("must be from 1 to 100000")
-    return value
+_limit = _whole(500)
+_bulk_limit = _whole(100_000)
 
 
 def _version() -> str:

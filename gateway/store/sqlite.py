@@ -638,10 +638,6 @@ class SQLiteStore(Store):
             self._changed(after.run)
         return after
 
-    async def check_callback(self, run_id: str, token: str) -> Run:
-        run, _ = authorize_callback(await self.get_run(run_id), run_id, token)
-        return run
-
     async def put_step(
         self,
         run_id: str,
