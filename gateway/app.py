@@ -225,7 +225,11 @@ class Gateway:
 
     async def _listen(self, app: web.Application, address: Address) -> web.AppRunner:
         app.on_response_prepare.append(no_server_banner)
-        runner = web.AppRunner(app, handle_signals=False)
+        # A listener's in-flight requests get shutdown_grace to finish when it closes, as the
+        # invocations do; aiohttp's own default is a minute.
+        runner = web.AppRunner(
+            app, handle_signals=False, shutdown_timeout=self.settings.shutdown_grace
+        )
         await runner.setup()
         self._runners.append(runner)
         # Connections are served by GuardedHandler: time-outs, a connection cap, a bound on
