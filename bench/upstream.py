@@ -93,6 +93,21 @@ async def plain(request: web.Request) -> web.Response:
 # --- /raw/{n}: the step protocol spoken by hand ------------------------------------
 
 
+async def recorded_outputs(
+    request: web.Request, callback: str, auth: dict[str, str]
+) -> dict[str, Any] | web.Response:
+    """The outputs of the run's completed steps (none asked for on a first attempt), or the
+    problem to answer when the gateway would not list them."""
+    if int(request.headers.get("Stepgate-Steps", "0")) == 0:
+        return {}
+    session = request.app[CALLBACK_SESSION]
+    async with session.get(f"{callback}/steps", headers=auth) as resp:
+        if resp.status != 200:
+            return problem(502, "Step list failed", f"GET steps answered {resp.status}")
+        listing = await resp.json()
+    return {s["id"]: s["output"] for s in listing["steps"] if s["status"] == "completed"}
+
+
 async def raw_steps(request: web.Request) -> web.Response:
     n = steps_of(request)
     await request.read()
@@ -107,13 +122,9 @@ async def raw_steps(request: web.Request) -> web.Response:
 
     session = request.app[CALLBACK_SESSION]
     auth = {"Authorization": f"Bearer {token}"}
-    recorded: dict[str, Any] = {}
-    if int(request.headers.get("Stepgate-Steps", "0")) > 0:
-        async with session.get(f"{callback}/steps", headers=auth) as resp:
-            if resp.status != 200:
-                return problem(502, "Step list failed", f"GET steps answered {resp.status}")
-            listing = await resp.json()
-        recorded = {s["id"]: s["output"] for s in listing["steps"] if s["status"] == "completed"}
+    recorded = await recorded_outputs(request, callback, auth)
+    if isinstance(recorded, web.Response):
+        return recorded
 
     total = 0
     for i in range(n):
@@ -145,13 +156,9 @@ async def hold_steps(request: web.Request) -> web.Response:
     ledger.invoked.setdefault(run_id, []).append(time.time())
     session = request.app[CALLBACK_SESSION]
     auth = {"Authorization": f"Bearer {token}"}
-    recorded: dict[str, Any] = {}
-    if int(request.headers.get("Stepgate-Steps", "0")) > 0:
-        async with session.get(f"{callback}/steps", headers=auth) as resp:
-            if resp.status != 200:
-                return problem(502, "Step list failed", f"GET steps answered {resp.status}")
-            listing = await resp.json()
-        recorded = {s["id"]: s["output"] for s in listing["steps"] if s["status"] == "completed"}
+    recorded = await recorded_outputs(request, callback, auth)
+    if isinstance(recorded, web.Response):
+        return recorded
     total = 0
     for i in range(n):
         step_id = f"s{i}"
