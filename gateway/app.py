@@ -28,7 +28,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from gateway import admin, callbacks, ui
+from gateway import admin, callbacks, ratelimit, ui
 from gateway.config import Address, ConfigError, Settings, load_settings
 from gateway.engine import ENGINE, Engine
 from gateway.errors import GatewayError
@@ -129,6 +129,10 @@ async def _dispatch(request: web.Request) -> tuple[str, web.StreamResponse]:
             detail=f"this path takes {match.allow_header}",
             headers={"Allow": match.allow_header},
         )
+    if ratelimit.checked_before_body(match):
+        refused = await ratelimit.refusal(app[ENGINE].store, app[METRICS], match, request)
+        if refused is not None:
+            return match.name, refused
     if not match.durable or (request.content_length or 0) <= match.max_body:
         await send_continue(request)  # else the engine answers 413 without wanting the body
     if match.durable:
@@ -160,7 +164,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     registry = request.app[METRICS]
-    registry.set_run_counts(await request.app[ENGINE].store.count_by_status())
+    engine = request.app[ENGINE]
+    registry.set_run_counts(await engine.store.count_by_status())
+    flow_routes = [name for name, route in engine.routes.items() if route.flow_controlled]
+    registry.set_queued(await engine.store.count_queued(), flow_routes)
     return web.Response(body=registry.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 

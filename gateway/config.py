@@ -33,8 +33,11 @@ from gateway.errors import GatewayError
 
 __all__ = [
     "Address",
+    "Concurrency",
     "ConfigError",
+    "FlowKey",
     "Limits",
+    "Rate",
     "RetryPolicy",
     "Route",
     "Settings",
@@ -68,6 +71,36 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class FlowKey:
+    """Where a request's flow-control key comes from: `header:NAME`, `query:NAME` or
+    `body:dotted.path` (a JSON body). A request without it has the key ""."""
+
+    source: Literal["header", "query", "body"]
+    name: str  # the header (as written), the query parameter, or the dotted path
+    text: str  # as written in the config
+
+
+@dataclass(frozen=True, slots=True)
+class Concurrency:
+    limit: int  # invocations of the route (per key value) upstream at once
+    key: FlowKey | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """A token bucket: `burst` at once, refilled by one every `per / limit` seconds."""
+
+    limit: int
+    per: float  # seconds
+    burst: int
+    key: FlowKey | None
+
+    @property
+    def interval(self) -> float:
+        return self.per / self.limit
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     name: str
     path: str  # as written, e.g. "/process" or "/api/*"
@@ -84,6 +117,17 @@ class Route:
     # What the upstream gets in place of `base`: "" strips it (strip_prefix), a path
     # replaces it (rewrite); None forwards the path as it came. See routing.upstream_target.
     replace_base: str | None = None
+    # Flow control (gateway/flow.py): concurrency and throttle queue a durable route's runs,
+    # rate_limit refuses requests of any route, queue_limit bounds the queue.
+    concurrency: Concurrency | None = None
+    throttle: Rate | None = None
+    rate_limit: Rate | None = None
+    queue_limit: int = 10_000  # runs of the route queued at once (DEFAULT_QUEUE_LIMIT)
+
+    @property
+    def flow_controlled(self) -> bool:
+        """Whether the route's invocations wait for a slot or a turn."""
+        return self.concurrency is not None or self.throttle is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +205,8 @@ DEFAULT_MAX_RESPONSE: Final = 10 * 1024 * 1024
 # written; far below that, so a setting can never make the record of an attempt impossible.
 MAX_STORED: Final = 512 * 1024 * 1024
 DURABLE_ATTEMPTS: Final = 4
+DEFAULT_QUEUE_LIMIT: Final = 10_000
+MAX_FLOW_LIMIT: Final = 1_000_000  # of concurrency, throttle, rate_limit and queue_limit
 PLAIN_ATTEMPTS: Final = 1
 
 _TOP_KEYS: Final = (
@@ -170,8 +216,12 @@ _TOP_KEYS: Final = (
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
     "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
-    "max_response", "retry", "strip_prefix", "rewrite",
+    "max_response", "retry", "strip_prefix", "rewrite", "concurrency", "throttle", "rate_limit",
+    "queue_limit",
 )  # fmt: skip
+_CONCURRENCY_KEYS: Final = ("limit", "key")
+_THROTTLE_KEYS: Final = ("limit", "per", "burst", "key")
+_RATE_LIMIT_KEYS: Final = ("limit", "per", "key")
 _RETRY_KEYS: Final = ("attempts", "initial", "max", "multiplier", "on", "non_idempotent")
 _EVENTS_KEYS: Final = ("lookback",)
 _LIMITS_KEYS: Final = (
@@ -658,6 +708,7 @@ def _route(data: object, key: str) -> Route:
     path, prefix, base = section.required("path", _route_path, needed)
     upstream = section.required("upstream", lambda v, k: _http_url(v, k, allow_path=False), needed)
     durable = section.optional("durable", _boolean, False)
+    concurrency, throttle, rate_limit, queue_limit = _flow(section, durable)
     return Route(
         name=name,
         path=path,
@@ -672,6 +723,127 @@ def _route(data: object, key: str) -> Route:
         retry=_retry(section.raw("retry"), section.key("retry"), durable=durable),
         max_response=section.optional("max_response", _max_response, DEFAULT_MAX_RESPONSE),
         replace_base=_replace_base(section),
+        concurrency=concurrency,
+        throttle=throttle,
+        rate_limit=rate_limit,
+        queue_limit=queue_limit,
+    )
+
+
+# --- flow control ---------------------------------------------------------------------------
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 field name
+_RATE_TEXT = re.compile(r"\s*([0-9]+)\s*/\s*([0-9]*(?:\.[0-9]+)?\s*[A-Za-z]+)\s*")
+
+
+def _flow_key(value: object, key: str) -> FlowKey:
+    text = _string(value, key)
+    source, _, name = text.partition(":")
+    if source == "header" and _HEADER_NAME.fullmatch(name):
+        return FlowKey("header", name, text)
+    if source == "query" and name and len(name) <= 200:
+        return FlowKey("query", name, text)
+    if source == "body" and name and all(name.split(".")) and name.count(".") < 32:
+        return FlowKey("body", name, text)
+    raise _Invalid(
+        key,
+        f"expected header:NAME, query:NAME or body:dotted.path (e.g. header:X-Tenant), "
+        f"got {_show(text)}",
+    )
+
+
+def _flow_limit(value: object, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(key, f"expected a whole number, got {_kind(value)}")
+    if not 1 <= value <= MAX_FLOW_LIMIT:
+        raise _Invalid(key, f"must be between 1 and {MAX_FLOW_LIMIT}, got {value}")
+    return value
+
+
+def _queue_limit(value: object, key: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(key, f"expected a whole number, got {_kind(value)}")
+    if not 0 <= value <= MAX_FLOW_LIMIT:
+        raise _Invalid(key, f"must be between 0 and {MAX_FLOW_LIMIT}, got {value}")
+    return value
+
+
+def _per(value: object, key: str) -> float:
+    seconds = _duration(allow_zero=False)(value, key)
+    if seconds > 86400 * 366:
+        raise _Invalid(key, "must be at most a year (366d)")
+    return seconds
+
+
+def _concurrency(value: object, key: str) -> Concurrency:
+    if isinstance(value, dict):
+        section = _Section(value, key, _CONCURRENCY_KEYS, "a mapping such as {limit: 10}")
+        limit = section.required("limit", _flow_limit, "the most invocations at once")
+        return Concurrency(limit, section.optional("key", _flow_key, None))
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(
+            key,
+            f"expected a number such as 10 or a mapping such as {{limit: 10, key: "
+            f"header:X-Tenant}}, got {_kind(value)}",
+        )
+    return Concurrency(_flow_limit(value, key), None)
+
+
+def _rate(keys: tuple[str, ...], example: str) -> Callable[[object, str], Rate]:
+    """A rate as `100/s` (`limit/per`) or as a mapping of `keys`."""
+
+    def convert(value: object, key: str) -> Rate:
+        if isinstance(value, str):
+            match = _RATE_TEXT.fullmatch(value)
+            if match is None:
+                raise _Invalid(key, f"expected a rate such as 100/s or 20/1m, got {_show(value)}")
+            limit = _flow_limit(int(match[1]), key)
+            per_text = match[2].strip()
+            per = _per(per_text if per_text[0].isdigit() else "1" + per_text, key)
+            return Rate(limit, per, limit, None)
+        if not isinstance(value, dict):
+            raise _Invalid(
+                key, f"expected a rate such as 100/s or a mapping such as {example}, "
+                f"got {_kind(value)}"
+            )  # fmt: skip
+        section = _Section(value, key, keys, f"a mapping such as {example}")
+        limit = section.required("limit", _flow_limit, "how many per `per`")
+        per = section.required("per", _per, "the time the limit applies to, e.g. 1s")
+        burst = section.optional("burst", _flow_limit, limit)
+        return Rate(limit, per, burst, section.optional("key", _flow_key, None))
+
+    return convert
+
+
+_throttle = _rate(_THROTTLE_KEYS, "{limit: 100, per: 1s, burst: 20}")
+_rate_limit = _rate(_RATE_LIMIT_KEYS, "{limit: 20, per: 1m, key: header:X-Api-Key}")
+
+
+def _flow(
+    section: _Section, durable: bool
+) -> tuple[Concurrency | None, Rate | None, Rate | None, int]:
+    """A route's flow-control knobs; the queueing ones apply to durable routes only."""
+    if not durable:
+        for name in ("concurrency", "throttle", "queue_limit"):
+            if section.raw(name) is not _Section._MISSING:
+                raise _Invalid(
+                    section.key(name),
+                    "only applies to durable routes, whose runs can wait in a queue "
+                    "(a plain route can have rate_limit)",
+                )
+    rate_limit = section.optional("rate_limit", _rate_limit, None)
+    if not durable and rate_limit is not None and rate_limit.key is not None:
+        if rate_limit.key.source == "body":
+            raise _Invalid(
+                section.key("rate_limit.key"),
+                "a body: key needs a durable route (a plain route streams the body it is "
+                "given, unread); use header: or query:",
+            )
+    return (
+        section.optional("concurrency", _concurrency, None),
+        section.optional("throttle", _throttle, None),
+        rate_limit,
+        section.optional("queue_limit", _queue_limit, DEFAULT_QUEUE_LIMIT),
     )
 
 

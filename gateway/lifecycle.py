@@ -8,6 +8,9 @@ copy that may have moved on.
        │   └──> sleeping | waiting ──> running ...
        └──> completed | failed          (cancelled from any state that has not ended)
 
+    queued ──> running                  (flow control: a new, retried or woken run waits its
+                                         turn; see gateway.flow)
+
 An ended run (failed, completed or cancelled) goes back to running only through the admin retry.
 """
 
@@ -34,10 +37,11 @@ from gateway.model import (
 STATES: Final = frozenset(RunStatus)
 
 _NEXT: Final[dict[RunStatus, frozenset[RunStatus]]] = {
-    RunStatus.RUNNING: frozenset(RunStatus) - {RunStatus.RUNNING},
-    RunStatus.RETRYING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
-    RunStatus.SLEEPING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
-    RunStatus.WAITING: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.QUEUED: frozenset({RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.RUNNING: frozenset(RunStatus) - {RunStatus.RUNNING, RunStatus.QUEUED},
+    RunStatus.RETRYING: frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.SLEEPING: frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.CANCELLED}),
+    RunStatus.WAITING: frozenset({RunStatus.QUEUED, RunStatus.RUNNING, RunStatus.CANCELLED}),
     RunStatus.COMPLETED: frozenset({RunStatus.RUNNING, RunStatus.RETRYING}),
     RunStatus.FAILED: frozenset({RunStatus.RUNNING, RunStatus.RETRYING}),
     RunStatus.CANCELLED: frozenset({RunStatus.RUNNING, RunStatus.RETRYING}),

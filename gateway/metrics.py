@@ -6,7 +6,7 @@ or a raw path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -112,6 +112,18 @@ class Metrics:
             registry=registry,
         )
 
+        self.queued = Gauge(
+            "stepgate_queued",
+            "Runs waiting in a route's flow-control queue.",
+            ["route"],
+            registry=registry,
+        )
+        self.flow_rejections = Counter(
+            "stepgate_flow_rejected",
+            "Requests refused by flow control, by reason (rate_limit, queue_full).",
+            ["route", "reason"],
+            registry=registry,
+        )
         self.replica = Gauge(
             "stepgate_replica",
             "This gateway among the replicas of its store (always 1): its "
@@ -165,6 +177,18 @@ class Metrics:
     def set_run_counts(self, counts: dict[str, int]) -> None:
         for state in RunStatus:
             self.runs.labels(state).set(counts.get(state, 0))
+
+    def set_queued(self, counts: dict[str, int], routes: Iterable[str]) -> None:
+        """The queues' lengths: 0 for a flow-controlled route with none queued; a route that is
+        gone is shown no longer once its queue is empty."""
+        self.queued.clear()
+        for route in routes:
+            self.queued.labels(route).set(0)
+        for route, count in counts.items():
+            self.queued.labels(route).set(count)
+
+    def flow_rejected(self, route: str, reason: str) -> None:
+        self._child(self.flow_rejections, route, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,7 @@ Headers = list[tuple[str, str]]
 
 
 class RunStatus(StrEnum):
+    QUEUED = "queued"  # waiting for a flow-control slot or turn (gateway.flow)
     RUNNING = "running"
     RETRYING = "retrying"
     SLEEPING = "sleeping"
@@ -25,7 +26,10 @@ class RunStatus(StrEnum):
 
 
 ENDED: Final = frozenset({RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED})
-PARKED: Final = frozenset({RunStatus.RETRYING, RunStatus.SLEEPING, RunStatus.WAITING})
+# Not invoked now; started again by a claim once due (a queued run only once it has a due time).
+PARKED: Final = frozenset(
+    {RunStatus.QUEUED, RunStatus.RETRYING, RunStatus.SLEEPING, RunStatus.WAITING}
+)
 _REQUEST_COLUMNS: Final = frozenset({"target", "headers", "body", "request_hash"})
 _ANSWER_COLUMNS: Final = frozenset({"resp_headers", "resp_body"})
 
@@ -75,6 +79,11 @@ class Run:
     resp_body: bytes | None = None
     error: str | None = None
     ended_at: float | None = None
+    # Flow control (gateway.flow): the key values the run counts under for the route's
+    # concurrency and throttle (None: the route has none), and when it joined the queue.
+    slot_key: str | None = None
+    throttle_key: str | None = None
+    queued_at: float | None = None
     # Stored values that did not open with the store_key (changed, or sealed with another
     # key), by column; they read as empty. A run whose request is among them is not replayed.
     unreadable: tuple[str, ...] = ()

@@ -52,7 +52,7 @@ class Running:
 PG_SERVER = os.environ.get("STEPGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 DIALECTS = ("sqlite", "postgres")
 # Every table of the PostgreSQL schema that holds data (not the schema version).
-_PG_TABLES = "runs, steps, attempts, events, replicas, meta"
+_PG_TABLES = "runs, steps, attempts, events, replicas, meta, flow_buckets"
 
 
 @pytest.fixture(scope="session")

@@ -63,6 +63,8 @@ class Engine:
         self.invoker.on_retry_timer = self.scheduler.add
         self._recovering: asyncio.Task[None] | None = None
         self._taking_over: asyncio.Task[None] | None = None
+        self._promoting: asyncio.Task[None] | None = None
+        store.route_of = self.routes.get  # flow control reads the limits as configured now
         store.subscribe(self._changed)
 
     @property
@@ -105,6 +107,7 @@ class Engine:
             )
         else:
             log.info("gateway.resumed", interrupted=interrupted)
+        self._promote()
         self.scheduler.start()
         if self.store.lease is not None:
             self._taking_over = asyncio.create_task(
@@ -136,6 +139,22 @@ class Engine:
                 )
             await asyncio.sleep(lease / 5)
 
+    def _promote(self) -> None:
+        """Give queued runs the slots the limits as configured now leave free (at a start, and
+        after a reload that may have raised or removed a limit)."""
+        if self._promoting is not None and not self._promoting.done():
+            return
+        self._promoting = asyncio.create_task(self._promote_now(), name="stepgate-promote")
+
+    async def _promote_now(self) -> None:
+        try:
+            given = await self.store.promote_waiting(time.time())
+        except StoreError as exc:
+            log.warning("store.write_failed", during="promote", error=str(exc))
+            return
+        if given:
+            log.info("flow.promoted", runs=given)
+
     async def _recover_later(self, started: float) -> None:
         while True:
             await asyncio.sleep(2.0)
@@ -149,7 +168,7 @@ class Engine:
     async def close(self) -> None:
         """Graceful stop: let invocations in flight finish for `shutdown_grace`, leave the rest
         to be resumed at the next start."""
-        for task in (self._recovering, self._taking_over):
+        for task in (self._recovering, self._taking_over, self._promoting):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -173,7 +192,8 @@ class Engine:
         self.invoker.settings = settings
         routes = {route.name: route for route in settings.routes}
         self.routes.clear()
-        self.routes.update(routes)  # the invoker holds this same dict
+        self.routes.update(routes)  # the invoker and the store hold this same dict
+        self._promote()
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
-from gateway.config import Route
+from gateway import flow, ratelimit
+from gateway.config import Concurrency, Rate, Route
 from gateway.engine import answers
 from gateway.errors import StoreError
 from gateway.model import Run, RunStatus
 from gateway.prefer import Preferences, parse_prefer
 from gateway.problem import problem
 from gateway.proxy import forward_request_headers
-from gateway.store import DuplicateIdempotencyKey
+from gateway.store import DuplicateIdempotencyKey, QueueFull
 
 if TYPE_CHECKING:
     from gateway.engine import Engine
@@ -67,6 +68,10 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
             detail=f"the request body is larger than {route.max_body} bytes, "
             f"the limit of route {route.name!r}",
         )
+    if route.rate_limit is not None and not ratelimit.checked_before_body(route):
+        refused = await ratelimit.refusal(engine.store, engine.metrics, route, request, body)
+        if refused is not None:
+            return refused
     headers, trace_id = forward_request_headers(
         request.headers,
         peer=request.remote,
@@ -93,9 +98,19 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
         idem_key=key,
         request_hash=request_hash(request.method, target, body) if key else None,
         trace_id=trace_id,
+        slot_key=_key(route.concurrency, request, body),
+        throttle_key=_key(route.throttle, request, body),
     )
     try:
-        await engine.store.create_run(run)
+        run = await engine.store.create_run(run)
+    except QueueFull:
+        engine.metrics.flow_rejected(route.name, "queue_full")
+        return problem(
+            503,
+            detail=f"route {route.name!r} has {route.queue_limit} runs queued, its "
+            "queue_limit; nothing was recorded",
+            headers={"Retry-After": "1"},
+        )
     except DuplicateIdempotencyKey:
         assert key is not None and run.request_hash is not None
         return await _attach(engine, route, key, run.request_hash, arrival, prefer)
@@ -106,6 +121,11 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
             detail="the run store is not available; nothing was recorded",
             headers={"Retry-After": "1"},
         )
+    if run.status == RunStatus.QUEUED:
+        log.info("run.queued", run_id=run.id, route=route.name, trace_id=trace_id)
+        if prefer.respond_async:
+            return answers.accepted(run)
+        return await answer(engine, run, route, arrival, prefer)
     log.debug("run.started", run_id=run.id, route=route.name, trace_id=trace_id)
     invoker = engine.invoker
     if prefer.respond_async:
@@ -124,6 +144,13 @@ async def handle(engine: Engine, request: web.Request, route: Route) -> web.Stre
     if done:
         run = task.result() or run
     return await answer(engine, run, route, arrival, prefer)
+
+
+def _key(limit: Concurrency | Rate | None, request: web.Request, body: bytes) -> str | None:
+    """The run's key value under a limit of its route; None when the route has no such limit."""
+    if limit is None:
+        return None
+    return flow.key_value(limit.key, request.headers, request.query_string, body)
 
 
 def _hold(route: Route, prefer: Preferences) -> float:

@@ -7,7 +7,7 @@
 "use strict";
 
 (() => {
-  const STATES = ["running", "retrying", "sleeping", "waiting", "completed", "failed", "cancelled"];
+  const STATES = ["queued", "running", "retrying", "sleeping", "waiting", "completed", "failed", "cancelled"];
   const ENDED = new Set(["completed", "failed", "cancelled"]);
   const TOKEN_KEY = "stepgate.adminToken";
   const PAGE_SIZE = 50;

@@ -16,6 +16,7 @@ Errors:
         ├── DuplicateIdempotencyKey
         └── StoreLocked          another gateway process serves this store
     └── Refused                  a transaction's answer to a caller that may not do this
+        ├── QueueFull            the route's queue is at its queue_limit; no run was created
         ├── UnknownRun
         ├── WrongToken
         └── AttemptFenced        run, attempt: a callback from a superseded attempt
@@ -31,7 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.auth import token_attempt, token_valid
+from gateway.config import Rate, Route
 from gateway.errors import GatewayError, StoreError
+from gateway.flow import allowed
 from gateway.lifecycle import AfterAttempt
 from gateway.model import Attempt, Outcome, Run, RunStatus, Step
 from gateway.store.rows import RUN_COLUMNS
@@ -52,6 +55,10 @@ class Refused(GatewayError):
 
 class UnknownRun(Refused):
     pass
+
+
+class QueueFull(Refused):
+    """A new run would have queued beyond its route's queue_limit; nothing was written."""
 
 
 class WrongToken(Refused):
@@ -108,6 +115,8 @@ class RunPage:
 
 
 Listener = Callable[[Change], None]
+# The route a run belongs to as configured now (flow control reads its limits), or None.
+RouteLookup = Callable[[str], Route | None]
 # Decides a run's fate after an attempt from the run as stored and its parked steps.
 AttemptRule = Callable[[Run, Sequence[Step]], AfterAttempt]
 InterruptRule = Callable[[Run], AfterAttempt]
@@ -126,6 +135,8 @@ class Store(abc.ABC):
     lease: float | None = None
     # Told how long each write transaction took (the store_write_duration metric).
     write_observer: Callable[[float], None] | None = None
+    # Rate-limit buckets of a store that is this process's alone, by name: their `tat`.
+    RATE_BUCKETS_KEPT = 100_000
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
@@ -134,6 +145,9 @@ class Store(abc.ABC):
         # Whether changes committed elsewhere are heard of as they happen (see `subscribe`);
         # while they are not, waiters read the store instead.
         self.live_notifications = True
+        # The routes as configured now: whose runs are flow-controlled (the engine sets it).
+        self.route_of: RouteLookup = lambda name: None
+        self._rate_buckets: OrderedDict[str, float] = OrderedDict()
 
     def subscribe(self, listener: Listener) -> None:
         """Call `listener(change)` after every committed change to a run, this process's own
@@ -225,14 +239,39 @@ class Store(abc.ABC):
     async def count_by_status(self) -> dict[str, int]: ...
 
     @abc.abstractmethod
+    async def count_queued(self) -> dict[str, int]:
+        """Queued runs by route (routes with none are left out)."""
+
+    @abc.abstractmethod
     async def due(self, before: float, limit: int) -> list[tuple[float, str]]:
         """(due_at, run id) of parked runs due before `before`, soonest first."""
 
     # -- transactions --------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_run(self, run: Run) -> None:
-        """Record a new run (raises DuplicateIdempotencyKey)."""
+    async def create_run(self, run: Run) -> Run:
+        """Record a new run, running, or queued when its route's flow control says it must wait
+        (raises DuplicateIdempotencyKey, QueueFull); the run as recorded."""
+
+    @abc.abstractmethod
+    async def promote_waiting(self, now: float) -> int:
+        """Give the runs that wait for a slot the slots that are free under the routes' limits
+        as configured now (after a start, or a reload that raised or removed a limit); how
+        many were given one."""
+
+    async def rate_limit(self, name: str, rate: Rate, now: float) -> float:
+        """Take one request from the token bucket `name`: 0 when allowed, else the seconds
+        until it would be. A store that is this process's alone keeps its buckets in memory."""
+        buckets = self._rate_buckets
+        wait, tat = allowed(rate, buckets.get(name), now)
+        if tat is not None:
+            buckets[name] = tat
+            buckets.move_to_end(name)
+            if len(buckets) > self.RATE_BUCKETS_KEPT:
+                # Bounded under a flood of key values: the bucket used longest ago goes, and
+                # its key starts again with a full one.
+                buckets.popitem(last=False)
+        return wait
 
     @abc.abstractmethod
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:

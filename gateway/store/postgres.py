@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import asyncpg
 import structlog
 
+from gateway import flow
+from gateway.config import Rate, Route
 from gateway.errors import StoreError
 from gateway.events import event_object
 from gateway.lifecycle import AfterAttempt, claim, retry_ended
@@ -48,15 +50,22 @@ from gateway.store.base import (
     Change,
     DuplicateIdempotencyKey,
     InterruptRule,
+    QueueFull,
     Replica,
     Store,
     UnknownRun,
     authorize_callback,
 )
 from gateway.store.rows import (
+    BUCKET_TAT,
+    FLOW_COUNTS,
+    OLDEST_WAITING,
+    QUEUED_ON_ROUTE,
     RUN_COLUMNS,
+    SET_BUCKET_TAT,
     STEP_COLUMNS,
     UPDATE_RUN,
+    WAITING_FLOWS,
     Rows,
     step_from_row,
     step_values,
@@ -175,6 +184,19 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER runs_notify AFTER INSERT OR UPDATE OF status, due_at ON runs
         FOR EACH ROW EXECUTE FUNCTION stepgate_notify();
     """,
+    # Flow control (gateway.flow), as in SQLite's fourth migration.
+    """
+    ALTER TABLE runs ADD COLUMN slot_key TEXT, ADD COLUMN throttle_key TEXT,
+        ADD COLUMN queued_at DOUBLE PRECISION;
+    CREATE INDEX runs_flow ON runs (route, slot_key, status) WHERE status IN ('running', 'queued');
+    CREATE INDEX runs_queue ON runs (route, slot_key, queued_at, id)
+        WHERE status = 'queued' AND due_at IS NULL;
+    CREATE TABLE flow_buckets (
+        name TEXT PRIMARY KEY,
+        tat DOUBLE PRECISION NOT NULL,
+        ok BOOLEAN NOT NULL DEFAULT true   -- a rate limit's last verdict (see _TAKE_RATE)
+    );
+    """,
 )
 
 
@@ -225,6 +247,21 @@ _FINISH: Final = (
 )
 # A claim's update also names the replica that will invoke the run.
 _UPDATE_RUN_OWNED: Final = numbered(UPDATE_RUN.replace(" WHERE id = ?", ", owner = ? WHERE id = ?"))
+_FLOW_COUNTS: Final = numbered(FLOW_COUNTS)
+_QUEUED_ON_ROUTE: Final = numbered(QUEUED_ON_ROUTE)
+# Rows locked by another transaction are passed over: a flow's lock is never held waiting for a
+# run's (see _lock_flow).
+_OLDEST_WAITING: Final = numbered(OLDEST_WAITING) + " FOR UPDATE SKIP LOCKED"
+_BUCKET_TAT: Final = numbered(BUCKET_TAT)
+_SET_BUCKET_TAT: Final = numbered(SET_BUCKET_TAT)
+# One request taken from a rate limit's bucket (gateway.flow.allowed) in one statement: the SET
+# expressions see the row as it was, so `ok` records whether it had room.
+_TAKE_RATE: Final = (
+    "INSERT INTO flow_buckets AS b (name, tat) VALUES ($1, $2::float8 + $3::float8) "
+    "ON CONFLICT (name) DO UPDATE SET ok = ($2 >= b.tat - $4), tat = CASE "
+    "WHEN $2 >= b.tat - $4 THEN greatest(b.tat, $2) + $3 ELSE b.tat END "
+    "RETURNING tat, ok"
+)
 # PostgreSQL's text cannot hold NUL; ids that hold one name nothing stored, and say so.
 _NUL: Final = "\x00"
 
@@ -561,6 +598,12 @@ class PostgresStore(Store):
         )
         return self._rows.run(rows[0]) if rows else None
 
+    async def count_queued(self) -> dict[str, int]:
+        rows = await self._fetch(
+            "SELECT route, count(*) FROM runs WHERE status = 'queued' GROUP BY route"
+        )
+        return {route: n for route, n in rows}
+
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._fetch("SELECT status, count(*) FROM runs GROUP BY status")
         return {status: n for status, n in rows}
@@ -617,20 +660,134 @@ class PostgresStore(Store):
 
     # -- transactions --------------------------------------------------------------------------
 
-    async def create_run(self, run: Run) -> None:
-        params = (
-            *self._rows.insert(run),
-            self.replica_id if run.status == RunStatus.RUNNING else None,
-        )
+    def _owned(self, run: Run) -> tuple[Any, ...]:
+        """A new row's values, with its owner when it starts running here."""
+        return (*self._rows.insert(run), self.replica_id if run.status == "running" else None)
 
-        async def op(conn: Conn) -> None:
-            await conn.execute(_INSERT_RUN, *params)
+    async def create_run(self, run: Run) -> Run:
+        route = self.route_of(run.route)
+        if route is None or not route.flow_controlled or _NUL in run.route:
+            params = self._owned(run)
 
-        await self._tx(op, single=True)
-        self._changed(run)
+            async def insert(conn: Conn) -> None:
+                await conn.execute(_INSERT_RUN, *params)
+
+            await self._tx(insert, single=True)
+            self._changed(run)
+            return run
+
+        async def op(conn: Conn) -> Run:
+            await self._lock_flow(conn, run, route)
+            admitted = await self._admit(conn, run, route, run.created_at)
+            if admitted.status == RunStatus.QUEUED:
+                if await conn.fetchval(_QUEUED_ON_ROUTE, run.route) >= route.queue_limit:
+                    raise QueueFull(run.route)
+            await conn.execute(_INSERT_RUN, *self._owned(admitted))
+            return admitted
+
+        recorded = await self._tx(op)
+        self._changed(recorded)
+        return recorded
+
+    # -- flow control (gateway.flow) -----------------------------------------------------------
+
+    @staticmethod
+    async def _lock(conn: Conn, name: str) -> None:
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))", name)
+
+    async def _lock_flow(self, conn: Conn, run: Run, route: Route, *, slots: bool = True) -> None:
+        """Serialise the transactions that count a flow's slots or take its throttle's turns,
+        across replicas: the slots' lock first, then the throttle's. A transaction holding one
+        never waits for a run's row (promotions skip locked rows), so none can deadlock."""
+        if slots and route.concurrency is not None:
+            await self._lock(conn, flow.bucket("slots", run.route, run.slot_key or ""))
+        if route.throttle is not None:
+            await self._lock(conn, flow.bucket("throttle", run.route, run.throttle_key or ""))
+
+    async def _admit(self, conn: Conn, run: Run, route: Route, now: float) -> Run:
+        held = waiting = 0
+        if route.concurrency is not None:
+            counts = await conn.fetchrow(_FLOW_COUNTS, run.route, run.slot_key or "")
+            assert counts is not None
+            held, waiting = counts
+        seen = flow.Seen(held, waiting, await self._tat(conn, run, route))
+        admission = flow.admit(run, route, seen, now)
+        await self._set_tat(conn, run, admission.tat)
+        return admission.run
+
+    @staticmethod
+    async def _tat(conn: Conn, run: Run, route: Route) -> float | None:
+        if route.throttle is None:
+            return None
+        name = flow.bucket("throttle", run.route, run.throttle_key or "")
+        tat = await conn.fetchval(_BUCKET_TAT, name)
+        return None if tat is None else float(tat)
+
+    @staticmethod
+    async def _set_tat(conn: Conn, run: Run, tat: float | None) -> None:
+        if tat is not None:
+            name = flow.bucket("throttle", run.route, run.throttle_key or "")
+            await conn.execute(_SET_BUCKET_TAT, name, tat)
+
+    async def _release(
+        self, conn: Conn, route_name: str, slot_key: str | None, now: float
+    ) -> list[Run]:
+        """As SQLite's: a slot of the flow may be free; the runs waiting longest get it."""
+        if slot_key is None:
+            return []
+        route = self.route_of(route_name)
+        if route is not None and route.concurrency is not None:
+            await self._lock(conn, flow.bucket("slots", route_name, slot_key))
+            counts = await conn.fetchrow(_FLOW_COUNTS, route_name, slot_key)
+            assert counts is not None
+            held, waiting = counts
+            free = min(route.concurrency.limit - held, waiting)
+            if free <= 0:
+                return []
+        else:
+            free = None  # no limit any more (or no route): the whole queue goes
+        rows = await conn.fetch(_OLDEST_WAITING, route_name, slot_key, free)
+        given = []
+        for row in rows:
+            run = self._rows.run(row)
+            if route is None:
+                admitted = flow.queued(run, now, due=now)
+            else:
+                await self._lock_flow(conn, run, route, slots=False)
+                admission = flow.given_slot(run, route, await self._tat(conn, run, route), now)
+                await self._set_tat(conn, run, admission.tat)
+                admitted = admission.run
+            await self._write_run(conn, admitted)
+            given.append(admitted)
+        return given
+
+    async def promote_waiting(self, now: float) -> int:
+        async def op(conn: Conn) -> list[Run]:
+            given: list[Run] = []
+            for route, slot_key in sorted(tuple(r) for r in await conn.fetch(WAITING_FLOWS)):
+                given += await self._release(conn, route, slot_key, now)
+            return given
+
+        given = await self._tx(op)
+        for run in given:
+            self._changed(run)
+        return len(given)
+
+    async def rate_limit(self, name: str, rate: Rate, now: float) -> float:
+        """Shared by the replicas: one statement on the bucket's row."""
+        tolerance = (rate.burst - 1) * rate.interval
+
+        async def op(conn: Conn) -> asyncpg.Record | None:
+            return await conn.fetchrow(_TAKE_RATE, name, now, rate.interval, tolerance)
+
+        row = await self._tx(op, single=True)
+        assert row is not None
+        if row["ok"]:
+            return 0.0
+        return max(float(row["tat"]) - tolerance - now, 0.001)
 
     async def _fence(self, rule: InterruptRule, where: str, *params: Any) -> list[AfterAttempt]:
-        async def op(conn: Conn) -> list[AfterAttempt]:
+        async def op(conn: Conn) -> tuple[list[AfterAttempt], list[Run]]:
             rows = await conn.fetch(
                 f"SELECT {RUN_COLUMNS} FROM runs r WHERE status = 'running' AND {where} "
                 "FOR UPDATE SKIP LOCKED",
@@ -642,11 +799,15 @@ class PostgresStore(Store):
                 await self._write_run(conn, after.run)
                 await self._write_attempt(conn, after.run.id, after.attempt)
                 done.append(after)
-            return done
+            flows = {(a.run.route, a.run.slot_key) for a in done if a.run.slot_key is not None}
+            given = []
+            for route, slot_key in sorted(flows, key=str):  # the flows' locks in one order
+                given += await self._release(conn, route, slot_key, time.time())
+            return done, given
 
-        fenced = await self._tx(op)
-        for after in fenced:
-            self._changed(after.run)
+        fenced, given = await self._tx(op)
+        for run in [after.run for after in fenced] + given:
+            self._changed(run)
         return fenced
 
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
@@ -680,20 +841,28 @@ class PostgresStore(Store):
                     now,
                     run_id,
                 )
+            route = self.route_of(run.route)
+            if run.status != RunStatus.QUEUED and route is not None and route.flow_controlled:
+                await self._lock_flow(conn, run, route)  # a queued one has its turn already
+                claimed = await self._admit(conn, run, route, now)
+                if claimed.status != RunStatus.RUNNING:
+                    await self._write_run(conn, claimed)
+                    return claimed
             await conn.execute(
                 _UPDATE_RUN_OWNED, *self._rows.update(claimed)[:-1], self.replica_id, run_id
             )
             return claimed
 
         claimed = await self._tx(op)
-        if claimed is not None:
-            self._changed(claimed)
-        return claimed
+        if claimed is None:
+            return None
+        self._changed(claimed)
+        return claimed if claimed.status == RunStatus.RUNNING else None
 
     async def finish_attempt(
         self, run_id: str, outcome: Outcome, rule: AttemptRule
     ) -> AfterAttempt:
-        async def op(conn: Conn) -> AfterAttempt:
+        async def op(conn: Conn) -> tuple[AfterAttempt, list[Run]]:
             rows = await conn.fetch(_LOCK_RUN_AND_PARKED, run_id) if _NUL not in run_id else []
             if not rows:
                 raise UnknownRun(run_id)
@@ -714,11 +883,16 @@ class PostgresStore(Store):
                 )
             else:
                 await self._write_attempt(conn, run_id, after.attempt)
-            return after
+            given: list[Run] = []
+            if after.decision is not None and run.slot_key is not None:
+                given = await self._release(conn, run.route, run.slot_key, after.run.updated_at)
+            return after, given
 
-        after = await self._tx(op)
+        after, given = await self._tx(op)
         if after.decision is not None:
             self._changed(after.run)
+        for queued in given:
+            self._changed(queued)
         return after
 
     async def put_step(
@@ -850,16 +1024,19 @@ class PostgresStore(Store):
         return [run.id for run in woken]
 
     async def _transition(self, run_id: str, rule: Callable[[Run], Run | None]) -> Run | None:
-        async def op(conn: Conn) -> Run | None:
+        async def op(conn: Conn) -> tuple[Run | None, list[Run]]:
             run = await self._read(conn, run_id)
             changed = None if run is None else rule(run)
-            if changed is not None:
+            given: list[Run] = []
+            if changed is not None and run is not None:
                 await self._write_run(conn, changed)
-            return changed
+                if flow.holds_slot(run) and not flow.holds_slot(changed):
+                    given = await self._release(conn, run.route, run.slot_key, changed.updated_at)
+            return changed, given
 
-        changed = await self._tx(op)
-        if changed is not None:
-            self._changed(changed)
+        changed, given = await self._tx(op)
+        for run in ([changed] if changed is not None else []) + given:
+            self._changed(run)
         return changed
 
     async def cancel(self, run_id: str, now: float) -> Run | None:
@@ -881,6 +1058,7 @@ class PostgresStore(Store):
 
     async def purge_events(self, before: float) -> int:
         async def op(conn: Conn) -> int:
+            await conn.execute("DELETE FROM flow_buckets WHERE tat < $1", before)
             status = await conn.execute("DELETE FROM events WHERE ts < $1", before)
             return int(status.split()[-1])
 

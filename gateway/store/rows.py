@@ -12,7 +12,8 @@ from gateway.store.sealing import SealBroken, Sealer, StoreKeyError
 RUN_COLUMNS: Final = (
     "id, route, status, attempt, token, poll_token, method, target, headers, body, created_at, "
     "updated_at, failures, no_retry, wake_pending, idem_key, request_hash, trace_id, due_at, "
-    "resp_status, resp_reason, resp_headers, resp_body, error, ended_at, sealed"
+    "resp_status, resp_reason, resp_headers, resp_body, error, ended_at, sealed, slot_key, "
+    "throttle_key, queued_at"
 )
 STEP_COLUMNS: Final = (
     "run_id, step_id, seq, kind, status, output, error, attempts, wake_at, event, match, "
@@ -23,7 +24,8 @@ STEP_COLUMNS: Final = (
 UPDATE_RUN: Final = (
     "UPDATE runs SET status = ?, attempt = ?, failures = ?, no_retry = ?, "
     "wake_pending = ?, due_at = ?, resp_status = ?, resp_reason = ?, resp_headers = ?, "
-    "resp_body = ?, error = ?, updated_at = ?, ended_at = ?, "
+    "resp_body = ?, error = ?, updated_at = ?, ended_at = ?, queued_at = ?, slot_key = ?, "
+    "throttle_key = ?, "
     "sealed = (sealed & ?) | ? WHERE id = ?"
 )
 
@@ -149,6 +151,9 @@ class Rows:
             resp_body=resp_body,
             error=row[23],
             ended_at=row[24],
+            slot_key=row[26],
+            throttle_key=row[27],
+            queued_at=row[28],
             unreadable=tuple(broken),
         )
 
@@ -182,6 +187,9 @@ class Rows:
             run.error,
             run.ended_at,
             SEALED_REQUEST | SEALED_ANSWER if self.sealer else 0,
+            run.slot_key,
+            run.throttle_key,
+            run.queued_at,
         )
 
     def update(self, run: Run) -> tuple[Any, ...]:
@@ -200,6 +208,9 @@ class Rows:
             run.error,
             run.updated_at,
             run.ended_at,
+            run.queued_at,
+            run.slot_key,
+            run.throttle_key,
             SEALED_REQUEST,
             SEALED_ANSWER if self.sealer else 0,
             run.id,
@@ -235,3 +246,27 @@ class Rows:
         if value is None:
             return None
         return self._open(run_id, column, value) if sealed else bytes(value)
+
+
+# Flow control (gateway.flow), the same text for every dialect (`?` placeholders).
+# The slots a flow's runs hold and the runs waiting for one, read under the flow's lock.
+FLOW_COUNTS: Final = (
+    "SELECT count(*) FILTER (WHERE status = 'running' OR due_at IS NOT NULL), "
+    "count(*) FILTER (WHERE status = 'queued' AND due_at IS NULL) FROM runs "
+    "WHERE route = ? AND slot_key = ? AND status IN ('running', 'queued')"
+)
+QUEUED_ON_ROUTE: Final = "SELECT count(*) FROM runs WHERE route = ? AND status = 'queued'"
+# The runs waiting longest for a slot of a flow.
+OLDEST_WAITING: Final = (
+    f"SELECT {RUN_COLUMNS} FROM runs WHERE route = ? AND slot_key = ? AND status = 'queued' "
+    "AND due_at IS NULL ORDER BY queued_at, id LIMIT ?"
+)
+# The flows that have runs waiting for a slot (looked at after a start or a reload).
+WAITING_FLOWS: Final = (
+    "SELECT DISTINCT route, slot_key FROM runs WHERE status = 'queued' AND due_at IS NULL"
+)
+BUCKET_TAT: Final = "SELECT tat FROM flow_buckets WHERE name = ?"
+SET_BUCKET_TAT: Final = (
+    "INSERT INTO flow_buckets (name, tat) VALUES (?, ?) "
+    "ON CONFLICT (name) DO UPDATE SET tat = excluded.tat"
+)

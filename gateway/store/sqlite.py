@@ -31,6 +31,8 @@ from typing import Any, TypeVar
 import aiosqlite
 import structlog
 
+from gateway import flow
+from gateway.config import Route
 from gateway.errors import StoreError
 from gateway.events import event_object
 from gateway.lifecycle import AfterAttempt, claim, retry_ended
@@ -41,15 +43,22 @@ from gateway.store.base import (
     AttemptRule,
     DuplicateIdempotencyKey,
     InterruptRule,
+    QueueFull,
     Store,
     StoreLocked,
     UnknownRun,
     authorize_callback,
 )
 from gateway.store.rows import (
+    BUCKET_TAT,
+    FLOW_COUNTS,
+    OLDEST_WAITING,
+    QUEUED_ON_ROUTE,
     RUN_COLUMNS,
+    SET_BUCKET_TAT,
     STEP_COLUMNS,
     UPDATE_RUN,
+    WAITING_FLOWS,
     Rows,
     step_from_row,
     step_values,
@@ -146,6 +155,22 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
     """,
+    # Flow control (gateway.flow): the key values a run counts under, when it joined the queue;
+    # the throttles' token buckets.
+    """
+    ALTER TABLE runs ADD COLUMN slot_key TEXT;
+    ALTER TABLE runs ADD COLUMN throttle_key TEXT;
+    ALTER TABLE runs ADD COLUMN queued_at REAL;
+    CREATE INDEX runs_flow ON runs (route, slot_key, status) WHERE status IN ('running', 'queued');
+    CREATE INDEX runs_queue ON runs (route, slot_key, queued_at, id)
+        WHERE status = 'queued' AND due_at IS NULL;
+    CREATE TABLE flow_buckets (name TEXT PRIMARY KEY, tat REAL NOT NULL) WITHOUT ROWID;
+    """,
+)
+
+
+_INSERT_RUN = (
+    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * (RUN_COLUMNS.count(',') + 1))})"
 )
 
 
@@ -537,6 +562,12 @@ class SQLiteStore(Store):
         )
         return self._rows.run(rows[0]) if rows else None
 
+    async def count_queued(self) -> dict[str, int]:
+        rows = await self._fetchall(
+            "SELECT route, count(*) FROM runs WHERE status = 'queued' GROUP BY route"
+        )
+        return {route: n for route, n in rows}
+
     async def count_by_status(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT status, count(*) FROM runs GROUP BY status")
         return {status: n for status, n in rows}
@@ -574,14 +605,111 @@ class SQLiteStore(Store):
 
     # -- transactions --------------------------------------------------------------------------
 
-    async def create_run(self, run: Run) -> None:
-        params = self._rows.insert(run)
-        sql = f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(params))})"
-        await self._write(lambda conn: conn.execute(sql, params))
-        self._changed(run)
+    async def create_run(self, run: Run) -> Run:
+        route = self.route_of(run.route)
+        if route is None or not route.flow_controlled:
+            params = self._rows.insert(run)
+            await self._write(lambda conn: conn.execute(_INSERT_RUN, params))
+            self._changed(run)
+            return run
+
+        def op(conn: sqlite3.Connection) -> Run:
+            admitted = self._admit(conn, run, route, run.created_at)
+            if admitted.status == RunStatus.QUEUED:
+                (queued,) = conn.execute(QUEUED_ON_ROUTE, (run.route,)).fetchone()
+                if queued >= route.queue_limit:
+                    raise QueueFull(run.route)
+            conn.execute(_INSERT_RUN, self._rows.insert(admitted))
+            return admitted
+
+        recorded = await self._write(op)
+        self._changed(recorded)
+        return recorded
+
+    # -- flow control (gateway.flow) -----------------------------------------------------------
+
+    def _admit(self, conn: sqlite3.Connection, run: Run, route: Route, now: float) -> Run:
+        """The run due to be invoked as it starts now, or queued (its throttle turn taken)."""
+        held = waiting = 0
+        if route.concurrency is not None:
+            held, waiting = conn.execute(FLOW_COUNTS, (run.route, run.slot_key or "")).fetchone()
+        seen = flow.Seen(held, waiting, self._tat(conn, run, route))
+        admission = flow.admit(run, route, seen, now)
+        self._set_tat(conn, run, admission.tat)
+        return admission.run
+
+    @staticmethod
+    def _tat(conn: sqlite3.Connection, run: Run, route: Route) -> float | None:
+        if route.throttle is None:
+            return None
+        row = conn.execute(
+            BUCKET_TAT, (flow.bucket("throttle", run.route, run.throttle_key or ""),)
+        ).fetchone()
+        return None if row is None else float(row[0])
+
+    @staticmethod
+    def _set_tat(conn: sqlite3.Connection, run: Run, tat: float | None) -> None:
+        if tat is not None:
+            name = flow.bucket("throttle", run.route, run.throttle_key or "")
+            conn.execute(SET_BUCKET_TAT, (name, tat))
+
+    def _release(
+        self, conn: sqlite3.Connection, route_name: str, slot_key: str | None, now: float
+    ) -> list[Run]:
+        """A slot of the flow may be free: give it to the runs waiting longest for one."""
+        route = self.route_of(route_name)
+        if route is None or route.concurrency is None:
+            return self._release_all(conn, route, route_name, slot_key, now)
+        held, waiting = conn.execute(FLOW_COUNTS, (route_name, slot_key or "")).fetchone()
+        free = min(route.concurrency.limit - held, waiting)
+        if free <= 0:
+            return []
+        rows = conn.execute(OLDEST_WAITING, (route_name, slot_key or "", free)).fetchall()
+        return [self._give_slot(conn, self._rows.run(row), route, now) for row in rows]
+
+    def _release_all(
+        self,
+        conn: sqlite3.Connection,
+        route: Route | None,
+        route_name: str,
+        slot_key: str | None,
+        now: float,
+    ) -> list[Run]:
+        """A route that no longer limits concurrency (or is gone) lets its queue go at once:
+        each run takes its throttle turn, or fails at its invocation if the route is gone."""
+        if slot_key is None:
+            return []
+        rows = conn.execute(OLDEST_WAITING, (route_name, slot_key, -1)).fetchall()
+        given = []
+        for row in rows:
+            run = self._rows.run(row)
+            if route is None:
+                given.append(flow.queued(run, now, due=now))
+                self._rows.write(conn, given[-1])
+            else:
+                given.append(self._give_slot(conn, run, route, now))
+        return given
+
+    def _give_slot(self, conn: sqlite3.Connection, run: Run, route: Route, now: float) -> Run:
+        admission = flow.given_slot(run, route, self._tat(conn, run, route), now)
+        self._set_tat(conn, run, admission.tat)
+        self._rows.write(conn, admission.run)
+        return admission.run
+
+    async def promote_waiting(self, now: float) -> int:
+        def op(conn: sqlite3.Connection) -> list[Run]:
+            given: list[Run] = []
+            for route, slot_key in conn.execute(WAITING_FLOWS).fetchall():
+                given += self._release(conn, route, slot_key, now)
+            return given
+
+        given = await self._write(op)
+        for run in given:
+            self._changed(run)
+        return len(given)
 
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
-        def op(conn: sqlite3.Connection) -> list[AfterAttempt]:
+        def op(conn: sqlite3.Connection) -> tuple[list[AfterAttempt], list[Run]]:
             rows = conn.execute(
                 f"SELECT {RUN_COLUMNS} FROM runs WHERE status = 'running' AND updated_at < ?",
                 (before,),
@@ -592,50 +720,65 @@ class SQLiteStore(Store):
                 self._rows.write(conn, after.run)
                 _write_attempt(conn, after.run.id, after.attempt)
                 done.append(after)
-            return done
+            flows = {(after.run.route, after.run.slot_key) for after in done}
+            given = [
+                run
+                for route, slot_key in sorted(flows, key=str)
+                for run in self._release(conn, route, slot_key, time.time())
+            ]
+            return done, given
 
-        recovered = await self._write(op)
-        for after in recovered:
-            self._changed(after.run)
+        recovered, given = await self._write(op)
+        for run in [after.run for after in recovered] + given:
+            self._changed(run)
         return recovered
 
     async def claim(self, run_id: str, now: float) -> Run | None:
         def op(conn: sqlite3.Connection) -> Run | None:
             run = self._rows.read(conn, run_id)
             claimed = None if run is None else claim(run, now)
-            if claimed is None:
+            if claimed is None or run is None:
                 return None
-            if run is not None and run.status in (RunStatus.SLEEPING, RunStatus.WAITING):
+            if run.status in (RunStatus.SLEEPING, RunStatus.WAITING):
                 # Sleeps whose deadline passed complete with null; so do timed-out waits.
                 conn.execute(
                     "UPDATE steps SET status = 'completed', output = 'null', updated_at = ? "
                     "WHERE run_id = ? AND status IN ('sleeping', 'waiting') AND wake_at <= ?",
                     (now, run_id, now),
                 )
+            route = self.route_of(run.route)
+            if run.status != RunStatus.QUEUED and route is not None and route.flow_controlled:
+                claimed = self._admit(conn, run, route, now)  # a queued one has its turn
             self._rows.write(conn, claimed)
             return claimed
 
         claimed = await self._write(op)
-        if claimed is not None:
-            self._changed(claimed)
-        return claimed
+        if claimed is None:
+            return None
+        self._changed(claimed)
+        return claimed if claimed.status == RunStatus.RUNNING else None
 
     async def finish_attempt(
         self, run_id: str, outcome: Outcome, rule: AttemptRule
     ) -> AfterAttempt:
-        def op(conn: sqlite3.Connection) -> AfterAttempt:
+        def op(conn: sqlite3.Connection) -> tuple[AfterAttempt, list[Run]]:
             run = self._rows.read(conn, run_id)
             if run is None:
                 raise UnknownRun(run_id)
             after = rule(run, _parked_steps(conn, run_id))
+            given: list[Run] = []
             if after.decision is not None:
                 self._rows.write(conn, after.run)
+                if run.slot_key is not None:
+                    given = self._release(conn, run.route, run.slot_key, after.run.updated_at)
             _write_attempt(conn, run_id, after.attempt)
-            return after
+            return after, given
 
-        after = await self._write(op)
+        after, given = await self._write(op)
         if after.decision is not None:
             self._changed(after.run)
+        for queued in given:
+            self._changed(queued)
         return after
 
     async def put_step(
@@ -740,16 +883,19 @@ class SQLiteStore(Store):
         return [run.id for run in woken]
 
     async def _transition(self, run_id: str, rule: Callable[[Run], Run | None]) -> Run | None:
-        def op(conn: sqlite3.Connection) -> Run | None:
+        def op(conn: sqlite3.Connection) -> tuple[Run | None, list[Run]]:
             run = self._rows.read(conn, run_id)
             changed = None if run is None else rule(run)
-            if changed is not None:
+            given: list[Run] = []
+            if changed is not None and run is not None:
                 self._rows.write(conn, changed)
-            return changed
+                if flow.holds_slot(run) and not flow.holds_slot(changed):
+                    given = self._release(conn, run.route, run.slot_key, changed.updated_at)
+            return changed, given
 
-        changed = await self._write(op)
-        if changed is not None:
-            self._changed(changed)
+        changed, given = await self._write(op)
+        for run in ([changed] if changed is not None else []) + given:
+            self._changed(run)
         return changed
 
     async def cancel(self, run_id: str, now: float) -> Run | None:
@@ -771,6 +917,7 @@ class SQLiteStore(Store):
 
     async def purge_events(self, before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
+            conn.execute("DELETE FROM flow_buckets WHERE tat < ?", (before,))
             return conn.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount
 
         return await self._write(op)

@@ -42,6 +42,51 @@ CASES: dict[str, tuple[Any, str | None, str]] = {
     ),
     "unknown events key": ({"events": {"lookbak": "1s"}}, "events.lookbak", "lookback"),
     "unknown key no suggestion": ({"zzz": 1}, "zzz", "known keys: listen"),
+    # flow control (issue 12)
+    "concurrency zero": (with_route(concurrency=0), "routes[0].concurrency", "between 1 and"),
+    "concurrency text": (with_route(concurrency="10"), "routes[0].concurrency", "a number such"),
+    "concurrency bad key": (
+        with_route(concurrency={"limit": 2, "key": "cookie:sid"}),
+        "routes[0].concurrency.key",
+        "header:NAME, query:NAME or body:dotted.path",
+    ),
+    "concurrency no limit": (
+        with_route(concurrency={"key": "header:X-Tenant"}),
+        "routes[0].concurrency.limit",
+        "missing",
+    ),
+    "concurrency on plain": (
+        with_route(durable=False, concurrency=2),
+        "routes[0].concurrency",
+        "only applies to durable routes",
+    ),
+    "throttle bad rate": (with_route(throttle="100 per s"), "routes[0].throttle", "100/s"),
+    "throttle no per": (
+        with_route(throttle={"limit": 5}),
+        "routes[0].throttle.per",
+        "missing",
+    ),
+    "throttle unknown key": (
+        with_route(throttle={"limit": 5, "per": "1s", "brust": 2}),
+        "routes[0].throttle.brust",
+        'did you mean "burst"',
+    ),
+    "rate_limit has no burst": (
+        with_route(rate_limit={"limit": 5, "per": "1s", "burst": 2}),
+        "routes[0].rate_limit.burst",
+        "unknown key",
+    ),
+    "rate_limit body key on plain": (
+        with_route(durable=False, rate_limit={"limit": 5, "per": "1s", "key": "body:a"}),
+        "routes[0].rate_limit.key",
+        "needs a durable route",
+    ),
+    "queue_limit negative": (with_route(queue_limit=-1), "routes[0].queue_limit", "between 0"),
+    "queue_limit on plain": (
+        with_route(durable=False, queue_limit=5),
+        "routes[0].queue_limit",
+        "only applies to durable routes",
+    ),
     # types (bool is not an int)
     "durable not bool": (with_route(durable=1), "routes[0].durable", "expected true or false"),
     "attempts bool": (

@@ -246,3 +246,25 @@ def test_load_settings_accepts_a_path_object(tmp_path: Path) -> None:
     path = tmp_path / "gw.yaml"
     path.write_text("log_level: warning\n", encoding="utf-8")
     assert load_settings(path).log_level == "warning"
+
+
+def test_flow_control_knobs_read_as_written() -> None:
+    from gateway.config import Concurrency, FlowKey, Rate, parse_settings
+
+    route = {"name": "p", "path": "/p", "upstream": "http://127.0.0.1:1", "durable": True}
+    flows = {
+        "concurrency": {"limit": 10, "key": "header:X-Tenant"},
+        "throttle": "20/1m",
+        "rate_limit": {"limit": 3, "per": "10s", "key": "query:user"},
+        "queue_limit": 50,
+    }
+    (read,) = parse_settings({"routes": [{**route, **flows}]}, source="t").routes
+    assert read.concurrency == Concurrency(10, FlowKey("header", "X-Tenant", "header:X-Tenant"))
+    assert read.throttle == Rate(20, 60.0, 20, None)  # burst defaults to the limit
+    assert read.rate_limit == Rate(3, 10.0, 3, FlowKey("query", "user", "query:user"))
+    assert read.queue_limit == 50 and read.flow_controlled
+    (plain,) = parse_settings({"routes": [route]}, source="t").routes
+    assert plain.concurrency is None and plain.queue_limit == 10_000
+    assert not plain.flow_controlled
+    (short,) = parse_settings({"routes": [{**route, "throttle": "100/s"}]}, source="t").routes
+    assert short.throttle == Rate(100, 1.0, 100, None)
