@@ -775,7 +775,9 @@ def _per(value: object, key: str) -> float:
     return seconds
 
 
-def _concurrency(value: object, key: str) -> Concurrency:
+def _concurrency(value: object, key: str) -> Concurrency | None:
+    if value is None:
+        return None
     if isinstance(value, dict):
         section = _Section(value, key, _CONCURRENCY_KEYS, "a mapping such as {limit: 10}")
         limit = section.required("limit", _flow_limit, "the most invocations at once")
@@ -789,10 +791,12 @@ def _concurrency(value: object, key: str) -> Concurrency:
     return Concurrency(_flow_limit(value, key), None)
 
 
-def _rate(keys: tuple[str, ...], example: str) -> Callable[[object, str], Rate]:
-    """A rate as `100/s` (`limit/per`) or as a mapping of `keys`."""
+def _rate(keys: tuple[str, ...], example: str) -> Callable[[object, str], Rate | None]:
+    """A rate as `100/s` (`limit/per`) or as a mapping of `keys`; null is none."""
 
-    def convert(value: object, key: str) -> Rate:
+    def convert(value: object, key: str) -> Rate | None:
+        if value is None:
+            return None
         if isinstance(value, str):
             match = _RATE_TEXT.fullmatch(value)
             if match is None:
@@ -825,7 +829,7 @@ def _flow(
     """A route's flow-control knobs; the queueing ones apply to durable routes only."""
     if not durable:
         for name in ("concurrency", "throttle", "queue_limit"):
-            if section.raw(name) is not _Section._MISSING:
+            if section.raw(name) not in (_Section._MISSING, None):
                 raise _Invalid(
                     section.key(name),
                     "only applies to durable routes, whose runs can wait in a queue "

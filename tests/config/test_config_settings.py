@@ -235,11 +235,15 @@ def test_example_config_shows_every_option_at_its_default() -> None:
         assert route.retry == RetryPolicy(attempts, 0.5, 30.0, 2.0, DEFAULT_ON, False)
         assert (route.timeout, route.hold, route.max_body) == (30.0, 5.0, 1024 * 1024)
         assert route.max_response == 10 * 1024 * 1024
-        # every route option is spelled out
+        # every route option is spelled out; the queueing ones on the durable route only
+        flow = {"rate_limit"} | (
+            {"concurrency", "throttle", "queue_limit"} if route.durable else set()
+        )
         assert set(next(r for r in raw["routes"] if r["name"] == route.name)) == {
             "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
-            "max_response", "retry", "strip_prefix", "rewrite",
+            "max_response", "retry", "strip_prefix", "rewrite", *flow,
         }  # fmt: skip
+        assert (route.concurrency, route.throttle, route.rate_limit) == (None, None, None)
 
 
 def test_load_settings_accepts_a_path_object(tmp_path: Path) -> None:
