@@ -164,10 +164,10 @@ def holds_slot(run: Run) -> bool:
     )
 
 
-def given_slot(run: Run, route: Route, tat: float | None, now: float) -> Admission:
-    """A run that waited for a slot has one now: it stays queued, due at its throttle turn (at
-    once without a throttle), and a claim starts it then."""
+def given_slot(run: Run, route: Route, tat: float | None, now: float, *, start: bool) -> Admission:
+    """A run that waited for a slot has one now. It starts at once when its throttle turn has
+    come and `start` says so; else it stays queued, due at its turn, and a claim starts it."""
     admission = take_turn(run, route, tat, now)
-    if admission.run.status == RunStatus.QUEUED:
+    if admission.run.status == RunStatus.QUEUED or start:
         return admission
     return Admission(queued(run, now, due=now), admission.tat)

@@ -77,7 +77,9 @@ class Engine:
 
     def _changed(self, change: Change) -> None:
         """The store committed a change to a run, here or on another replica."""
-        if change.status in ENDED:
+        if change.started and change.run is not None:
+            self.invoker.start(change.run)  # a freed slot went to this queued run
+        elif change.status in ENDED:
             run = change.run
             if run is not None:  # logged by the replica that ended it
                 log.info(
@@ -174,6 +176,8 @@ class Engine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.scheduler.stop()
+        # Slots freed from now on leave the next runs queued and due, for the next start.
+        self.store.start_promoted = False
         await self.invoker.drain(self.settings.shutdown_grace)
         self.waiters.release_all()
 

@@ -90,6 +90,10 @@ class Invoker:
             return
         self.spawn(run_id, self._resume(run_id))
 
+    def start(self, run: Run) -> None:
+        """Send the invocation the store started for a queued run (its slot came free)."""
+        self.spawn(run.id, self.in_background(run))
+
     async def in_background(self, run: Run) -> Run | None:
         async with self._slots:
             return await self.invoke(run)

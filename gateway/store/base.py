@@ -96,6 +96,9 @@ class Change:
     status: RunStatus
     due_at: float | None
     run: Run | None
+    # The store started this run's next invocation itself, for this process to send: a slot
+    # freed in a transaction went to the run waiting longest for it (gateway.flow).
+    started: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,9 @@ class Store(abc.ABC):
         self.live_notifications = True
         # The routes as configured now: whose runs are flow-controlled (the engine sets it).
         self.route_of: RouteLookup = lambda name: None
+        # Whether a freed slot starts the next run's invocation at once (the engine sends it),
+        # or leaves it queued and due, for a claim; false once the gateway is stopping.
+        self.start_promoted = True
         self._rate_buckets: OrderedDict[str, float] = OrderedDict()
 
     def subscribe(self, listener: Listener) -> None:
@@ -154,8 +160,13 @@ class Store(abc.ABC):
         (with the run as committed) and, on a shared store, other replicas' too."""
         self._listeners.append(listener)
 
-    def _changed(self, run: Run) -> None:
-        self._told(Change(run.id, run.status, run.due_at, run))
+    def _changed(self, run: Run, *, started: bool = False) -> None:
+        self._told(Change(run.id, run.status, run.due_at, run, started))
+
+    def _given(self, runs: Sequence[Run]) -> None:
+        """Tell of the runs a freed slot went to: started here, or queued for their turn."""
+        for run in runs:
+            self._changed(run, started=run.status == RunStatus.RUNNING)
 
     def _told(self, change: Change) -> None:
         for listener in self._listeners:

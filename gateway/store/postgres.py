@@ -754,10 +754,16 @@ class PostgresStore(Store):
                 admitted = flow.queued(run, now, due=now)
             else:
                 await self._lock_flow(conn, run, route, slots=False)
-                admission = flow.given_slot(run, route, await self._tat(conn, run, route), now)
+                tat = await self._tat(conn, run, route)
+                admission = flow.given_slot(run, route, tat, now, start=self.start_promoted)
                 await self._set_tat(conn, run, admission.tat)
                 admitted = admission.run
-            await self._write_run(conn, admitted)
+            if admitted.status == RunStatus.RUNNING:  # started here: this replica sends it
+                await conn.execute(
+                    _UPDATE_RUN_OWNED, *self._rows.update(admitted)[:-1], self.replica_id, run.id
+                )
+            else:
+                await self._write_run(conn, admitted)
             given.append(admitted)
         return given
 
@@ -769,8 +775,7 @@ class PostgresStore(Store):
             return given
 
         given = await self._tx(op)
-        for run in given:
-            self._changed(run)
+        self._given(given)
         return len(given)
 
     async def rate_limit(self, name: str, rate: Rate, now: float) -> float:
@@ -806,8 +811,9 @@ class PostgresStore(Store):
             return done, given
 
         fenced, given = await self._tx(op)
-        for run in [after.run for after in fenced] + given:
-            self._changed(run)
+        for after in fenced:
+            self._changed(after.run)
+        self._given(given)
         return fenced
 
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
@@ -891,8 +897,7 @@ class PostgresStore(Store):
         after, given = await self._tx(op)
         if after.decision is not None:
             self._changed(after.run)
-        for queued in given:
-            self._changed(queued)
+        self._given(given)
         return after
 
     async def put_step(
@@ -1035,8 +1040,9 @@ class PostgresStore(Store):
             return changed, given
 
         changed, given = await self._tx(op)
-        for run in ([changed] if changed is not None else []) + given:
-            self._changed(run)
+        if changed is not None:
+            self._changed(changed)
+        self._given(given)
         return changed
 
     async def cancel(self, run_id: str, now: float) -> Run | None:

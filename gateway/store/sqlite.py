@@ -691,7 +691,8 @@ class SQLiteStore(Store):
         return given
 
     def _give_slot(self, conn: sqlite3.Connection, run: Run, route: Route, now: float) -> Run:
-        admission = flow.given_slot(run, route, self._tat(conn, run, route), now)
+        tat = self._tat(conn, run, route)
+        admission = flow.given_slot(run, route, tat, now, start=self.start_promoted)
         self._set_tat(conn, run, admission.tat)
         self._rows.write(conn, admission.run)
         return admission.run
@@ -704,8 +705,7 @@ class SQLiteStore(Store):
             return given
 
         given = await self._write(op)
-        for run in given:
-            self._changed(run)
+        self._given(given)
         return len(given)
 
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
@@ -729,8 +729,9 @@ class SQLiteStore(Store):
             return done, given
 
         recovered, given = await self._write(op)
-        for run in [after.run for after in recovered] + given:
-            self._changed(run)
+        for after in recovered:
+            self._changed(after.run)
+        self._given(given)
         return recovered
 
     async def claim(self, run_id: str, now: float) -> Run | None:
@@ -777,8 +778,7 @@ class SQLiteStore(Store):
         after, given = await self._write(op)
         if after.decision is not None:
             self._changed(after.run)
-        for queued in given:
-            self._changed(queued)
+        self._given(given)
         return after
 
     async def put_step(
@@ -894,8 +894,9 @@ class SQLiteStore(Store):
             return changed, given
 
         changed, given = await self._write(op)
-        for run in ([changed] if changed is not None else []) + given:
-            self._changed(run)
+        if changed is not None:
+            self._changed(changed)
+        self._given(given)
         return changed
 
     async def cancel(self, run_id: str, now: float) -> Run | None:
