@@ -21,6 +21,7 @@ from gateway.store import (
     AttemptFenced,
     Change,
     DuplicateIdempotencyKey,
+    QueueFull,
     StepCall,
     Store,
     UnknownRun,
@@ -348,3 +349,101 @@ async def test_a_wait_and_its_event_cannot_miss_each_other_across_replicas(
     assert await delivering == ["r1"]
     (step,) = await a.steps("r1")
     assert step.status == StepStatus.COMPLETED
+
+
+# -- flow control (gateway.flow) ---------------------------------------------------------------
+
+LIMITED = parse_settings(
+    {
+        "routes": [
+            {**{"name": "r", "path": "/r", "upstream": "http://127.0.0.1:9", "durable": True},
+             "concurrency": 1, "queue_limit": 2}
+        ]
+    },
+    source="test",
+).routes[0]  # fmt: skip
+
+
+def limited(store: Store) -> Store:
+    store.route_of = {"r": LIMITED}.get
+    return store
+
+
+def flow_run(run_id: str, created: float) -> Run:
+    return new_run(run_id).but(slot_key="", created_at=created, updated_at=created)
+
+
+async def test_a_freed_slot_goes_to_the_run_waiting_longest(open_store: Opener) -> None:
+    store = limited(await open_store())
+    heard: list[Change] = []
+    store.subscribe(heard.append)
+    now = time.time()
+    first = await store.create_run(flow_run("r1", now))
+    second = await store.create_run(flow_run("r2", now + 1))
+    third = await store.create_run(flow_run("r3", now + 2))
+    assert [r.status for r in (first, second, third)] == [RunStatus.RUNNING] + [
+        RunStatus.QUEUED
+    ] * 2
+    with pytest.raises(QueueFull):  # two queued: its queue_limit
+        await store.create_run(flow_run("r4", now + 3))
+    assert await store.get_run("r4") is None
+    assert await store.count_queued() == {"r": 2}
+    heard.clear()
+    await store.finish_attempt("r1", answered(1), after(answered(1)))
+    started = [change for change in heard if change.started]
+    assert [(c.run_id, c.status) for c in started] == [("r2", RunStatus.RUNNING)]
+    r2 = await store.get_run("r2")
+    assert r2 is not None and (r2.status, r2.attempt) == (RunStatus.RUNNING, 1)
+    # A cancelled run that held the slot frees it too; the last one starts.
+    heard.clear()
+    await store.cancel("r2", time.time())
+    assert [c.run_id for c in heard if c.started] == ["r3"]
+    assert await store.count_queued() == {}
+
+
+async def test_a_run_waiting_for_a_slot_is_not_claimed_and_a_stopping_gateway_starts_none(
+    open_store: Opener,
+) -> None:
+    store = limited(await open_store())
+    now = time.time()
+    await store.create_run(flow_run("r1", now))
+    await store.create_run(flow_run("r2", now + 1))
+    assert await store.claim("r2", time.time() + 60) is None  # no due time: it waits
+    store.start_promoted = False  # the gateway is stopping: nobody would send it
+    await store.finish_attempt("r1", answered(1), after(answered(1)))
+    r2 = await store.get_run("r2")
+    assert r2 is not None and r2.status == RunStatus.QUEUED and r2.due_at is not None
+    assert [run_id for _, run_id in await store.due(time.time() + 1, 10)] == ["r2"]
+    claimed = await store.claim("r2", time.time() + 1)  # the next start's scheduler does
+    assert claimed is not None and (claimed.status, claimed.attempt) == (RunStatus.RUNNING, 1)
+
+
+async def test_two_replicas_admitting_at_once_count_one_limit(
+    replicas: tuple[PostgresStore, PostgresStore],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forced interleaving: replica a has counted a free slot for its new run and is paused
+    before it inserts the run; replica b admits another run meanwhile. Under READ COMMITTED
+    alone b would count the same free slot and both would run. The flow's advisory lock makes
+    b wait for a's commit, then count a's run and queue behind it."""
+    a, b = (limited(store) for store in replicas)
+    counted = asyncio.Event()
+    go_on = asyncio.Event()
+    admit = PostgresStore._admit
+
+    async def paused(self: PostgresStore, *args: object) -> Run:
+        admitted = await admit(self, *args)  # type: ignore[arg-type]
+        counted.set()
+        await go_on.wait()
+        return admitted
+
+    monkeypatch.setattr(a, "_admit", paused.__get__(a))
+    now = time.time()
+    creating = asyncio.create_task(a.create_run(flow_run("r1", now)))
+    await asyncio.wait_for(counted.wait(), 5)
+    competing = asyncio.create_task(b.create_run(flow_run("r2", now + 1)))
+    await asyncio.sleep(0.3)
+    assert not competing.done()  # held until a's run is committed
+    go_on.set()
+    assert (await creating).status == RunStatus.RUNNING
+    assert (await competing).status == RunStatus.QUEUED
