@@ -387,3 +387,53 @@ async def test_admin_token_is_asked_for_and_sent(
     # The run view uses the same token.
     await blocking(browser.get, f"{gw.internal}/ui#/runs/{run_id}")
     await blocking(wait_for, browser, lambda d: find(d, "#steps"), "the run view is drawn")
+
+
+async def test_queued_runs_are_listed_and_filtered(
+    browser: WebDriver, gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    release = asyncio.Event()
+
+    async def busy(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_post("/report", busy)
+    route = {
+        "name": "report",
+        "path": "/report",
+        "upstream": await upstream(app),
+        "durable": True,
+        "concurrency": 1,
+    }
+    gw = await gateway([route])
+    try:
+        ids = []
+        for _ in range(2):
+            async with gw.session.post(
+                gw.url + "/report", headers={"Prefer": "respond-async"}
+            ) as resp:
+                assert resp.status == 202
+                ids.append(resp.headers["Stepgate-Run-Id"])
+        running, queued = ids
+
+        def only_queued() -> None:
+            Select(find(browser, "select[name=status]")[0]).select_by_value("queued")
+            find(browser, "#filters button[type=submit]")[0].click()
+
+        await blocking(browser.get, gw.internal + "/ui")
+        row = f'tr[data-run-id="{queued}"]'
+        await blocking(wait_for, browser, lambda d: find(d, row), "the queued run is listed")
+        assert await blocking(lambda: find(browser, row + " .badge")[0].text) == "queued"
+        await blocking(only_queued)
+        await blocking(
+            wait_for, browser, lambda d: not find(d, f'tr[data-run-id="{running}"]'), "filtered"
+        )
+        assert await blocking(
+            lambda: [r.get_attribute("data-run-id") for r in find(browser, "tr.run-row")]
+        ) == [queued]
+    finally:
+        release.set()
