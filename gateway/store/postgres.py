@@ -188,9 +188,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE runs ADD COLUMN slot_key TEXT, ADD COLUMN throttle_key TEXT,
         ADD COLUMN queued_at DOUBLE PRECISION;
-    CREATE INDEX runs_flow ON runs (route, slot_key, status) WHERE status IN ('running', 'queued');
+    CREATE INDEX runs_flow ON runs (route, slot_key, status, due_at)
+        WHERE status IN ('running', 'queued');
     CREATE INDEX runs_queue ON runs (route, slot_key, queued_at, id)
         WHERE status = 'queued' AND due_at IS NULL;
+    CREATE INDEX runs_queued ON runs (route) WHERE status = 'queued';
     CREATE TABLE flow_buckets (
         name TEXT PRIMARY KEY,
         tat DOUBLE PRECISION NOT NULL,

@@ -255,6 +255,10 @@ FLOW_COUNTS: Final = (
     "count(*) FILTER (WHERE status = 'queued' AND due_at IS NULL) FROM runs "
     "WHERE route = ? AND slot_key = ? AND status IN ('running', 'queued')"
 )
+ANY_WAITING: Final = (
+    "SELECT 1 FROM runs WHERE route = ? AND slot_key = ? AND status = 'queued' "
+    "AND due_at IS NULL LIMIT 1"
+)
 QUEUED_ON_ROUTE: Final = "SELECT count(*) FROM runs WHERE route = ? AND status = 'queued'"
 # The runs waiting longest for a slot of a flow.
 OLDEST_WAITING: Final = (

@@ -50,6 +50,7 @@ from gateway.store.base import (
     authorize_callback,
 )
 from gateway.store.rows import (
+    ANY_WAITING,
     BUCKET_TAT,
     FLOW_COUNTS,
     OLDEST_WAITING,
@@ -161,9 +162,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN slot_key TEXT;
     ALTER TABLE runs ADD COLUMN throttle_key TEXT;
     ALTER TABLE runs ADD COLUMN queued_at REAL;
-    CREATE INDEX runs_flow ON runs (route, slot_key, status) WHERE status IN ('running', 'queued');
+    CREATE INDEX runs_flow ON runs (route, slot_key, status, due_at)
+        WHERE status IN ('running', 'queued');
     CREATE INDEX runs_queue ON runs (route, slot_key, queued_at, id)
         WHERE status = 'queued' AND due_at IS NULL;
+    CREATE INDEX runs_queued ON runs (route) WHERE status = 'queued';
     CREATE TABLE flow_buckets (name TEXT PRIMARY KEY, tat REAL NOT NULL) WITHOUT ROWID;
     """,
 )
@@ -660,6 +663,8 @@ class SQLiteStore(Store):
         route = self.route_of(route_name)
         if route is None or route.concurrency is None:
             return self._release_all(conn, route, route_name, slot_key, now)
+        if conn.execute(ANY_WAITING, (route_name, slot_key or "")).fetchone() is None:
+            return []  # most often: nobody waits (the writer has no other writer to race)
         held, waiting = conn.execute(FLOW_COUNTS, (route_name, slot_key or "")).fetchone()
         free = min(route.concurrency.limit - held, waiting)
         if free <= 0:
