@@ -182,6 +182,9 @@ async def test_rate_limit_answers_exactly_limit_requests_then_429s_per_key(
     assert "at most 3 requests per 60s" in answers[3][1]
     assert (await post(gw.session, gw.url, "b0", **{"X-Api-Key": "b"}))[0] == 200
     assert service.names() == ["a0", "a1", "a2", "b0"]  # the refused were not forwarded
+    async with gw.session.get(gw.internal + "/metrics") as resp:
+        metrics = await resp.text()
+    assert 'stepgate_flow_rejected_total{reason="rate_limit",route="plain"} 2.0' in metrics
 
 
 async def test_rate_limit_on_a_body_key_creates_no_run_beyond_it(
