@@ -35,6 +35,7 @@ from harness.peers import (
     PeerUnavailable,
     Upstream,
     check_stepgate,
+    start_bare_proxy,
     start_nginx,
     start_restate,
     start_stepgate,
@@ -56,8 +57,8 @@ from harness.report import (
 )
 from harness.soak import run_soak
 
-GROUPS = ("upstream", "nginx", "stepgate", "restate", "growth", "soak")
-DEFAULT_GROUPS = ("upstream", "nginx", "stepgate", "restate", "growth")
+GROUPS = ("upstream", "nginx", "bare", "stepgate", "restate", "growth", "soak")
+DEFAULT_GROUPS = ("upstream", "nginx", "bare", "stepgate", "restate", "growth")
 STEP_COUNTS = (0, 3, 10)
 BODY = '{"bench": true}'
 
@@ -314,6 +315,24 @@ class Runner:
         finally:
             self.bench.procs.stop(nginx.child)
 
+    def run_bare(self) -> None:
+        say("== 2b. a bare aiohttp reverse proxy (the framework's ceiling)")
+        try:
+            bare = start_bare_proxy(self.bench, self.upstream, uvloop=self.opts.uvloop)
+        except PeerUnavailable as exc:
+            self.skip("bare", "bare aiohttp proxy", str(exc))
+            return
+        try:
+            self.measure(
+                "bare",
+                "bare aiohttp proxy",
+                Request(bare.url + "/plain", body=BODY),
+                expect_json(ok=True),
+                bare.child.pid,
+            )
+        finally:
+            self.bench.procs.stop(bare.child)
+
     def stepgate_labels(self) -> list[tuple[str, str]]:
         labels = [("stepgate-plain", "stepgate plain route")]
         for via in ("sdk", "raw"):
@@ -437,6 +456,8 @@ def run(opts: Options, procs: Processes) -> int:
         runner.run_upstream()
     if "nginx" in opts.groups:
         runner.run_nginx()
+    if "bare" in opts.groups:
+        runner.run_bare()
     needs_gateway = {"stepgate", "growth", "soak"} & set(opts.groups)
     command: list[str] | None = None
     why = ""

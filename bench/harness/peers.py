@@ -159,6 +159,37 @@ def start_nginx(bench: Bench, upstream: Upstream, *, workers: str) -> Nginx:
     return Nginx(url=url, child=child, version=version)
 
 
+# --- a bare aiohttp proxy --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BareProxy:
+    url: str
+    child: Child
+
+
+def start_bare_proxy(bench: Bench, upstream: Upstream, *, uvloop: bool = True) -> BareProxy:
+    """bench/bare_proxy.py: the framework's ceiling, measured beside the plain route."""
+    port = free_port()
+    argv = [
+        sys.executable,
+        str(BENCH_DIR / "bare_proxy.py"),
+        "--port",
+        str(port),
+        "--upstream",
+        upstream.url,
+    ]
+    if not uvloop:
+        argv.append("--no-uvloop")
+    child = bench.procs.start(
+        "bare-proxy", argv, log_path=bench.log_dir / "bare-proxy.log", env=bench.env
+    )
+    url = f"http://127.0.0.1:{port}"
+    if not wait_until(lambda: http_status(url + "/plain") == 200, timeout=20, child=child):
+        raise _fail(bench, child, "the bare aiohttp proxy did not start")
+    return BareProxy(url=url, child=child)
+
+
 # --- Restate -------------------------------------------------------------------------
 
 

@@ -24,7 +24,7 @@ Status = Literal["PASS", "FAIL", "SKIP"]
 
 @dataclass(slots=True)
 class Scenario:
-    key: str  # upstream, nginx, stepgate-plain, stepgate-sdk-3, stepgate-raw-3, restate-3
+    key: str  # upstream, nginx, bare, stepgate-plain, stepgate-sdk-3, stepgate-raw-3, restate-3
     label: str
     loads: dict[int, LoadResult] = field(default_factory=dict)  # by connections
     rss_bytes: int | None = None  # the process in the middle, after the load
@@ -195,6 +195,20 @@ def plain_vs_nginx(sc: Mapping[str, Scenario]) -> Verdict:
     )
 
 
+def plain_vs_bare(sc: Mapping[str, Scenario]) -> Verdict:
+    target = "plain route throughput >= 0.95 x a bare aiohttp proxy (32 conns)"
+    ours, why = _get(sc, "stepgate-plain", 32)
+    ref, why_ref = _get(sc, "bare", 32)
+    if ours is None or ref is None:
+        return _missing(target, "stepgate-plain", why, why_ref)
+    ratio = ours.rps / ref.rps
+    return Verdict(
+        target,
+        _judge(ratio >= 0.95),
+        f"{ratio:.2f} x ({fmt_rps(ours.rps)} vs {fmt_rps(ref.rps)} req/s)",
+    )
+
+
 def added_latency(sc: Mapping[str, Scenario]) -> Verdict:
     target = "added p50 latency, plain route, 1 conn <= 0.3 ms"
     ours, why = _get(sc, "stepgate-plain", 1)
@@ -341,7 +355,7 @@ def evaluate(
     growth: Mapping[str, Any] | None,
     soak: Mapping[str, Any] | None,
 ) -> list[Verdict]:
-    verdicts = [plain_vs_nginx(scenarios), added_latency(scenarios)]
+    verdicts = [plain_vs_nginx(scenarios), plain_vs_bare(scenarios), added_latency(scenarios)]
     for via in ("sdk", "raw"):
         verdicts += [
             durable_vs_plain(scenarios, via),

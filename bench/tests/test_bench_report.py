@@ -151,3 +151,14 @@ def test_a_stall_at_the_end_of_a_load_is_reported() -> None:
     healthy.loads[32] = load(32, 1064, 30.0, requests=10640)
     lines = render_noise([healthy, stalled])
     assert len(lines) == 1 and lines[0].startswith("STALL restate 3 steps @1")
+
+
+def test_the_plain_route_is_held_to_a_bare_aiohttp_proxy() -> None:
+    scenarios = suite()
+    target = "plain route throughput >= 0.95 x a bare aiohttp proxy"
+    assert by_target(evaluate(scenarios, None, None), target).status == "SKIP"  # not measured
+    scenarios["bare"] = scenario("bare", (3100, 0.30), (3150, 8.0))
+    assert by_target(evaluate(scenarios, None, None), target).status == "PASS"  # 0.952 x
+    scenarios["bare"] = scenario("bare", (3500, 0.30), (3200, 8.0))
+    verdict = by_target(evaluate(scenarios, None, None), target)
+    assert verdict.status == "FAIL" and verdict.value.startswith("0.94 x")
