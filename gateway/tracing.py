@@ -30,6 +30,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -157,9 +158,21 @@ class RunTracer:
                 self._ended.task_done()
 
     async def _trace(self, run: Run) -> None:
+        parent = parent_context(run)
+        if not self.sampled(parent):
+            return  # nothing would be recorded: spare the store the reads
         attempts = await self.store.attempts(run.id)
         steps = await self.store.steps(run.id)
-        self.emit(plan_run(run, attempts, steps), parent_context(run))
+        self.emit(plan_run(run, attempts, steps), parent)
+
+    def sampled(self, parent: Context) -> bool:
+        """Whether the sampler keeps a run under `parent`: its spans share the parent's trace
+        id, so one answer holds for all of them (a trace-id ratio, the parent's flag)."""
+        span_context = trace.get_current_span(parent).get_span_context()
+        if not span_context.is_valid:
+            return True  # a new trace: its id is drawn when the run span starts
+        verdict = self._provider.sampler.should_sample(parent, span_context.trace_id, "run")
+        return verdict.decision == Decision.RECORD_AND_SAMPLE  # what gets exported
 
     def emit(self, plan: list[PlannedSpan], parent: Context) -> None:
         """Hand the planned spans to the batch processor (which sends them from its thread)."""

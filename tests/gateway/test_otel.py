@@ -229,6 +229,39 @@ async def test_a_failed_run_after_a_sleep_without_a_traceparent(
     assert run.resource["service.name"] == "stepgate"
 
 
+async def test_a_client_that_does_not_sample_gets_no_spans(
+    tmp_path: Path,
+    upstream: UpstreamFactory,
+    receiver: OtlpReceiver,
+    procs: list[GatewayProcess],
+    quick_batches: None,
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        await RawSteps(request).run("only", lambda: asyncio.sleep(0, 1))
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_post("/work", handler)
+    process = await gateway_process(
+        tmp_path, procs, [route(await upstream(app))], otel={"endpoint": receiver.url}
+    )
+    unsampled, sampled = secrets.token_hex(16), secrets.token_hex(16)
+    async with aiohttp.ClientSession() as client:
+        for trace_id, flags in ((unsampled, "00"), (sampled, "01")):
+            traceparent = f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"
+            async with client.post(
+                process.url + "/work", headers={"traceparent": traceparent}
+            ) as resp:
+                assert resp.status == 200
+            await until_logged(process, "run.completed", count=1 if flags == "00" else 2)
+    # The runs end one after the other and their spans are sent in that order: once the
+    # second run's are in, the first's would have been.
+    spans = await receiver.until(3)
+    await asyncio.sleep(0.2)
+    assert {span.trace_id for span in spans} == {sampled}
+    assert len(receiver.spans) == 3
+
+
 async def test_the_replica_that_ended_a_run_sends_its_spans(
     tmp_path: Path,
     upstream: UpstreamFactory,
