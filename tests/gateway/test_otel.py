@@ -21,7 +21,7 @@ from aiohttp import web
 from tests.conftest import DIALECTS, ROOT, UpstreamFactory, empty_pg
 from tests.gateway.otlp import OtlpReceiver, Received, start_receiver
 from tests.gateway.procs import GatewayProcess, free_port
-from tests.gateway.rawsteps import RawSteps, raw_sleep, suspended
+from tests.gateway.rawsteps import RawSteps, Suspend, raw_sleep, suspended
 from tests.gateway.test_crash import wait_for_status
 from tests.gateway.test_reload import events, rewrite, until_logged
 
@@ -181,7 +181,7 @@ async def test_a_failed_run_after_a_sleep_without_a_traceparent(
             await steps.run("reserve", lambda: asyncio.sleep(0, "seat 4A"))
             try:
                 await raw_sleep(steps, "cool-off", 0.3)
-            except Exception:
+            except Suspend:
                 return suspended()
         status, _ = await steps.put(
             "charge", {"error": {"message": "card declined", "retriable": False}}
@@ -310,10 +310,15 @@ async def test_the_replica_that_ended_a_run_sends_its_spans(
 
 
 async def test_spans_left_in_the_batch_are_sent_when_the_gateway_stops(
-    tmp_path: Path, upstream: UpstreamFactory, receiver: OtlpReceiver, procs: list[GatewayProcess]
+    tmp_path: Path,
+    upstream: UpstreamFactory,
+    receiver: OtlpReceiver,
+    procs: list[GatewayProcess],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With the SDK's default batching (a send every 5 s), a SIGTERM right after a run ends
-    still delivers its spans before the process exits."""
+    """With batches sent only every minute (the default is 5 s), a SIGTERM right after a run
+    ends still delivers its spans before the process exits."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
 
     async def handler(request: web.Request) -> web.Response:
         return web.Response(text="done")
