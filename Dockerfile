@@ -12,7 +12,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY client/python ./client/python
-RUN pip install . && rm -rf /src
+# Extras to install with it, e.g. `docker build --build-arg EXTRAS=otel` for OpenTelemetry.
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" && rm -rf /src
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/stepgate stepgate \
     && mkdir -p /var/lib/stepgate /etc/stepgate \

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -52,6 +52,9 @@ from gateway.routing import BadTarget, MethodNotAllowed, Router, Target, read_ta
 from gateway.store import StoreKeyError, StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
 from gateway.upgrade import relay_upgrade, wants_websocket
+
+if TYPE_CHECKING:
+    from gateway.tracing import RunTracer
 
 log = structlog.get_logger("stepgate")
 
@@ -205,6 +208,7 @@ class Gateway:
         self.router: Router | None = None
         self._stopped = False
         self._store_open = False
+        self.tracer: RunTracer | None = None
 
     def _apps(
         self, engine: Engine, session: aiohttp.ClientSession
@@ -257,8 +261,20 @@ class Gateway:
             await self.store.open()
             self._store_open = True
 
+    def _start_tracing(self) -> None:
+        """With `otel` configured, spans for every run that ends here (gateway/tracing.py,
+        imported only then: without it no OpenTelemetry module is loaded)."""
+        if self.settings.otel is None or self.tracer is not None:
+            return
+        from gateway.tracing import RunTracer
+
+        self.tracer = RunTracer(self.settings.otel, self.store)
+        self.store.subscribe(self.tracer.changed)
+        self.tracer.start()
+
     async def start(self) -> None:
         await self.open_store()
+        self._start_tracing()  # before the engine: runs that recovery ends are traced too
         self._session = create_upstream_session()
         self.engine = engine = Engine(self.settings, self.store, self._session, self.metrics)
         public, internal = self._apps(engine, self._session)
@@ -298,6 +314,8 @@ class Gateway:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        if self.tracer is not None:  # every run that could end here has: send their spans
+            await self.tracer.close()
         if self._session is not None:
             await self._session.close()
         if self._store_open:
@@ -352,7 +370,7 @@ def reload(gateway: Gateway, path: str) -> Reloaded:
         log.warning(
             "config.reload_kept",
             keys=kept,
-            why="listeners, the store and limits change only with a restart",
+            why="listeners, the store, limits and otel change only with a restart",
         )
     return Reloaded(changed, kept)
 

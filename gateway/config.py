@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import importlib.util
 import ipaddress
 import json
 import math
@@ -37,6 +38,7 @@ __all__ = [
     "ConfigError",
     "FlowKey",
     "Limits",
+    "Otel",
     "Rate",
     "RetryPolicy",
     "Route",
@@ -152,6 +154,17 @@ class StoreKey:
 
 
 @dataclass(frozen=True, slots=True)
+class Otel:
+    """Where the gateway sends its spans (`otel:`), as OTLP/HTTP; see gateway/tracing.py."""
+
+    endpoint: str  # the collector's base URL, no trailing "/": spans go to {endpoint}/v1/traces
+    service_name: str = "stepgate"
+    # Sent with every export (a collector's API key, say), so never shown.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    timeout: float = 10.0  # seconds one export may take, its retries included
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     listen: Address
     internal_listen: Address
@@ -171,6 +184,7 @@ class Settings:
     store_key: StoreKey | None = None
     lease: float = 10.0  # PostgreSQL: a replica silent this long has its runs taken over
     replica_id: str = ""  # PostgreSQL: this replica's name; "" until the gateway picks one
+    otel: Otel | None = None  # None: no tracing, and no OpenTelemetry module is imported
 
     @property
     def postgres(self) -> bool:
@@ -212,7 +226,7 @@ PLAIN_ATTEMPTS: Final = 1
 _TOP_KEYS: Final = (
     "listen", "internal_listen", "internal_url", "store", "durability", "retention",
     "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-    "routes", "limits", "store_key", "lease", "replica_id",
+    "routes", "limits", "store_key", "lease", "replica_id", "otel",
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
     "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
@@ -228,6 +242,7 @@ _LIMITS_KEYS: Final = (
     "header_timeout", "body_timeout", "idle_timeout", "max_connections", "max_header_size",
     "send_timeout",
 )  # fmt: skip
+_OTEL_KEYS: Final = ("endpoint", "service_name", "headers", "timeout")
 _MIN_HEADER_SIZE: Final = 1024
 
 # --- scalar parsers (public: also used outside config files) --------------------------------
@@ -1086,6 +1101,86 @@ def _unread(value: object, key: str) -> None:
     return None
 
 
+# What `stepgate[otel]` installs; looked for only when `otel` is configured.
+_OTEL_MODULES: Final = ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http")
+OTEL_INSTALL_HINT: Final = "pip install 'stepgate[otel]'"
+
+
+def _otel_installed() -> bool:
+    """Whether the SDK and the OTLP/HTTP exporter can be imported, without importing them."""
+    for name in _OTEL_MODULES:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):  # a parent package is missing or unimportable
+            return False
+    return True
+
+
+def _otel(value: object, key: str) -> Otel | None:
+    """`otel: {endpoint: http://collector:4318, ...}`; null (the default) turns tracing off."""
+    if value is None:
+        return None
+    section = _Section(
+        value, key, _OTEL_KEYS, "a mapping such as {endpoint: http://collector:4318}"
+    )
+    endpoint = section.required(
+        "endpoint", _otel_endpoint, "the collector's OTLP/HTTP URL, e.g. http://collector:4318"
+    )
+    timeout = section.optional("timeout", _duration(allow_zero=False), 10.0)
+    otel = Otel(
+        endpoint=endpoint,
+        service_name=section.optional("service_name", _service_name, "stepgate"),
+        headers=section.optional("headers", _otel_headers, ()),
+        timeout=timeout,
+    )
+    if not _otel_installed():
+        raise _Invalid(key, f"the OpenTelemetry packages are not installed: {OTEL_INSTALL_HINT}")
+    return otel
+
+
+def _unread_otel(value: object, key: str) -> Otel | None:
+    """What a client of the admin API makes of `otel`: nothing (it sends no spans)."""
+    return None
+
+
+def _otel_endpoint(value: object, key: str) -> str:
+    url = _http_url(value, key, allow_path=True)
+    if url.endswith("/v1/traces"):
+        raise _Invalid(
+            key,
+            f"give the collector's base URL, e.g. {_show(url.removesuffix('/v1/traces'))}: "
+            "spans go to its /v1/traces",
+        )
+    return url
+
+
+def _service_name(value: object, key: str) -> str:
+    name = _string(value, key)
+    if len(name) > 255 or not name.isprintable():
+        raise _Invalid(key, f"{_show(name)} is not a service name: printable, at most 255")
+    return name
+
+
+def _otel_headers(value: object, key: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise _Invalid(key, f"expected a mapping of header names to values, got {_kind(value)}")
+    headers: list[tuple[str, str]] = []
+    for name, text in value.items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise _Invalid(f"{key}.{name}", f"{_show(name)} is not a valid HTTP header name")
+        if not isinstance(text, str):
+            hint = " (quote it)" if isinstance(text, int | float | bool) else ""
+            raise _Invalid(f"{key}.{name}", f"expected a string, got {_kind(text)}{hint}")
+        # Values are never repeated in messages: they are often keys.
+        if not all(ch == "\t" or " " <= ch <= "~" for ch in text):
+            raise _Invalid(f"{key}.{name}", "the value must be printable ASCII (no line breaks)")
+        headers.append((name, text.strip()))
+    return tuple(headers)
+
+
 def _decode_key(text: str) -> bytes | None:
     text = text.strip()
     try:
@@ -1140,6 +1235,7 @@ def _settings(data: object, read_key: bool) -> Settings:
         store_key=section.optional("store_key", _store_key if read_key else _unread, None),
         lease=_lease(section, store),
         replica_id=section.optional("replica_id", _replica_id, ""),
+        otel=section.optional("otel", _otel if read_key else _unread_otel, None),
     )
 
 

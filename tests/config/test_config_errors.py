@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +264,60 @@ CASES: dict[str, tuple[Any, str | None, str]] = {
     "metrics listen": ({"metrics_listen": "9090"}, "metrics_listen", "host:port"),
     "internal url scheme": ({"internal_url": "gw:8081"}, "internal_url", "http://"),
     "internal url query": ({"internal_url": "http://gw:8081/?x"}, "internal_url", "query"),
+    # otel
+    "otel not mapping": ({"otel": "http://collector:4318"}, "otel", "expected a mapping"),
+    "otel unknown key": (
+        {"otel": {"endpoint": "http://c:4318", "servce_name": "x"}},
+        "otel.servce_name",
+        'did you mean "service_name"',
+    ),
+    "otel no endpoint": ({"otel": {"service_name": "x"}}, "otel.endpoint", "missing"),
+    "otel endpoint scheme": (
+        {"otel": {"endpoint": "grpc://c:4317"}},
+        "otel.endpoint",
+        "expected an http:// or https:// URL",
+    ),
+    "otel endpoint no host": ({"otel": {"endpoint": "http://:4318"}}, "otel.endpoint", "no host"),
+    "otel endpoint signal path": (
+        {"otel": {"endpoint": "http://c:4318/v1/traces"}},
+        "otel.endpoint",
+        'base URL, e.g. "http://c:4318": spans go to its /v1/traces',
+    ),
+    "otel endpoint query": (
+        {"otel": {"endpoint": "http://c:4318/?a=1"}},
+        "otel.endpoint",
+        "query",
+    ),
+    "otel service name": (
+        {"otel": {"endpoint": "http://c", "service_name": 7}},
+        "otel.service_name",
+        "quote it",
+    ),
+    "otel headers list": (
+        {"otel": {"endpoint": "http://c", "headers": ["a: b"]}},
+        "otel.headers",
+        "expected a mapping of header names",
+    ),
+    "otel header name": (
+        {"otel": {"endpoint": "http://c", "headers": {"api key": "k"}}},
+        "otel.headers.api key",
+        "not a valid HTTP header name",
+    ),
+    "otel header number": (
+        {"otel": {"endpoint": "http://c", "headers": {"x-key": 123}}},
+        "otel.headers.x-key",
+        "quote it",
+    ),
+    "otel header line break": (
+        {"otel": {"endpoint": "http://c", "headers": {"x-key": "a\nb"}}},
+        "otel.headers.x-key",
+        "printable ASCII",
+    ),
+    "otel timeout bare": (
+        {"otel": {"endpoint": "http://c", "timeout": 5}},
+        "otel.timeout",
+        "needs a unit",
+    ),
     # logging
     "log level": ({"log_level": "verbose"}, "log_level", "debug, info, warning, error"),
     "log format": ({"log_format": "text"}, "log_format", "expected one of json, console"),
@@ -302,6 +358,7 @@ def test_bad_config_is_one_line_and_exit_2(
         ("store postgres", ": store: the PostgreSQL URL names no database"),
         ("unknown retry key", ": routes[0].retry.attempt: unknown key"),
         ("top level list", ": expected a mapping of settings at the top level"),
+        ("otel endpoint signal path", ": otel.endpoint: give the collector's base URL"),
     ],
 )
 def test_bad_config_through_the_real_process(
@@ -377,3 +434,40 @@ def test_the_first_route_problem_wins_and_later_routes_are_named(write_config: W
     with pytest.raises(ConfigError) as caught:
         load_settings(write_config(data))
     assert caught.value.key == "routes[1].hold"
+
+
+# `python -m gateway`, in a process where the OpenTelemetry packages cannot be imported.
+_WITHOUT_OTEL = """
+import sys
+sys.modules["opentelemetry"] = None  # what an install without stepgate[otel] looks like
+from gateway.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_otel_without_the_extra_installed_names_it(write_config: WriteConfig) -> None:
+    otel = {"otel": {"endpoint": "http://collector:4318"}, **with_route()}
+    path = write_config(otel)
+
+    for command in ("check", "serve"):
+        done = without_otel(command, "--config", str(path))
+        assert (done.returncode, done.stdout) == (2, ""), done.stderr
+        assert done.stderr == (
+            f"{path}: otel: the OpenTelemetry packages are not installed: "
+            "pip install 'stepgate[otel]'\n"
+        )
+    # The same file, where the packages are there (as in this test's own environment).
+    assert run_process("check", "--config", str(path)).code == 0
+    # Without `otel`, a gateway needs none of them.
+    plain = without_otel("check", "--config", str(write_config(with_route(), name="plain.yaml")))
+    assert (plain.returncode, plain.stderr) == (0, "")
+
+
+def without_otel(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_OTEL, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )

@@ -10,6 +10,7 @@ import yaml
 
 from gateway.config import (
     Address,
+    Otel,
     RetryPolicy,
     Route,
     Settings,
@@ -220,10 +221,16 @@ def test_example_config_shows_every_option_at_its_default() -> None:
     assert set(raw) == {
         "listen", "internal_listen", "internal_url", "store", "durability", "retention",
         "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-        "routes", "limits", "store_key", "replica_id",
+        "routes", "limits", "store_key", "replica_id", "otel",
     }  # fmt: skip
     # lease is shown commented out: an SQLite store refuses it (it has no leases).
     assert "# lease: 10s" in EXAMPLE.read_text(encoding="utf-8")
+    # otel is off by default; the example shows it commented out, and it would load.
+    assert raw["otel"] is None
+    shown = [line.removeprefix("#   ") for line in _commented_otel(EXAMPLE)]
+    assert parse_settings(yaml.safe_load("\n".join(shown)), source="example").otel == Otel(
+        "http://otel-collector:4318", "checkout-gateway", (("X-Api-Key", "your-key"),), 10.0
+    )
     assert dataclasses.replace(example, routes=()) == defaults
     assert example.store == "sqlite:///stepgate.db"
 
@@ -244,6 +251,45 @@ def test_example_config_shows_every_option_at_its_default() -> None:
             "max_response", "retry", "strip_prefix", "rewrite", *flow,
         }  # fmt: skip
         assert (route.concurrency, route.throttle, route.rate_limit) == (None, None, None)
+
+
+def _commented_otel(path: Path) -> list[str]:
+    """The commented-out `otel:` block of the example config."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = lines.index("#   otel:")
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if not line.startswith("#     "):
+            break
+        block.append(line)
+    return block
+
+
+def test_otel_settings() -> None:
+    settings = parse_settings(
+        {
+            "otel": {
+                "endpoint": "https://collector.example:4318/otlp/",
+                "service_name": "billing-gateway",
+                "headers": {"Authorization": "Bearer t0ken", "X-Tenant": " acme "},
+                "timeout": "2s",
+            }
+        },
+        source="t",
+    )
+    assert settings.otel == Otel(
+        endpoint="https://collector.example:4318/otlp",
+        service_name="billing-gateway",
+        headers=(("Authorization", "Bearer t0ken"), ("X-Tenant", "acme")),
+        timeout=2.0,
+    )
+    assert "t0ken" not in repr(settings)
+    defaults = parse_settings({"otel": {"endpoint": "http://c:4318"}}, source="t").otel
+    assert defaults == Otel("http://c:4318", "stepgate", (), 10.0)
+    assert parse_settings({"otel": None}, source="t").otel is None
+    assert parse_settings({}, source="t").otel is None
+    # A client of the admin API reads the config for its URL and token only.
+    assert parse_settings({"otel": {"endpoint": 5}}, source="t", read_key=False).otel is None
 
 
 def test_load_settings_accepts_a_path_object(tmp_path: Path) -> None:
