@@ -8,9 +8,10 @@
    how busy its 8 slots were (the time-integral of calls in flight over 8 x the time).
 
     python bench/flow.py [--requests 2000] [--clients 32] [--seconds 10] [--work 0.05]
+                         [--durability full|relaxed]
 
-The gateway runs as its own process (SQLite store, `durability: full`), the upstream and the
-clients in this one. Everything talks to 127.0.0.1 only and stops by itself.
+The gateway runs as its own process (SQLite store, `durability: full` unless told), the
+upstream and the clients in this one. Everything talks to 127.0.0.1 only and stops by itself.
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ async def main(args: argparse.Namespace) -> None:
                     "internal_listen": f"127.0.0.1:{internal}",
                     "store": f"sqlite:///{tmp}/stepgate.db",
                     "log_level": "warning",
+                    "durability": args.durability,
                     "routes": [
                         route("plain"),
                         route("slots", concurrency=1_000_000),
@@ -182,6 +184,7 @@ async def main(args: argparse.Namespace) -> None:
                     "free_slot": await latency(session, base, args.requests),
                     "queued": await queued(session, base, slow, args.clients, args.seconds),
                     "work_s": args.work,
+                    "durability": args.durability,
                     "clients": args.clients,
                 }
         finally:
@@ -197,4 +200,5 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--work", type=float, default=0.05)
+    parser.add_argument("--durability", choices=("full", "relaxed"), default="full")
     asyncio.run(main(parser.parse_args()))
