@@ -161,6 +161,8 @@ class Store(abc.ABC):
         self._listeners.append(listener)
 
     def _changed(self, run: Run, *, started: bool = False) -> None:
+        if run.status == RunStatus.RUNNING:
+            self._remember_secret(run.id, run.token)  # its callbacks come next: no read for it
         self._told(Change(run.id, run.status, run.due_at, run, started))
 
     def _given(self, runs: Sequence[Run]) -> None:
@@ -334,14 +336,18 @@ class Store(abc.ABC):
             if run is None:
                 raise UnknownRun(run_id)
             secret = run.token
-            self._secrets[run_id] = secret
-            if len(self._secrets) > self.SECRETS_KEPT:
-                self._secrets.popitem(last=False)
+            self._remember_secret(run_id, secret)
         else:
             self._secrets.move_to_end(run_id)
         attempt = token_attempt(token)
         if attempt is None or not token_valid(secret, token, attempt):
             raise WrongToken(run_id)
+
+    def _remember_secret(self, run_id: str, secret: str) -> None:
+        self._secrets[run_id] = secret
+        self._secrets.move_to_end(run_id)
+        if len(self._secrets) > self.SECRETS_KEPT:
+            self._secrets.popitem(last=False)
 
     async def check_callback(self, run_id: str, token: str) -> Run:
         """The run a read callback may see (raises like put_step)."""
