@@ -77,9 +77,10 @@ def bucket(kind: str, route: str, key: str) -> str:
 
 def turn(rate: Rate, tat: float | None, now: float) -> tuple[float, float]:
     """When the next start may happen (never before `now`) and the bucket's `tat` after it."""
-    tolerance = (rate.burst - 1) * rate.interval
-    start = now if tat is None else max(now, tat - tolerance)
-    return start, max(start, tat or start) + rate.interval
+    if tat is None:  # a bucket never used, or dropped: full
+        return now, now + rate.interval
+    start = max(now, tat - (rate.burst - 1) * rate.interval)
+    return start, max(start, tat) + rate.interval
 
 
 def allowed(rate: Rate, tat: float | None, now: float) -> tuple[float, float | None]:
