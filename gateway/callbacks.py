@@ -16,7 +16,9 @@ bounds are listed in docs/protocol.md, "Limits".
 
 from __future__ import annotations
 
+import secrets
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 from urllib.parse import unquote
@@ -26,12 +28,14 @@ from aiohttp import web
 
 from gateway import jsonin
 from gateway.auth import bearer_token
-from gateway.config import parse_duration
-from gateway.engine import ENGINE
+from gateway.config import Route, parse_duration
+from gateway.engine import ENGINE, Engine
+from gateway.engine.intake import new_secret
 from gateway.errors import StoreError
 from gateway.events import MAX_NAME, is_name
-from gateway.model import Step, StepKind, StepStatus
+from gateway.model import Run, RunStatus, Step, StepKind, StepStatus
 from gateway.problem import Problem
+from gateway.proxy import forward_request_headers
 from gateway.store import (
     AttemptFenced,
     Refused,
@@ -40,6 +44,7 @@ from gateway.store import (
     UnknownRun,
     WrongToken,
 )
+from gateway.store.rules import signal_url
 
 log = structlog.get_logger("stepgate.callbacks")
 
@@ -56,7 +61,7 @@ MAX_PARK = 366 * 86400.0
 MIN_UNTIL = 0.0
 # Longer duration and timestamp texts are not durations or timestamps anyone writes.
 _MAX_TEXT = 64
-_KINDS = ("output", "error", "sleep", "wait")
+_KINDS = ("output", "error", "sleep", "wait", "signal", "invoke")
 
 
 _dump = jsonin.dump
@@ -66,7 +71,7 @@ def _json_response(text: str, status: int = 200) -> web.Response:
     return web.Response(text=text, status=status, content_type="application/json")
 
 
-def _step_json(step: Step) -> str:
+def _step_json(step: Step, links: Links | None = None) -> str:
     """One step record; stored JSON is spliced in as is rather than parsed and dumped again."""
     parts = [
         f'"id":{_dump(step.id)}',
@@ -79,7 +84,50 @@ def _step_json(step: Step) -> str:
         parts.append(f'"output":{step.output if step.output is not None else "null"}')
     if step.error is not None:
         parts.append(f'"error":{step.error}')
+    if links is not None:
+        parts += linked_members(step, links)
     return "{" + ",".join(parts) + "}"
+
+
+@dataclass(frozen=True, slots=True)
+class Links:
+    """What a run's signal and invoke steps point at: the URLs of its signals and the child runs
+    of its invokes, by step id."""
+
+    urls: dict[str, str] = field(default_factory=dict)
+    children: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    async def of(cls, engine: Engine, run_id: str, steps: list[Step]) -> Links:
+        """Read only for a run that has such steps (most have none)."""
+        kinds = {step.kind for step in steps}
+        urls: dict[str, str] = {}
+        children: dict[str, str] = {}
+        if StepKind.SIGNAL in kinds:
+            base = engine.settings.public_url
+            urls = {
+                step_id: signal_url(base, ref.id, ref.token)
+                for step_id, ref in (await engine.store.signals(run_id)).items()
+            }
+        if StepKind.INVOKE in kinds:
+            _, below = await engine.store.links(run_id)
+            children = {link.step_id: link.child_id for link in below}
+        return cls(urls, children)
+
+
+def linked_members(step: Step, links: Links) -> list[str]:
+    """A signal step's `url`; an invoke step's child `run_id`, and `final` once it failed (a
+    failed child run is not started again)."""
+    if step.kind == StepKind.SIGNAL and step.id in links.urls:
+        return [f'"url":{_dump(links.urls[step.id])}']
+    if step.kind == StepKind.INVOKE:
+        members = []
+        if step.id in links.children:
+            members.append(f'"run_id":{_dump(links.children[step.id])}')
+        if step.status == StepStatus.FAILED:
+            members.append('"final":true')
+        return members
+    return []
 
 
 SUPERSEDED: Final = "https://stepgate.dev/problems/superseded"
@@ -139,9 +187,10 @@ async def list_steps(request: web.Request) -> web.StreamResponse:
     try:
         run = await engine.store.check_callback(request.match_info["run_id"], token)
         steps = await engine.store.steps(run.id)
+        links = await Links.of(engine, run.id, steps)
     except (Refused, StoreError) as exc:
         raise _refusal(exc) from exc
-    return _json_response('{"steps":[' + ",".join(_step_json(s) for s in steps) + "]}")
+    return _json_response('{"steps":[' + ",".join(_step_json(s, links) for s in steps) + "]}")
 
 
 def _step_id(request: web.Request) -> str:
@@ -184,7 +233,7 @@ async def put_step(request: web.Request) -> web.StreamResponse:
     step_id = _step_id(request)
     body = await _body(request)
     now = time.time()
-    call = _call(body, now)
+    call = await _invoke_call(engine, run_id, body, now) if "invoke" in body else _call(body, now)
     try:
         write = await engine.store.put_step(
             run_id,
@@ -207,7 +256,11 @@ async def put_step(request: web.Request) -> web.StreamResponse:
             kind=str(write.step.kind),
             status=str(write.step.status),
         )
+    if write.started is not None:
+        start_child(engine, write.started, parent=run_id, step=step_id)
     engine.metrics.checkpoint_duration.observe(time.perf_counter() - started)
+    if call.kind in (StepKind.SIGNAL, StepKind.INVOKE):
+        return _linked_answer(engine, write)
     return _answer(write, call)
 
 
@@ -234,6 +287,15 @@ def _call(body: dict[str, Any], now: float) -> StepCall:
             seq,
             output="null" if due else None,
             wake_at=until,
+        )
+    if "signal" in body:
+        return StepCall(
+            StepKind.SIGNAL,
+            StepStatus.WAITING,
+            seq,
+            wake_at=now + _signal_timeout(body["signal"]),
+            signal_id=secrets.token_urlsafe(16),
+            signal_token=secrets.token_urlsafe(24),
         )
     match, event, timeout = _wait(body["wait"])
     return StepCall(
@@ -319,19 +381,118 @@ def _wait(value: object) -> tuple[dict[str, Any], str, float]:
     return match, event, _timeout(value.get("timeout", DEFAULT_WAIT_TIMEOUT))
 
 
-def _timeout(value: object) -> float:
+def _timeout(value: object, key: str = "wait.timeout") -> float:
     if isinstance(value, str):
         try:
             if len(value) > _MAX_TEXT:
                 raise ValueError(f"{value[:_MAX_TEXT]!r}... is not a duration")
             value = parse_duration(value)
         except (ValueError, ArithmeticError) as exc:
-            raise Problem(400, f"wait.timeout: {exc}") from exc
+            raise Problem(400, f"{key}: {exc}") from exc
     if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
-        raise Problem(400, "wait.timeout must be a duration such as 30s or 1h")
+        raise Problem(400, f"{key} must be a duration such as 30s or 1h")
     if value > MAX_PARK:  # compared before float(): an int may be too large for one
-        raise Problem(400, f"wait.timeout must be at most {MAX_PARK / 86400:.0f}d")
+        raise Problem(400, f"{key} must be at most {MAX_PARK / 86400:.0f}d")
     return float(value)
+
+
+# -- signals and child runs (protocol v1.1: step.signal, step.invoke) ----------------------------
+
+
+def _signal_timeout(value: object) -> float:
+    if not isinstance(value, dict):
+        raise Problem(400, 'signal must be {"timeout"?: "<duration>"}')
+    unknown = set(value) - {"timeout"}
+    if unknown:
+        raise Problem(400, f"unknown field signal.{sorted(unknown)[0]}")
+    return _timeout(value.get("timeout", DEFAULT_WAIT_TIMEOUT), "signal.timeout")
+
+
+async def _invoke_call(engine: Engine, run_id: str, body: dict[str, Any], now: float) -> StepCall:
+    """An invoke PUT: the child run it would start (a POST of `body` as JSON to the route's
+    path), recorded only if the step is new."""
+    value = body["invoke"]
+    if not isinstance(value, dict):
+        raise Problem(400, 'invoke must be {"route": "<durable route name>", "body"?: <json>}')
+    unknown = set(value) - {"route", "body"}
+    if unknown:
+        raise Problem(400, f"unknown field invoke.{sorted(unknown)[0]}")
+    name = value.get("route")
+    if not isinstance(name, str) or not name:
+        raise Problem(400, "invoke.route must be the name of a durable route")
+    route = engine.routes.get(name)
+    if route is None:
+        raise Problem(422, f"invoke.route: no route is named {name[:MAX_STEP_ID]!r}")
+    if not route.durable:
+        raise Problem(
+            422, f"invoke.route: route {name!r} is not durable, so it cannot run as a child run"
+        )
+    try:
+        parent = await engine.store.get_run(run_id)
+    except StoreError as exc:
+        raise _refusal(exc) from exc
+    payload = _dump(value.get("body")).encode()
+    if len(payload) > route.max_body:
+        raise Problem(
+            413, f"invoke.body is larger than {route.max_body} bytes, the limit of route {name!r}"
+        )
+    return StepCall(
+        StepKind.INVOKE,
+        StepStatus.WAITING,
+        body.get("seq"),
+        child=child_run(route, payload, parent, now),
+    )
+
+
+def child_run(route: Route, payload: bytes, parent: Run | None, now: float) -> Run:
+    """A child run of `route`, as a client's POST of `payload` to its path would make it; it
+    shares the parent's trace."""
+    given = {"Content-Type": "application/json"}
+    trace = (
+        next((v for k, v in parent.headers if k.lower() == "traceparent"), None) if parent else None
+    )
+    if trace is not None:
+        given["traceparent"] = trace
+    headers, trace_id = forward_request_headers(given, peer=None, scheme="http", host=None)
+    return Run(
+        id=secrets.token_urlsafe(16),
+        route=route.name,
+        status=RunStatus.RUNNING,
+        attempt=1,
+        token=new_secret(),
+        poll_token=new_secret(),
+        method="POST",
+        target=route.base if route.prefix else route.path,
+        headers=list(headers.items()),
+        body=payload,
+        created_at=now,
+        updated_at=now,
+        trace_id=trace_id,
+    )
+
+
+def start_child(engine: Engine, child: Run, *, parent: str, step: str) -> None:
+    """Invoke a child run that a step write has just created, as a background run."""
+    log.info("run.child_started", run_id=child.id, route=child.route, parent=parent, step=step)
+    engine.invoker.spawn(child.id, engine.invoker.in_background(child))
+
+
+def _linked_answer(engine: Engine, write: StepWrite) -> web.Response:
+    step = write.step
+    members: dict[str, Any] = {"status": str(step.status)}
+    links = Links(
+        urls={step.id: signal_url(engine.settings.public_url, *write.signal)}
+        if write.signal
+        else {},
+        children={step.id: write.child_id} if write.child_id else {},
+    )
+    text = _dump(members)[:-1]
+    if step.status == StepStatus.COMPLETED:
+        text += f',"output":{step.output if step.output is not None else "null"}'
+    elif step.status == StepStatus.FAILED and step.error is not None:
+        text += f',"error":{step.error}'
+    extra = linked_members(step, links)
+    return _json_response(text + "".join("," + member for member in extra) + "}")
 
 
 def add_routes(app: web.Application) -> None:

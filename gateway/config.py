@@ -127,6 +127,7 @@ class Settings:
     store_key: StoreKey | None = None
     lease: float = 10.0  # PostgreSQL: a replica silent this long has its runs taken over
     replica_id: str = ""  # PostgreSQL: this replica's name; "" until the gateway picks one
+    public_url: str = ""  # the base of signal URLs; "" for URLs relative to the public listener
 
     @property
     def postgres(self) -> bool:
@@ -166,7 +167,7 @@ PLAIN_ATTEMPTS: Final = 1
 _TOP_KEYS: Final = (
     "listen", "internal_listen", "internal_url", "store", "durability", "retention",
     "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-    "routes", "limits", "store_key", "lease", "replica_id",
+    "routes", "limits", "store_key", "lease", "replica_id", "public_url",
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
     "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
@@ -964,6 +965,9 @@ def _settings(data: object, read_key: bool) -> Settings:
         store_key=section.optional("store_key", _store_key if read_key else _unread, None),
         lease=_lease(section, store),
         replica_id=section.optional("replica_id", _replica_id, ""),
+        public_url=section.optional(
+            "public_url", lambda v, k: _http_url(v, k, allow_path=True), ""
+        ),
     )
 
 

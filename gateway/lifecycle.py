@@ -246,7 +246,8 @@ def _park(
         sleeping = any(step.kind == StepKind.SLEEP for step in parked)
         status = RunStatus.SLEEPING if sleeping else RunStatus.WAITING
         deadlines = [step.wake_at for step in parked if step.wake_at is not None]
-        due = now if run.wake_pending or not deadlines else min(deadlines)
+        # A step without a deadline (a child run's end) has no timer: it is woken only.
+        due = now if run.wake_pending else min(deadlines, default=None)
         parked_run = run.but(status=status, due_at=due, wake_pending=False)
         return AfterAttempt(parked_run, record, Decision("park", status))
     # The handler suspended with nothing to wait for: a handler bug. Treat it as a failed

@@ -34,6 +34,8 @@ class StepKind(StrEnum):
     RUN = "run"
     SLEEP = "sleep"
     WAIT = "wait"
+    SIGNAL = "signal"  # parked until its URL is POSTed to, or its time-out
+    INVOKE = "invoke"  # parked until the child run it started ends
 
 
 class StepStatus(StrEnum):

@@ -16,15 +16,17 @@ from gateway.store.base import (
     AttemptFenced,
     Change,
     DuplicateIdempotencyKey,
+    Link,
     Refused,
     Replica,
     RunPage,
+    SignalRef,
     Store,
     StoreLocked,
     UnknownRun,
     WrongToken,
 )
-from gateway.store.rules import StepCall, StepWrite
+from gateway.store.rules import SignalVerdict, StepCall, StepWrite
 from gateway.store.sealing import StoreKeyError
 from gateway.store.sqlite import SQLiteStore
 
@@ -32,10 +34,13 @@ __all__ = [
     "AttemptFenced",
     "Change",
     "DuplicateIdempotencyKey",
+    "Link",
     "Refused",
     "Replica",
     "RunPage",
     "SQLiteStore",
+    "SignalRef",
+    "SignalVerdict",
     "StepCall",
     "StepWrite",
     "Store",

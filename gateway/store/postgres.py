@@ -32,11 +32,13 @@ import json
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg
 import structlog
 
+from gateway.auth import same_secret
 from gateway.errors import StoreError
 from gateway.events import event_object
 from gateway.lifecycle import AfterAttempt, claim, retry_ended
@@ -48,7 +50,9 @@ from gateway.store.base import (
     Change,
     DuplicateIdempotencyKey,
     InterruptRule,
+    Link,
     Replica,
+    SignalRef,
     Store,
     UnknownRun,
     authorize_callback,
@@ -61,7 +65,7 @@ from gateway.store.rows import (
     step_from_row,
     step_values,
 )
-from gateway.store.rules import StepCall, StepWrite
+from gateway.store.rules import SignalVerdict, StepCall, StepWrite
 from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
 
 T = TypeVar("T")
@@ -174,6 +178,24 @@ MIGRATIONS: tuple[str, ...] = (
     $fn$;
     CREATE TRIGGER runs_notify AFTER INSERT OR UPDATE OF status, due_at ON runs
         FOR EACH ROW EXECUTE FUNCTION stepgate_notify();
+    """,
+    # As SQLite's: signal steps' ids and secrets, and the child runs of invoke steps.
+    """
+    CREATE TABLE signals (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        token TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE UNIQUE INDEX signals_step ON signals (run_id, step_id);
+    CREATE TABLE children (
+        child_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
+        parent_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE UNIQUE INDEX children_step ON children (parent_id, step_id);
     """,
 )
 
@@ -637,16 +659,22 @@ class PostgresStore(Store):
                 *params,
             )
             done = []
+            woken.clear()  # a transaction tried again starts over
             for row in rows:
                 after = rule(self._rows.run(row))
                 await self._write_run(conn, after.run)
                 await self._write_attempt(conn, after.run.id, after.attempt)
+                if after.run.ended:
+                    await self._settle_parent(conn, after.run, woken)
                 done.append(after)
             return done
 
+        woken: list[Run] = []
         fenced = await self._tx(op)
         for after in fenced:
             self._changed(after.run)
+        for parent in woken:
+            self._changed(parent)
         return fenced
 
     async def recover(self, rule: InterruptRule, *, before: float) -> list[AfterAttempt]:
@@ -699,6 +727,7 @@ class PostgresStore(Store):
                 raise UnknownRun(run_id)
             joined = [self._split(row) for row in rows]
             run = joined[0][0]
+            woken.clear()
             after = rule(run, [step for _, step in joined if step is not None])
             if after.decision is not None:  # the run and its attempt in one statement
                 attempt = after.attempt
@@ -712,13 +741,18 @@ class PostgresStore(Store):
                     attempt.status,
                     attempt.error,
                 )
+                if after.run.ended:
+                    await self._settle_parent(conn, after.run, woken)
             else:
                 await self._write_attempt(conn, run_id, after.attempt)
             return after
 
+        woken: list[Run] = []
         after = await self._tx(op)
         if after.decision is not None:
             self._changed(after.run)
+        for parent in woken:
+            self._changed(parent)
         return after
 
     async def put_step(
@@ -760,9 +794,85 @@ class PostgresStore(Store):
                     "match = EXCLUDED.match, updated_at = EXCLUDED.updated_at",
                     *step_values(write.step),
                 )
-            return StepWrite(write.created, write.step, run.route)
+            linked = StepWrite(write.created, write.step, run.route)
+            return await self._linked(conn, linked, call, now)
 
-        return await self._tx(op)
+        write = await self._tx(op)
+        if write.started is not None:
+            self._changed(write.started)
+        return write
+
+    async def _linked(self, conn: Conn, write: StepWrite, call: StepCall, now: float) -> StepWrite:
+        """As SQLite's: a signal's id and secret, an invoke's child run, created with the step."""
+        step = write.step
+        if step.kind == StepKind.SIGNAL:
+            if write.created and call.signal_id is not None and call.signal_token is not None:
+                await conn.execute(
+                    "INSERT INTO signals (id, run_id, step_id, token, created_at) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (run_id, step_id) DO UPDATE "
+                    "SET id = EXCLUDED.id, token = EXCLUDED.token",
+                    call.signal_id,
+                    step.run_id,
+                    step.id,
+                    call.signal_token,
+                    now,
+                )
+            row = await conn.fetchrow(
+                "SELECT id, token FROM signals WHERE run_id = $1 AND step_id = $2",
+                step.run_id,
+                step.id,
+            )
+            return replace(write, signal=(row[0], row[1]) if row else None)
+        if step.kind == StepKind.INVOKE:
+            started = None
+            if write.created and call.child is not None:
+                await conn.execute(_INSERT_RUN, *self._rows.insert(call.child), self.replica_id)
+                await conn.execute(
+                    "INSERT INTO children (child_id, parent_id, step_id, created_at) "
+                    "VALUES ($1, $2, $3, $4)",
+                    call.child.id,
+                    step.run_id,
+                    step.id,
+                    now,
+                )
+                started = call.child
+            child_id = await conn.fetchval(
+                "SELECT child_id FROM children WHERE parent_id = $1 AND step_id = $2",
+                step.run_id,
+                step.id,
+            )
+            return replace(write, child_id=child_id, started=started)
+        return write
+
+    async def _settle_parent(self, conn: Conn, child: Run, woken: list[Run]) -> None:
+        """As SQLite's: a child run's end completes its parent's invoke step and wakes it."""
+        row = await conn.fetchrow(
+            "SELECT parent_id, step_id FROM children WHERE child_id = $1", child.id
+        )
+        if row is None:
+            return
+        parent = await self._read(conn, row[0])  # locked, as every decision on a run is
+        step_row = await conn.fetchrow(
+            f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND step_id = $2", row[0], row[1]
+        )
+        step = step_from_row(step_row) if step_row else None
+        if step is None or step.status != StepStatus.WAITING or parent is None or parent.ended:
+            return
+        now = child.ended_at or time.time()
+        status, output, error = rules.child_result(child)
+        await conn.execute(
+            "UPDATE steps SET status = $1, output = $2, error = $3, updated_at = $4 "
+            "WHERE run_id = $5 AND step_id = $6",
+            str(status),
+            output,
+            error,
+            now,
+            step.run_id,
+            step.id,
+        )
+        after = rules.woken(parent, now)
+        await self._write_run(conn, after)
+        woken.append(after)
 
     @staticmethod
     async def _lock_event(conn: Conn, name: str | None) -> None:
@@ -863,7 +973,103 @@ class PostgresStore(Store):
         return changed
 
     async def cancel(self, run_id: str, now: float) -> Run | None:
-        return await self._transition(run_id, lambda run: cancel_run(run, now))
+        async def op(conn: Conn) -> Run | None:
+            changed.clear()
+            run = await self._read(conn, run_id)
+            cancelled = None if run is None else cancel_run(run, now)
+            if cancelled is None:
+                return None
+            await self._write_run(conn, cancelled)
+            await self._settle_parent(conn, cancelled, changed)
+            parents = [run_id]  # the children it started go with it, and theirs
+            while parents:
+                below = await conn.fetch(
+                    "SELECT child_id FROM children WHERE parent_id = ANY($1::text[])", parents
+                )
+                parents = []
+                for (child_id,) in below:
+                    child = await self._read(conn, child_id)
+                    ended = None if child is None else cancel_run(child, now)
+                    if ended is not None:
+                        await self._write_run(conn, ended)
+                        changed.append(ended)
+                        parents.append(child_id)
+            return cancelled
+
+        changed: list[Run] = []
+        cancelled = await self._tx(op)
+        if cancelled is not None:
+            self._changed(cancelled)
+        for run in changed:
+            self._changed(run)
+        return cancelled
+
+    # -- signals and child runs ----------------------------------------------------------------
+
+    async def find_signal(self, signal_id: str) -> SignalRef | None:
+        if _NUL in signal_id:
+            return None
+        rows = await self._fetch(
+            "SELECT id, run_id, step_id, token FROM signals WHERE id = $1", signal_id
+        )
+        return SignalRef(*rows[0]) if rows else None
+
+    async def signals(self, run_id: str) -> dict[str, SignalRef]:
+        if _NUL in run_id:
+            return {}
+        rows = await self._fetch(
+            "SELECT id, run_id, step_id, token FROM signals WHERE run_id = $1", run_id
+        )
+        return {row[2]: SignalRef(*row) for row in rows}
+
+    async def deliver_signal(
+        self, signal_id: str, token: str, output: str, now: float
+    ) -> SignalVerdict | None:
+        async def op(conn: Conn) -> SignalVerdict | None:
+            woken.clear()
+            row = await conn.fetchrow(
+                "SELECT run_id, step_id, token FROM signals WHERE id = $1", signal_id
+            )
+            if row is None or not same_secret(token, row[2]):
+                return None
+            locked = await conn.fetchrow(_LOCK_RUN_AND_STEP, row[0], row[1])
+            if locked is None:
+                return None
+            run, step = self._split(locked)
+            verdict = rules.signal_verdict(run, step, now)
+            if verdict == SignalVerdict.DELIVER:
+                await conn.execute(
+                    "UPDATE steps SET status = 'completed', output = $1, updated_at = $2 "
+                    "WHERE run_id = $3 AND step_id = $4",
+                    output,
+                    now,
+                    row[0],
+                    row[1],
+                )
+                after = rules.woken(run, now)
+                await self._write_run(conn, after)
+                woken.append(after)
+            return verdict
+
+        if _NUL in signal_id:
+            return None
+        woken: list[Run] = []
+        verdict = await self._tx(op)
+        for run in woken:
+            self._changed(run)
+        return verdict
+
+    async def links(self, run_id: str) -> tuple[Link | None, list[Link]]:
+        if _NUL in run_id:
+            return None, []
+        rows = await self._fetch(
+            "SELECT child_id, parent_id, step_id FROM children "
+            "WHERE child_id = $1 OR parent_id = $1 ORDER BY created_at",
+            run_id,
+        )
+        found = [Link(*row) for row in rows]
+        parent = next((link for link in found if link.child_id == run_id), None)
+        return parent, [link for link in found if link.parent_id == run_id]
 
     async def retry_ended(self, run_id: str, now: float) -> Run | None:
         return await self._transition(run_id, lambda run: retry_ended(run, now))

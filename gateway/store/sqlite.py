@@ -26,11 +26,13 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import aiosqlite
 import structlog
 
+from gateway.auth import same_secret
 from gateway.errors import StoreError
 from gateway.events import event_object
 from gateway.lifecycle import AfterAttempt, claim, retry_ended
@@ -41,6 +43,8 @@ from gateway.store.base import (
     AttemptRule,
     DuplicateIdempotencyKey,
     InterruptRule,
+    Link,
+    SignalRef,
     Store,
     StoreLocked,
     UnknownRun,
@@ -54,7 +58,7 @@ from gateway.store.rows import (
     step_from_row,
     step_values,
 )
-from gateway.store.rules import StepCall, StepWrite
+from gateway.store.rules import SignalVerdict, StepCall, StepWrite
 from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
 
 T = TypeVar("T")
@@ -145,6 +149,25 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE runs ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+    """,
+    # signals: a signal step's public id and its secret (the URL's token). children: the run an
+    # invoke step started, so that the child's end completes the parent's step.
+    """
+    CREATE TABLE signals (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        token TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX signals_step ON signals (run_id, step_id);
+    CREATE TABLE children (
+        child_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
+        parent_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX children_step ON children (parent_id, step_id);
     """,
 )
 
@@ -591,12 +614,17 @@ class SQLiteStore(Store):
                 after = rule(self._rows.run(row))
                 self._rows.write(conn, after.run)
                 _write_attempt(conn, after.run.id, after.attempt)
+                if after.run.ended:
+                    self._settle_parent(conn, after.run, woken)
                 done.append(after)
             return done
 
+        woken: list[Run] = []
         recovered = await self._write(op)
         for after in recovered:
             self._changed(after.run)
+        for parent in woken:
+            self._changed(parent)
         return recovered
 
     async def claim(self, run_id: str, now: float) -> Run | None:
@@ -630,12 +658,17 @@ class SQLiteStore(Store):
             after = rule(run, _parked_steps(conn, run_id))
             if after.decision is not None:
                 self._rows.write(conn, after.run)
+                if after.run.ended:
+                    self._settle_parent(conn, after.run, woken)
             _write_attempt(conn, run_id, after.attempt)
             return after
 
+        woken: list[Run] = []
         after = await self._write(op)
         if after.decision is not None:
             self._changed(after.run)
+        for parent in woken:
+            self._changed(parent)
         return after
 
     async def put_step(
@@ -662,9 +695,75 @@ class SQLiteStore(Store):
                 if call.no_retry:
                     conn.execute("UPDATE runs SET no_retry = 1 WHERE id = ?", (run_id,))
                 _write_step(conn, write.step)
-            return StepWrite(write.created, write.step, run.route)
+            return self._linked(conn, StepWrite(write.created, write.step, run.route), call, now)
 
-        return await self._write(op)
+        write = await self._write(op)
+        if write.started is not None:
+            self._changed(write.started)
+        return write
+
+    def _linked(
+        self, conn: sqlite3.Connection, write: StepWrite, call: StepCall, now: float
+    ) -> StepWrite:
+        """A signal step's id and secret, an invoke step's child run: kept when the step is
+        created (the child run too, in the same commit: once, however often it is asked for),
+        read back when it was recorded before."""
+        step = write.step
+        if step.kind == StepKind.SIGNAL:
+            if write.created and call.signal_id is not None and call.signal_token is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO signals (id, run_id, step_id, token, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (call.signal_id, step.run_id, step.id, call.signal_token, now),
+                )
+            row = conn.execute(
+                "SELECT id, token FROM signals WHERE run_id = ? AND step_id = ?",
+                (step.run_id, step.id),
+            ).fetchone()
+            return replace(write, signal=(row[0], row[1]) if row else None)
+        if step.kind == StepKind.INVOKE:
+            started = None
+            if write.created and call.child is not None:
+                params = self._rows.insert(call.child)
+                conn.execute(
+                    f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(params))})",
+                    params,
+                )
+                conn.execute(
+                    "INSERT INTO children (child_id, parent_id, step_id, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (call.child.id, step.run_id, step.id, now),
+                )
+                started = call.child
+            row = conn.execute(
+                "SELECT child_id FROM children WHERE parent_id = ? AND step_id = ?",
+                (step.run_id, step.id),
+            ).fetchone()
+            return replace(write, child_id=row[0] if row else None, started=started)
+        return write
+
+    def _settle_parent(self, conn: sqlite3.Connection, child: Run, woken: list[Run]) -> None:
+        """A run has ended: if it is a child run, its parent's invoke step completes (or fails
+        for good) in the same commit, and the parent is woken."""
+        row = conn.execute(
+            "SELECT parent_id, step_id FROM children WHERE child_id = ?", (child.id,)
+        ).fetchone()
+        if row is None:
+            return
+        step = _read_step(conn, row[0], row[1])
+        parent = self._rows.read(conn, row[0])
+        if step is None or step.status != StepStatus.WAITING or parent is None or parent.ended:
+            return
+        now = child.ended_at or time.time()
+        status, output, error = rules.child_result(child)
+        conn.execute(
+            "UPDATE steps SET status = ?, output = ?, error = ?, updated_at = ? "
+            "WHERE run_id = ? AND step_id = ?",
+            (str(status), output, error, now, step.run_id, step.id),
+        )
+        after = rules.woken(parent, now)
+        self._rows.write(conn, after)
+        woken.append(after)
 
     @staticmethod
     def _lookback(conn: sqlite3.Connection, run_id: str, call: StepCall, since: float) -> StepCall:
@@ -753,7 +852,93 @@ class SQLiteStore(Store):
         return changed
 
     async def cancel(self, run_id: str, now: float) -> Run | None:
-        return await self._transition(run_id, lambda run: cancel_run(run, now))
+        def op(conn: sqlite3.Connection) -> Run | None:
+            run = self._rows.read(conn, run_id)
+            cancelled = None if run is None else cancel_run(run, now)
+            if cancelled is None:
+                return None
+            self._rows.write(conn, cancelled)
+            self._settle_parent(conn, cancelled, changed)
+            # The children it started go with it, and theirs.
+            parents = [run_id]
+            while parents:
+                below = conn.execute(
+                    f"SELECT child_id FROM children WHERE parent_id IN "
+                    f"({', '.join('?' * len(parents))})",
+                    parents,
+                ).fetchall()
+                parents = []
+                for (child_id,) in below:
+                    child = self._rows.read(conn, child_id)
+                    ended = None if child is None else cancel_run(child, now)
+                    if ended is not None:
+                        self._rows.write(conn, ended)
+                        changed.append(ended)
+                        parents.append(child_id)
+            return cancelled
+
+        changed: list[Run] = []
+        cancelled = await self._write(op)
+        if cancelled is not None:
+            self._changed(cancelled)
+        for run in changed:
+            self._changed(run)
+        return cancelled
+
+    # -- signals and child runs ----------------------------------------------------------------
+
+    async def find_signal(self, signal_id: str) -> SignalRef | None:
+        rows = await self._fetchall(
+            "SELECT id, run_id, step_id, token FROM signals WHERE id = ?", (signal_id,)
+        )
+        return SignalRef(*rows[0]) if rows else None
+
+    async def signals(self, run_id: str) -> dict[str, SignalRef]:
+        rows = await self._fetchall(
+            "SELECT id, run_id, step_id, token FROM signals WHERE run_id = ?", (run_id,)
+        )
+        return {row[2]: SignalRef(*row) for row in rows}
+
+    async def deliver_signal(
+        self, signal_id: str, token: str, output: str, now: float
+    ) -> SignalVerdict | None:
+        def op(conn: sqlite3.Connection) -> SignalVerdict | None:
+            row = conn.execute(
+                "SELECT run_id, step_id, token FROM signals WHERE id = ?", (signal_id,)
+            ).fetchone()
+            if row is None or not same_secret(token, row[2]):
+                return None
+            run = self._rows.read(conn, row[0])
+            if run is None:
+                return None
+            step = _read_step(conn, row[0], row[1])
+            verdict = rules.signal_verdict(run, step, now)
+            if verdict == rules.SignalVerdict.DELIVER:
+                conn.execute(
+                    "UPDATE steps SET status = 'completed', output = ?, updated_at = ? "
+                    "WHERE run_id = ? AND step_id = ?",
+                    (output, now, row[0], row[1]),
+                )
+                after = rules.woken(run, now)
+                self._rows.write(conn, after)
+                woken.append(after)
+            return verdict
+
+        woken: list[Run] = []
+        verdict = await self._write(op)
+        for run in woken:
+            self._changed(run)
+        return verdict
+
+    async def links(self, run_id: str) -> tuple[Link | None, list[Link]]:
+        rows = await self._fetchall(
+            "SELECT child_id, parent_id, step_id FROM children "
+            "WHERE child_id = ? OR parent_id = ? ORDER BY created_at",
+            (run_id, run_id),
+        )
+        found = [Link(*row) for row in rows]
+        parent = next((link for link in found if link.child_id == run_id), None)
+        return parent, [link for link in found if link.parent_id == run_id]
 
     async def retry_ended(self, run_id: str, now: float) -> Run | None:
         return await self._transition(run_id, lambda run: retry_ended(run, now))
