@@ -14,6 +14,7 @@ Blocking code uses `from stepgate.sync import step`. The core needs only the sta
 each adapter imports only its own framework. The error tree is in `stepgate.errors`.
 """
 
+from stepgate._signal import Signal, SyncSignal
 from stepgate._step import Step, step
 from stepgate.errors import (
     CallbackError,
@@ -31,11 +32,13 @@ __all__ = [
     "GatewayUnavailableError",
     "NonRetriableError",
     "ReplayMismatchError",
+    "Signal",
     "Step",
     "StepOutputError",
     "StepgateError",
     "Superseded",
     "Suspend",
+    "SyncSignal",
     "step",
 ]
 

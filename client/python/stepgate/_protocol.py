@@ -8,6 +8,7 @@ the same wire format. JSON shapes (see the gateway's callback API):
                          {"error": {"message", "type", "retriable"}, "seq": k}
                          {"sleep": {"until": RFC 3339}, "seq": k}
                          {"wait": {"event", "match", "timeout"}, "seq": k}
+                         {"signal": {"timeout"}, "seq": k}    -> {"status", "url", "output"?}
 
 Either call may be answered 409 with the problem type SUPERSEDED_TYPE (protocol v1.1): the
 gateway has given up on the attempt that sent it, and nothing was recorded.
@@ -27,7 +28,7 @@ from urllib.parse import quote
 from stepgate._transport import Reply
 from stepgate.errors import CallbackError, NonRetriableError, StepgateError, StepOutputError
 
-Kind = Literal["run", "sleep", "wait"]
+Kind = Literal["run", "sleep", "wait", "signal", "invoke"]
 
 MAX_STEP_ID = 256
 # Room for the "#NNNN" repeat suffix inside the gateway's 256-character limit.
@@ -61,6 +62,7 @@ class Recorded:
     kind: str | None
     status: str
     output: Any
+    url: str | None = None  # a signal step's URL
 
 
 def check_name(name: object) -> str:
@@ -268,8 +270,14 @@ def parse_steps(reply: Reply, run_id: str) -> dict[int, Recorded]:
         seq = item.get("seq")
         if not isinstance(seq, int):
             seq = position  # the list is in call order
+        url = item.get("url")
         recorded[seq] = Recorded(
-            item["id"], seq, item.get("kind"), str(item.get("status")), item.get("output")
+            item["id"],
+            seq,
+            item.get("kind"),
+            str(item.get("status")),
+            item.get("output"),
+            url if isinstance(url, str) else None,
         )
     return recorded
 
@@ -283,11 +291,54 @@ def nested_step(name: str, outer: str) -> StepgateError:
     )
 
 
-def needs_gateway(name: str) -> StepgateError:
+def needs_gateway(name: str, what: str = "wait_for_event") -> StepgateError:
     return StepgateError(
-        f"wait_for_event {name!r} needs the Stepgate gateway: this request did not come through"
+        f"{what} {name!r} needs the Stepgate gateway: this request did not come through"
         " a durable route (no Stepgate-Callback/Stepgate-Token headers)"
     )
+
+
+# -- signals (step.signal) ------------------------------------------------------------------
+
+
+def check_timeout(timeout: timedelta | float, what: str) -> float:
+    seconds = to_seconds(timeout, "timeout")
+    if seconds <= 0:
+        raise ValueError(f"{what} needs a positive timeout")
+    return seconds
+
+
+def signal_body(call: Call, timeout: float) -> bytes:
+    return _encode({"signal": {"timeout": format_duration(timeout)}, "seq": call.seq}).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class SignalState:
+    """A signal as the gateway has it: its URL, and its output once it is completed."""
+
+    url: str
+    completed: bool
+    output: Any = None
+
+
+def recorded_signal(record: Recorded | None) -> SignalState | None:
+    """The signal a replay finds recorded (a PUT is needed only without one)."""
+    if record is None or record.url is None or record.status not in ("completed", "waiting"):
+        return None
+    return SignalState(record.url, record.status == "completed", record.output)
+
+
+def signal_state(data: dict[str, Any], run_id: str, call: Call) -> SignalState:
+    """The answer to a signal PUT: waiting with its URL, or completed with its output too."""
+    url, status = data.get("url"), data.get("status")
+    if not isinstance(url, str) or status not in ("completed", "waiting"):
+        raise CallbackError(
+            f"the gateway answered signal {call.step_id!r} with status {status!r}"
+            + ("" if isinstance(url, str) else " and no url"),
+            run_id=run_id,
+            step_id=call.step_id,
+        )
+    return SignalState(url, status == "completed", data.get("output"))
 
 
 def event_output(output: Any) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
     user = await step.run("load-user", load_user, user_id)
     await step.sleep("cool-off", timedelta(minutes=5))
     paid = await step.wait_for_event("paid", event="order.paid", match={"data.id": order_id})
+    approval = await step.signal("approve", timeout=timedelta(days=2))  # approval.url, .wait()
 
 Each call gets its id (the name, then name#2, name#3, ... for repeats) and its position `seq`
 when it is *made*, not when it is awaited, so `asyncio.gather(step.run(...), step.run(...))`
@@ -32,6 +33,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 from stepgate import _protocol as proto
 from stepgate._context import Invocation, current, in_step, refuse_nesting
 from stepgate._protocol import Call, Recorded
+from stepgate._signal import Signal
 from stepgate.errors import CallbackError
 
 __all__ = ["Step", "step"]
@@ -119,6 +121,24 @@ class Step:
         if inv is None:
             raise proto.needs_gateway(name)
         return _wait(inv, inv.begin(name, "wait"), event, match, seconds)
+
+    def signal(
+        self, name: str, *, timeout: timedelta | float = proto.DEFAULT_WAIT_TIMEOUT
+    ) -> Coroutine[Any, Any, Signal]:
+        """A single-use URL that completes this step when JSON is POSTed to it; await the result.
+
+        Returns at once with the handle: send `handle.url` wherever it must go (a mail, a
+        webhook registration, ideally from a step), then `await handle.wait()` for the POSTed
+        body, or None once `timeout` (default 24 h) has passed; until then the run is parked.
+        Needs the gateway: outside it this raises StepgateError.
+        """
+        seconds = proto.check_timeout(timeout, f"signal {name!r}")
+        proto.check_name(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            raise proto.needs_gateway(name, "signal")
+        return _signal(inv, inv.begin(name, "signal"), seconds)
 
 
 step = Step()
@@ -260,3 +280,20 @@ async def _wait(
     if proto.parked(data, "waiting", inv.run_id, call):
         raise inv.suspend(call)
     return proto.event_output(data.get("output"))
+
+
+async def _signal(inv: Invocation, call: Call, seconds: float) -> Signal:
+    inv.check_live()
+    state = proto.recorded_signal(await _recorded(inv, call))
+    if state is None:
+        reply = await inv.request(
+            "PUT",
+            inv.step_url(call.step_id),
+            proto.signal_body(call, seconds),
+            step_id=call.step_id,
+        )
+        data = proto.answer(
+            reply, what=f"PUT signal {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+        )
+        state = proto.signal_state(data, inv.run_id, call)
+    return Signal(inv, call, state)

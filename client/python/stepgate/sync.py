@@ -24,6 +24,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 from stepgate import _protocol as proto
 from stepgate._context import Invocation, current, in_step, refuse_nesting
 from stepgate._protocol import Call, Recorded
+from stepgate._signal import SyncSignal
 from stepgate.errors import CallbackError, StepgateError
 
 __all__ = ["SyncStep", "step"]
@@ -125,6 +126,35 @@ class SyncStep:
         if proto.parked(data, "waiting", inv.run_id, call):
             raise inv.suspend(call)
         return proto.event_output(data.get("output"))
+
+    def signal(
+        self, name: str, *, timeout: timedelta | float = proto.DEFAULT_WAIT_TIMEOUT
+    ) -> SyncSignal:
+        """A single-use URL that completes this step when JSON is POSTed to it (see
+        `stepgate.Step.signal`); `handle.wait()` blocks for nothing: it returns the body or
+        suspends. Needs the gateway."""
+        seconds = proto.check_timeout(timeout, f"signal {name!r}")
+        proto.check_name(name)
+        _check_blocking_allowed(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            raise proto.needs_gateway(name, "signal")
+        call = inv.begin(name, "signal")
+        inv.check_live()
+        state = proto.recorded_signal(_recorded(inv, call))
+        if state is None:
+            reply = inv.request_sync(
+                "PUT",
+                inv.step_url(call.step_id),
+                proto.signal_body(call, seconds),
+                step_id=call.step_id,
+            )
+            data = proto.answer(
+                reply, what=f"PUT signal {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+            )
+            state = proto.signal_state(data, inv.run_id, call)
+        return SyncSignal(inv, call, state)
 
 
 step = SyncStep()
