@@ -26,6 +26,29 @@ export interface WaitForEventOptions {
   timeout?: Duration;
 }
 
+export interface SignalOptions {
+  /** How long the URL may be POSTed to (more than 0) before `wait()` resolves with null; the gateway's default is 24h. */
+  timeout?: Duration;
+}
+
+/** What `step.signal` resolves with. */
+export interface SignalHandle<Data = unknown> {
+  /**
+   * Where to POST the signal's JSON body: `{public_url}/_stepgate/signals/{id}?token=…`, relative
+   * to the gateway's public listener unless the gateway sets `public_url`. Single use, and a
+   * secret: whoever has it can complete the signal.
+   */
+  readonly url: string;
+  readonly stepId: string;
+  /** Whether the signal was POSTed to (or timed out) before this invocation. */
+  readonly completed: boolean;
+  /**
+   * The JSON body POSTed to `url`, or null once the time-out has passed. Until then the
+   * invocation suspends (the run is parked) and the promise rejects with the suspend signal.
+   */
+  wait(): Promise<Data | null>;
+}
+
 export interface Step {
   /**
    * Runs `fn(...args)` as the step `name`. Under the gateway a recorded result is returned without
@@ -49,6 +72,14 @@ export interface Step {
    * gateway: elsewhere it rejects with StepUsageError.
    */
   waitForEvent<Data = unknown>(name: string, options: WaitForEventOptions): Promise<StepgateEvent<Data> | null>;
+
+  /**
+   * A single-use URL that completes this step when JSON is POSTed to it (an approval link, a
+   * webhook). Resolves at once with the handle; `await handle.wait()` parks the run until the
+   * URL is POSTed to or `timeout` passes. Only under the gateway: elsewhere it rejects with
+   * StepUsageError.
+   */
+  signal<Data = unknown>(name: string, options?: SignalOptions): Promise<SignalHandle<Data>>;
 }
 
 export const step: Step;

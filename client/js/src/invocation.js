@@ -112,7 +112,7 @@ export class Invocation {
    * ReplayMismatchError when the record disagrees with the call.
    * @param {string} id
    * @param {number} seq
-   * @param {'run' | 'sleep' | 'wait'} kind
+   * @param {'run' | 'sleep' | 'wait' | 'signal' | 'invoke'} kind
    * @returns {Promise<Record<string, any> | null>}
    */
   async recorded(id, seq, kind) {

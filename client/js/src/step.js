@@ -1,5 +1,5 @@
 /**
- * The step API: `step.run`, `step.sleep`, `step.sleepUntil`, `step.waitForEvent`.
+ * The step API: `step.run`, `step.sleep`, `step.sleepUntil`, `step.waitForEvent`, `step.signal`.
  *
  * Under the gateway each call gets an id (its name, then name#2, name#3, ... per name) and a
  * position (seq, 0-based call order) synchronously at the call, is looked up in the run's record
@@ -96,7 +96,78 @@ async function waitForEvent(name, options) {
   return invocation.track(waitDurable(invocation, id, seq, wait));
 }
 
-export const step = Object.freeze({ run, sleep, sleepUntil, waitForEvent });
+/**
+ * A single-use URL that completes this step when JSON is POSTed to it. Resolves at once with a
+ * handle: send `handle.url` wherever it must go (a mail, a webhook registration; best from a
+ * step), then `await handle.wait()` for the POSTed body, or null once `timeout` (milliseconds or
+ * a duration string; the gateway's default is 24h) has passed. Until then the run is parked.
+ * Only under the gateway.
+ * @param {string} name
+ * @param {{ timeout?: number | string }} [options]
+ * @returns {Promise<SignalHandle>}
+ */
+async function signal(name, options = {}) {
+  const what = `step.signal("${String(name)}")`;
+  if (typeof options !== 'object' || options === null) {
+    throw new StepUsageError(`${what} takes options { timeout? }`);
+  }
+  /** @type {{ timeout?: string }} */
+  const body = {};
+  if (options.timeout !== undefined) {
+    const ms = toMilliseconds(options.timeout, `${what} timeout`);
+    if (ms === 0) throw new StepUsageError(`${what}: a signal needs a positive timeout`);
+    body.timeout = formatDuration(ms);
+  }
+  const invocation = enter(name);
+  if (!invocation?.gateway) {
+    throw new StepUsageError(`${what} needs the Stepgate gateway: this request did not come ` +
+      'through a durable route (no Stepgate-Callback and Stepgate-Token headers), so there is ' +
+      'no URL to POST the signal to', { stepId: name });
+  }
+  const { id, seq } = allocate(invocation, name);
+  return invocation.track(signalDurable(invocation, id, seq, body));
+}
+
+export const step = Object.freeze({ run, sleep, sleepUntil, waitForEvent, signal });
+
+/**
+ * What `step.signal` resolves with. `wait()` makes no callback: it answers from the record, or
+ * suspends the invocation until the gateway invokes the run again, signalled or timed out.
+ */
+export class SignalHandle {
+  #invocation;
+  #completed;
+  #output;
+
+  /**
+   * @param {Invocation} invocation
+   * @param {string} stepId
+   * @param {string} url
+   * @param {boolean} completed
+   * @param {unknown} output
+   */
+  constructor(invocation, stepId, url, completed, output) {
+    this.#invocation = invocation;
+    this.#completed = completed;
+    this.#output = output;
+    /** Where to POST the signal; single use, and a secret. */
+    this.url = url;
+    this.stepId = stepId;
+    Object.freeze(this);
+  }
+
+  /** Whether the signal was POSTed to (or timed out) before this invocation. */
+  get completed() {
+    return this.#completed;
+  }
+
+  /** The JSON body POSTed to `url`, or null after the time-out; suspends until then. */
+  async wait() {
+    this.#invocation.ensureLive();
+    if (this.#completed) return this.#output ?? null;
+    throw this.#invocation.suspend(this.stepId, 'waiting');
+  }
+}
 
 /**
  * Checks the call and returns the current invocation (null outside any adapter).
@@ -228,6 +299,29 @@ async function waitDurable(invocation, id, seq, wait) {
   if (answer.status === 'completed') return eventOrNull(answer.output);
   if (answer.status === 'waiting') throw invocation.suspend(id, 'waiting');
   throw unexpected(invocation, id, answer);
+}
+
+/**
+ * @param {Invocation} invocation
+ * @param {string} id
+ * @param {number} seq
+ * @param {{ timeout?: string }} signal
+ */
+async function signalDurable(invocation, id, seq, signal) {
+  const record = await invocation.recorded(id, seq, 'signal');
+  /** @type {Record<string, any> | null} */
+  let state = record !== null && (record.status === 'completed' || record.status === 'waiting') &&
+    typeof record.url === 'string' ? record : null;
+  if (state === null) {
+    invocation.ensureLive();
+    const answer = await invocation.putStep(id, { signal, seq });
+    if ((answer.status !== 'completed' && answer.status !== 'waiting') ||
+      typeof answer.url !== 'string') {
+      throw unexpected(invocation, id, answer);
+    }
+    state = answer;
+  }
+  return new SignalHandle(invocation, id, state.url, state.status === 'completed', state.output);
 }
 
 /**

@@ -48,6 +48,8 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
   const fenceEnded = new Map();
   /** @type {Map<number, () => void>} */
   const fenceWaiters = new Map();
+  /** @type {string[]} the signal URLs the desk route "mailed" */
+  const deskMailed = [];
 
   before(async () => {
     directory = await mkdtemp(join(tmpdir(), 'stepgate-js-e2e-'));
@@ -93,10 +95,18 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify(outputs));
     }, { onError: () => {} }));
-    servers.push(trips.server, flow, fence);
-    const [tripsPort, flowPort, fencePort, publicPort, internalPort] = [
-      await listen(trips.server), await listen(flow), await listen(fence), await freePort(),
-      await freePort(),
+    // An approval: the signal's URL is "mailed" from a step, then the run parks on it.
+    const desk = createServer(wrapNodeHandler(async (req, res) => {
+      const approval = await step.signal('approve', { timeout: '30s' });
+      await step.run('mail', () => { deskMailed.push(approval.url); return 'sent'; });
+      const decision = await approval.wait();
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ decision, url: approval.url }));
+    }, { onError: () => {} }));
+    servers.push(trips.server, flow, fence, desk);
+    const [tripsPort, flowPort, fencePort, deskPort, publicPort, internalPort] = [
+      await listen(trips.server), await listen(flow), await listen(fence), await listen(desk),
+      await freePort(), await freePort(),
     ];
     publicUrl = `http://127.0.0.1:${publicPort}`;
     internalUrl = `http://127.0.0.1:${internalPort}`;
@@ -126,6 +136,10 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       '    timeout: 1s',
       '    hold: 15s',
       '    retry: {attempts: 3, initial: 50ms, max: 50ms}',
+      '  - name: desk',
+      '    path: /desk',
+      `    upstream: http://127.0.0.1:${deskPort}`,
+      '    durable: true',
       '',
     ].join('\n'));
     const command = COMMAND.includes('{config}')
@@ -208,6 +222,34 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       assert.ok(Date.now() < deadline, 'the flow did not finish in 30s');
     }
     assert.equal(flowRuns.start, 1, 'the first step ran once across all invocations');
+  });
+
+  test('a signal\'s URL, POSTed to once, resumes the parked run with its body', { timeout: 60_000 }, async () => {
+    const accepted = await fetch(`${publicUrl}/desk`, {
+      method: 'POST', headers: { prefer: 'respond-async' }, body: '{}', redirect: 'manual',
+    });
+    assert.equal(accepted.status, 202, await accepted.text());
+    const location = accepted.headers.get('location');
+    const deadline = Date.now() + 10_000;
+    while (deskMailed.length === 0) {
+      assert.ok(Date.now() < deadline, `no signal URL was mailed in 10s\n${gatewayOutput}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const [url] = deskMailed;
+    assert.match(url, /^\/_stepgate\/signals\/[\w-]+\?token=[\w-]+$/);
+    const post = (/** @type {unknown} */ body) => fetch(`${publicUrl}${url}`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body),
+    });
+    const first = await post({ approved: true, by: 'grace' });
+    assert.equal(first.status, 202, await first.text());
+    const again = await post({ approved: false });
+    assert.equal(again.status, 409);
+    await again.arrayBuffer();
+    const poll = await fetch(`${publicUrl}${location}&wait=10`);
+    const text = await poll.text();
+    assert.equal(poll.status, 200, `${text}\n${gatewayOutput}`);
+    assert.deepEqual(JSON.parse(text), { decision: { approved: true, by: 'grace' }, url });
+    assert.equal(deskMailed.length, 1, 'the replay took the mail from the record');
   });
 
   test('a timed-out attempt\'s handler is fenced: it never runs a step the next one recorded', { timeout: 60_000 }, async () => {

@@ -70,6 +70,15 @@ test('step.waitForEvent explains that it needs the gateway', LIMIT, async () => 
   });
 });
 
+test('step.signal explains that it needs the gateway, and wants a positive timeout', LIMIT, async () => {
+  await assert.rejects(step.signal('approve', { timeout: '2d' }), (err) => {
+    assert.ok(err instanceof StepUsageError);
+    assert.match(err.message, /step.signal\("approve"\) needs the Stepgate gateway/);
+    return true;
+  });
+  await assert.rejects(step.signal('approve', { timeout: 0 }), /positive timeout/);
+});
+
 test('wrapped handlers without Stepgate headers run steps locally and answer normally', LIMIT, async () => {
   let calls = 0;
   const handler = wrapFetchHandler(async () => {
