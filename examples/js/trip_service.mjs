@@ -11,6 +11,10 @@
 //                           before the charge, wait (default up to 3600 s) for the event
 //                           trip.paid whose data.trip is the run id; the answer's "payment"
 //                           is that event, or null when the wait timed out
+//        ?approval=SECONDS  the trip is over budget: before the charge a manager must approve it
+//                           through a link (a signal, valid SECONDS) that the step mail-approver
+//                           "mails" (prints); POST {"approved": true} to it. Anything else, or
+//                           no answer in time, declines the trip (403)
 //        ?latency=SECONDS   each reservation takes this long to succeed (a failing one fails at
 //                           once); the two run concurrently
 //        ?drift=1           from attempt 2 on, charge-card is called charge-card-v2, as if the
@@ -71,6 +75,7 @@ export function createTripService(options = {}) {
       ...(process.env.TRIP_FAIL ?? '').split(',').filter(Boolean)]);
     const cooloff = parseCooloff(url.searchParams.get('cooloff') ?? '0');
     const paymentTimeout = parseAwait(url.searchParams.get('await'));
+    const approvalTimeout = parseApproval(url.searchParams.get('approval'));
     const latency = parseSeconds('latency', url.searchParams.get('latency') ?? '0', 60);
     const drift = parseDrift(url.searchParams.get('drift') ?? '0');
     const stalls = parseStalls(url.searchParams.getAll('stall'));
@@ -128,6 +133,7 @@ export function createTripService(options = {}) {
         event: 'trip.paid', match: { 'data.trip': runKey }, timeout: paymentTimeout * 1000,
       });
     }
+    if (approvalTimeout !== null) extra.approval = await getApproval(trip, approvalTimeout);
     const charge = await bookingStep('charge-card', () => ({
       reference: reference('CH'), amount_cents: TRIP_PRICE_CENTS, traveller: trip.traveller,
     }));
@@ -139,6 +145,27 @@ export function createTripService(options = {}) {
   }
 
   return { server: createServer(wrapNodeHandler(handle, options)), executions };
+}
+
+/**
+ * A manager's yes, through a single-use link: the run is parked until it is POSTed to.
+ * @param {{ traveller: string }} trip
+ * @param {number} timeout seconds
+ */
+async function getApproval(trip, timeout) {
+  const approval = await step.signal('approval', { timeout: timeout * 1000 });
+  await step.run('mail-approver', () => {
+    // A real service would send a mail; this one prints the link for the README's walk-through.
+    console.log(`approval needed for ${trip.traveller}'s trip: POST ${approval.url}`);
+    return { to: 'manager@example.com', url: approval.url };
+  });
+  /** @type {any} */
+  const decision = await approval.wait(); // the POSTed JSON, or null after the time-out
+  if (decision?.approved !== true) {
+    const why = decision === null ? 'no approval came in time' : 'the manager declined it';
+    throw new NonRetriableError(`the trip was not approved: ${why}`, { status: 403 });
+  }
+  return { url: approval.url, decision };
 }
 
 /** @param {import('node:http').IncomingMessage} req */
@@ -225,6 +252,17 @@ function parseAwait(value) {
   if (what !== 'payment' || seconds === 0) {
     throw new NonRetriableError(`await=${value}: expected payment or payment:SECONDS`, { status: 400 });
   }
+  return seconds;
+}
+
+/**
+ * @param {string | null} value ?approval=SECONDS: how long the approval link stays valid
+ * @returns {number | null} seconds, or null: no approval needed
+ */
+function parseApproval(value) {
+  if (value === null) return null;
+  const seconds = parseSeconds('approval', value, 86_400);
+  if (seconds === 0) throw new NonRetriableError(`approval=${value}: expected seconds above 0`, { status: 400 });
   return seconds;
 }
 

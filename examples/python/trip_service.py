@@ -10,6 +10,10 @@
                              before the charge, wait (default up to 3600 s) for the event
                              trip.paid whose data.trip is the run id; the answer's "payment"
                              is that event, or null when the wait timed out
+         ?approval=SECONDS   the trip is over budget: before the charge a manager must approve
+                             it through a link (a signal, valid SECONDS) that the step
+                             mail-approver "mails" (prints); POST {"approved": true} to it.
+                             Anything else, or no answer in time, declines the trip (403)
          ?latency=SECONDS    each reservation takes this long to succeed (a failing one fails at
                              once); the two run concurrently
          ?drift=1            from attempt 2 on, charge-card is called charge-card-v2, as if the
@@ -71,6 +75,7 @@ async def create_trip(request: web.Request) -> web.Response:
     )
     cooloff = parse_cooloff(request.query.get("cooloff", "0"))
     payment_timeout = parse_await(request.query.get("await"))
+    approval_timeout = parse_approval(request.query.get("approval"))
     latency = parse_seconds("latency", request.query.get("latency", "0"), 60)
     drift = parse_drift(request.query.get("drift", "0"))
     stalls = parse_stalls(request.query.getall("stall", []))
@@ -127,6 +132,8 @@ async def create_trip(request: web.Request) -> web.Response:
         extra["payment"] = await step.wait_for_event(
             "payment", event="trip.paid", match={"data.trip": run}, timeout=payment_timeout
         )
+    if approval_timeout is not None:
+        extra["approval"] = await get_approval(trip, approval_timeout)
     charge = await booking_step(
         "charge-card",
         lambda: {
@@ -153,6 +160,23 @@ async def create_trip(request: web.Request) -> web.Response:
             **extra,
         }
     )
+
+
+async def get_approval(trip: dict[str, str], timeout: float) -> dict[str, Any]:
+    """A manager's yes, through a single-use link: the run is parked until it is POSTed to."""
+    approval = await step.signal("approval", timeout=timeout)
+    await step.run("mail-approver", mail_approver, trip, approval.url)
+    decision = await approval.wait()  # the POSTed JSON, or None after the time-out
+    if not isinstance(decision, dict) or decision.get("approved") is not True:
+        why = "no approval came in time" if decision is None else "the manager declined it"
+        raise NonRetriableError(f"the trip was not approved: {why}", status=403)
+    return {"url": approval.url, "decision": decision}
+
+
+def mail_approver(trip: dict[str, str], url: str) -> dict[str, str]:
+    # A real service would send a mail; this one prints the link for the README's walk-through.
+    print(f"approval needed for {trip['traveller']}'s trip: POST {url}", flush=True)
+    return {"to": "manager@example.com", "url": url}
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -207,6 +231,16 @@ def parse_await(value: str | None) -> float | None:
     seconds = parse_seconds("await", timeout, 86_400) if colon else 3600.0
     if what != "payment" or seconds == 0:
         raise NonRetriableError(f"await={value}: expected payment or payment:SECONDS", status=400)
+    return seconds
+
+
+def parse_approval(value: str | None) -> float | None:
+    """?approval=SECONDS: how long the approval link stays valid; None: no approval needed."""
+    if value is None:
+        return None
+    seconds = parse_seconds("approval", value, 86_400)
+    if seconds == 0:
+        raise NonRetriableError(f"approval={value}: expected seconds above 0", status=400)
     return seconds
 
 

@@ -45,8 +45,9 @@ REQUEST_KEYS: Final = frozenset({"method", "path", "query", "headers", "body"})
 EXPECT_KEYS: Final = frozenset(
     {"status", "headers", "body", "elapsed", "stats", "run", "attempts", "steps"}
 )
-ACTION_KEYS: Final = frozenset({"wait_for_run", "run_status", "pause", "event"})
+ACTION_KEYS: Final = frozenset({"wait_for_run", "run_status", "pause", "event", "signal"})
 EVENT_KEYS: Final = frozenset({"name", "data", "woke"})
+SIGNAL_KEYS: Final = frozenset({"step", "body", "status"})
 # What a scenario may set on the durable route for itself (the rest stays as in routes()).
 ROUTE_KEYS: Final = frozenset({"timeout", "hold", "retry"})
 
@@ -94,6 +95,8 @@ def load_scenarios(path: Path = SCENARIOS_FILE) -> list[Scenario]:
                 raise ScenarioError(f"{name}.actions: one action per item, got {sorted(action)}")
             if "event" in action:
                 _only(action["event"], EVENT_KEYS, f"{name}.actions.event")
+            if "signal" in action:
+                _only(action["signal"], SIGNAL_KEYS, f"{name}.actions.signal")
         _only(raw["expect"], EXPECT_KEYS, f"{name}.expect")
         gaps = raw.get("known_gaps", {})
         _only(gaps, frozenset(LANGUAGES), f"{name}.known_gaps")
@@ -295,6 +298,14 @@ async def perform(action: Mapping[str, Any], gw: Running, refs: dict[str, Any]) 
             sent = await resp.json()
         if "woke" in event:
             assert sent["woke"] == event["woke"], f"event {event}: woke {sent['woke']}"
+    elif "signal" in action:
+        signal = resolve(action["signal"], refs)
+        # The URL as the run's timeline shows it (the service "mails" the same one).
+        run = await get_json(gw, f"{gw.internal}/v1/runs/{refs['run_id']}")
+        (url,) = [step["url"] for step in run["steps"] if step["id"] == signal["step"]]
+        async with gw.session.post(gw.url + url, json=signal.get("body")) as resp:
+            wanted = signal.get("status", 202)
+            assert resp.status == wanted, f"signal {signal}: {resp.status} {await resp.text()}"
 
 
 async def stats(gw: Running) -> dict[str, int]:
