@@ -14,6 +14,7 @@ Blocking code uses `from stepgate.sync import step`. The core needs only the sta
 each adapter imports only its own framework. The error tree is in `stepgate.errors`.
 """
 
+from stepgate._protocol import Backoff
 from stepgate._step import Step, step
 from stepgate.errors import (
     CallbackError,
@@ -29,6 +30,7 @@ from stepgate.errors import (
 )
 
 __all__ = [
+    "Backoff",
     "CallbackError",
     "GatewayUnavailableError",
     "NonRetriableError",
