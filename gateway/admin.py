@@ -213,8 +213,14 @@ def _step(step: Step, links: Links | None = None) -> str:
             "output_size": len(step.output) if step.output is not None else 0,
             "wake_at": _time(step.wake_at),
             "event": step.event,
+            "final": step.final,
         },
-        {"output": step.output, "error": step.error, "match": step.match or None},
+        {
+            "output": step.output,
+            "error": step.error,
+            "match": step.match or None,
+            "policy": step.policy,
+        },
     )
     extra = linked_members(step, links) if links is not None else []
     return text[:-1] + "".join("," + member for member in extra) + "}"

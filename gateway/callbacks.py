@@ -2,6 +2,8 @@
 
     GET {cb}/steps            the run's step records, in call order
     PUT {cb}/steps/{step_id}  record an output, a failed attempt, a sleep or a wait
+    POST {cb}/events          send an event as the run's step (sent once, however often the
+                              handler is replayed)
 
 `{cb}` is `/v1/runs/{run_id}`. Every call carries its attempt's token as a bearer token, so a
 caller can read or write only the run it was invoked for, and only while its attempt is the
@@ -16,6 +18,7 @@ bounds are listed in docs/protocol.md, "Limits".
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -27,13 +30,14 @@ import structlog
 from aiohttp import web
 
 from gateway import jsonin
-from gateway.auth import bearer_token
+from gateway.auth import bearer_token, sent_event_id
 from gateway.config import Route, parse_duration
 from gateway.engine import ENGINE, Engine
 from gateway.engine.intake import new_secret
 from gateway.errors import StoreError
 from gateway.events import MAX_NAME, is_name
 from gateway.model import Run, RunStatus, Step, StepKind, StepStatus
+from gateway.policies import PolicyError, StepPolicy, parse_policy
 from gateway.problem import Problem
 from gateway.proxy import forward_request_headers
 from gateway.store import (
@@ -84,6 +88,8 @@ def _step_json(step: Step, links: Links | None = None) -> str:
         parts.append(f'"output":{step.output if step.output is not None else "null"}')
     if step.error is not None:
         parts.append(f'"error":{step.error}')
+    if step.final:
+        parts.append('"final":true')
     if links is not None:
         parts += linked_members(step, links)
     return "{" + ",".join(parts) + "}"
@@ -116,17 +122,11 @@ class Links:
 
 
 def linked_members(step: Step, links: Links) -> list[str]:
-    """A signal step's `url`; an invoke step's child `run_id`, and `final` once it failed (a
-    failed child run is not started again)."""
+    """A signal step's `url`; an invoke step's child `run_id`."""
     if step.kind == StepKind.SIGNAL and step.id in links.urls:
         return [f'"url":{_dump(links.urls[step.id])}']
-    if step.kind == StepKind.INVOKE:
-        members = []
-        if step.id in links.children:
-            members.append(f'"run_id":{_dump(links.children[step.id])}')
-        if step.status == StepStatus.FAILED:
-            members.append('"final":true')
-        return members
+    if step.kind == StepKind.INVOKE and step.id in links.children:
+        return [f'"run_id":{_dump(links.children[step.id])}']
     return []
 
 
@@ -210,9 +210,11 @@ async def _body(request: web.Request) -> dict[str, Any]:
     kinds = [k for k in _KINDS if k in body]
     if len(kinds) != 1:
         raise Problem(400, "the body needs exactly one of output, error, sleep or wait")
-    unknown = set(body) - {*_KINDS, "seq"}
+    unknown = set(body) - {*_KINDS, "seq", "policy"}
     if unknown:
         raise Problem(400, f"unknown field {sorted(unknown)[0]!r}")
+    if "policy" in body and "error" not in body:
+        raise Problem(400, "policy goes only with an error (a failed attempt)")
     seq = body.get("seq")
     if seq is not None and (
         not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ
@@ -277,6 +279,7 @@ def _call(body: dict[str, Any], now: float) -> StepCall:
             seq,
             error=_dump(error),
             no_retry=error.get("retriable") is False,
+            policy=_policy(body["policy"]) if "policy" in body else None,
         )
     if "sleep" in body:
         until = _until(body["sleep"], now)
@@ -315,7 +318,8 @@ def _answer(write: StepWrite, call: StepCall) -> web.Response:
         output = step.output if step.output is not None else "null"
         return _json_response(f'{{"status":"completed","output":{output}}}', status)
     if step.status == StepStatus.FAILED:
-        return _json_response(f'{{"status":"failed","attempts":{step.attempts}}}')
+        final = ',"final":true' if step.final else ""
+        return _json_response(f'{{"status":"failed","attempts":{step.attempts}{final}}}')
     return _json_response(_dump({"status": str(step.status)}))
 
 
@@ -325,6 +329,13 @@ def _check_kind(write: StepWrite, kind: StepKind) -> None:
             409,
             f"step {write.step.id!r} is recorded as a {write.step.kind} step, not a {kind} step",
         )
+
+
+def _policy(value: object) -> StepPolicy:
+    try:
+        return parse_policy(value)
+    except PolicyError as exc:
+        raise Problem(exc.status, str(exc)) from exc
 
 
 def _error(value: object) -> dict[str, Any]:
@@ -491,10 +502,96 @@ def _linked_answer(engine: Engine, write: StepWrite) -> web.Response:
         text += f',"output":{step.output if step.output is not None else "null"}'
     elif step.status == StepStatus.FAILED and step.error is not None:
         text += f',"error":{step.error}'
+    if step.final:
+        text += ',"final":true'
     extra = linked_members(step, links)
     return _json_response(text + "".join("," + member for member in extra) + "}")
+
+
+# --- POST {cb}/events: an event sent by the run, recorded as its step ----------------------
+
+_EVENT_KEYS: Final = frozenset({"name", "data", "step", "seq"})
+
+
+async def _event_body(request: web.Request) -> tuple[str, str, str, int | None]:
+    """name, data (JSON text), step id and seq of a POST {cb}/events."""
+    body = await jsonin.read_object(request)
+    unknown = set(body) - _EVENT_KEYS
+    if unknown:
+        raise Problem(400, f"unknown field {sorted(unknown)[0]!r}")
+    name, step_id, seq = body.get("name"), body.get("step"), body.get("seq")
+    if not is_name(name):
+        raise Problem(400, f"name must be a string of 1 to {MAX_NAME} characters, without NUL")
+    if not is_name(step_id, MAX_STEP_ID):
+        raise Problem(
+            400, f"step must be the step id, a string of 1 to {MAX_STEP_ID} characters, no NUL"
+        )
+    if seq is not None and (
+        not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ
+    ):
+        raise Problem(400, f"seq must be a whole number from 0 to {MAX_SEQ}")
+    return name, _dump(body.get("data")), step_id, seq
+
+
+async def post_event(request: web.Request) -> web.StreamResponse:
+    """Send an event from the run, once: its id is derived from the run and the step, the
+    event is delivered (a repeated id is delivered once), then recorded as the step. A step
+    recorded already answers its event's id and sends nothing."""
+    engine = request.app[ENGINE]
+    token = _token(request)
+    run_id = request.match_info["run_id"]
+    try:
+        await engine.store.authenticate(run_id, token)
+    except (Refused, StoreError) as exc:
+        raise _refusal(exc) from exc
+    name, data, step_id, seq = await _event_body(request)
+    try:
+        run = await engine.store.check_callback(run_id, token)
+        recorded = next((s for s in await engine.store.steps(run_id) if s.id == step_id), None)
+    except (Refused, StoreError) as exc:
+        raise _refusal(exc) from exc
+    if recorded is not None:  # a replay: sent before, or the id is another kind of step
+        _check_kind(StepWrite(False, recorded), StepKind.EVENT)
+        return _json_response(_sent(recorded), 200)
+    event_id = sent_event_id(run.token, step_id)
+    now = time.time()
+    output = _dump({"id": event_id, "name": name})
+    try:
+        woken = await engine.store.deliver_event(event_id, name, data, now)
+        write = await engine.store.put_step(
+            run_id,
+            token,
+            step_id,
+            StepCall(StepKind.EVENT, StepStatus.COMPLETED, seq, output=output),
+            now=now,
+            lookback_since=now,
+        )
+    except (Refused, StoreError) as exc:
+        raise _refusal(exc) from exc
+    _check_kind(write, StepKind.EVENT)
+    if not write.created:
+        return _json_response(_sent(write.step), 200)
+    engine.metrics.step(write.route, write.step.status)
+    log.info(
+        "event.sent",
+        run_id=run_id,
+        route=write.route,
+        step=step_id,
+        name=name,
+        event_id=event_id,
+        woke=len(woken or ()),
+    )
+    return _json_response(_dump({"id": event_id, "woke": len(woken or ())}), 201)
+
+
+def _sent(step: Step) -> str:
+    """The answer for an event step recorded before: its event's id."""
+    output = json.loads(step.output) if step.output is not None else None
+    event_id = output.get("id") if isinstance(output, dict) else None
+    return _dump({"id": event_id})
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/runs/{run_id}/steps", list_steps)
     app.router.add_put("/v1/runs/{run_id}/steps/{step_id:.+}", put_step)
+    app.router.add_post("/v1/runs/{run_id}/events", post_event)

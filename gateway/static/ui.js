@@ -397,9 +397,10 @@
       const start = parse(s.created_at);
       const end = parse(s.updated_at);
       const tries = s.attempts > 1 ? ` · ${s.attempts} attempts` : "";
-      rows.push(row("tl-step", s.id, [s.kind, " · ", s.status, tries, " · ", ms(end - start)],
+      const status = s.final ? "failed for good" : s.status;
+      rows.push(row("tl-step", s.id, [s.kind, " · ", status, tries, " · ", ms(end - start)],
         bar(stepClass(s) + (s.attempts > 1 ? " retried" : ""), start, end,
-            `step ${s.id} (${s.kind}) ${s.status}, ${s.attempts} attempt(s), ${ms(end - start)}`)));
+            `step ${s.id} (${s.kind}) ${status}, ${s.attempts} attempt(s), ${ms(end - start)}`)));
     }
 
     const step = tickStep(span);
@@ -461,6 +462,15 @@
     const parts = [];
     const err = errorText(step.error);
     if (err) parts.push(h("div", { class: "error" }, err));
+    if (step.final) {
+      parts.push(h("div", { class: "final-note" }, "Failed for good: its attempts are spent, so the " +
+        "handler is told (StepFailed) instead of running it again; the steps after it are its answer " +
+        "to that, such as a compensation."));
+    }
+    if (step.kind === "event" && step.output && typeof step.output === "object") {
+      parts.push(h("div", { class: "muted" }, "sent event ", h("code", {}, String(step.output.name)),
+        " id ", h("code", {}, String(step.output.id))));
+    }
     if (step.kind === "sleep" && step.wake_at) parts.push(h("div", { class: "muted" }, "wakes at ", timeCell(step.wake_at, true)));
     if (step.kind === "wait" && step.event) {
       parts.push(h("div", { class: "muted" }, "waits for ", h("code", {}, step.event),
@@ -524,8 +534,8 @@
         h("td", { class: "num" }, s.seq ?? "–"),
         h("td", { class: "mono step-id" }, s.id),
         h("td", {}, s.kind),
-        h("td", {}, badge(s.status)),
-        h("td", { class: "num" }, s.attempts),
+        h("td", {}, badge(s.status), s.final ? [" ", h("span", { class: "badge s-final" }, "final")] : null),
+        h("td", { class: "num" }, s.policy ? `${s.attempts} of ${s.policy.attempts}` : s.attempts),
         h("td", {}, "+" + ms(parse(s.created_at) - t0)),
         h("td", { class: "num" }, ms(s.duration_ms)),
         h("td", { class: "detail" }, stepDetail(run, s))))));

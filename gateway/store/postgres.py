@@ -58,8 +58,10 @@ from gateway.store.base import (
     authorize_callback,
 )
 from gateway.store.rows import (
+    RESTART_FINAL_STEPS,
     RUN_COLUMNS,
     STEP_COLUMNS,
+    STEP_WIDTH,
     UPDATE_RUN,
     Rows,
     step_from_row,
@@ -179,6 +181,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER runs_notify AFTER INSERT OR UPDATE OF status, due_at ON runs
         FOR EACH ROW EXECUTE FUNCTION stepgate_notify();
     """,
+    # Step policies (protocol v1.1): a step's own retry policy (JSON), whether it has failed for
+    # good, and the run attempt that recorded its last failure.
+    """
+    ALTER TABLE steps ADD COLUMN policy TEXT;
+    ALTER TABLE steps ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE steps ADD COLUMN failed_in INTEGER;
+    """,
     # As SQLite's: signal steps' ids and secrets, and the child runs of invoke steps.
     """
     CREATE TABLE signals (
@@ -220,14 +229,26 @@ _LOCK_RUN_AND_STEP: Final = (
     f"{', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} FROM runs r "
     "LEFT JOIN steps s ON s.run_id = r.id AND s.step_id = $2 WHERE r.id = $1 FOR UPDATE OF r"
 )
-# The run row, locked, with each of its parked steps (one row, with nulls, if none).
+# The run row, locked, with each of its parked steps and those that failed under a step policy
+# in its current attempt (one row, with nulls, if none).
 _LOCK_RUN_AND_PARKED: Final = (
     f"SELECT {', '.join('r.' + c.strip() for c in RUN_COLUMNS.split(','))}, "
     f"{', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} FROM runs r "
-    "LEFT JOIN steps s ON s.run_id = r.id AND s.status IN ('sleeping', 'waiting') "
+    "LEFT JOIN steps s ON s.run_id = r.id AND (s.status IN ('sleeping', 'waiting') "
+    "OR (s.status = 'failed' AND s.policy IS NOT NULL AND s.failed_in = r.attempt)) "
     "WHERE r.id = $1 FOR UPDATE OF r"
 )
 _RUN_WIDTH: Final = RUN_COLUMNS.count(",") + 1
+_UPSERT_STEP: Final = (
+    f"INSERT INTO steps ({STEP_COLUMNS}) VALUES "
+    f"({', '.join(f'${n}' for n in range(1, STEP_WIDTH + 1))}) "
+    "ON CONFLICT (run_id, step_id) DO UPDATE SET "
+    + ", ".join(
+        f"{column} = EXCLUDED.{column}"
+        for column in (c.strip() for c in STEP_COLUMNS.split(","))
+        if column not in ("run_id", "step_id", "created_at")
+    )
+)
 _UPSERT_ATTEMPT: Final = (
     "INSERT INTO attempts (run_id, n, started_at, ended_at, outcome, status, error) "
     "VALUES ({}) ON CONFLICT (run_id, n) DO UPDATE SET "
@@ -774,26 +795,17 @@ class PostgresStore(Store):
                 else None
             )
             stored, current = self._split(row) if row is not None else (None, None)
-            run, _ = authorize_callback(stored, run_id, token)
+            run, attempt = authorize_callback(stored, run_id, token)
             call_now = call
             if call.kind == StepKind.WAIT and (
                 current is None or current.status == StepStatus.FAILED
             ):
                 call_now = await self._lookback(conn, run_id, call, lookback_since)
-            write = rules.merge_step(current, call_now, run_id, step_id, now)
+            write = rules.merge_step(current, call_now, run_id, step_id, now, attempt)
             if write.created:
                 if call.no_retry:
                     await conn.execute("UPDATE runs SET no_retry = 1 WHERE id = $1", run_id)
-                await conn.execute(
-                    f"INSERT INTO steps ({STEP_COLUMNS}) VALUES "
-                    "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
-                    "ON CONFLICT (run_id, step_id) DO UPDATE SET seq = EXCLUDED.seq, "
-                    "kind = EXCLUDED.kind, status = EXCLUDED.status, output = EXCLUDED.output, "
-                    "error = EXCLUDED.error, attempts = EXCLUDED.attempts, "
-                    "wake_at = EXCLUDED.wake_at, event = EXCLUDED.event, "
-                    "match = EXCLUDED.match, updated_at = EXCLUDED.updated_at",
-                    *step_values(write.step),
-                )
+                await conn.execute(_UPSERT_STEP, *step_values(write.step))
             linked = StepWrite(write.created, write.step, run.route)
             return await self._linked(conn, linked, call, now)
 
@@ -860,12 +872,13 @@ class PostgresStore(Store):
             return
         now = child.ended_at or time.time()
         status, output, error = rules.child_result(child)
-        await conn.execute(
-            "UPDATE steps SET status = $1, output = $2, error = $3, updated_at = $4 "
-            "WHERE run_id = $5 AND step_id = $6",
+        await conn.execute(  # a failed child fails the step for good, as in SQLite's
+            "UPDATE steps SET status = $1, output = $2, error = $3, final = $4, updated_at = $5 "
+            "WHERE run_id = $6 AND step_id = $7",
             str(status),
             output,
             error,
+            int(error is not None),
             now,
             step.run_id,
             step.id,
@@ -1072,7 +1085,19 @@ class PostgresStore(Store):
         return parent, [link for link in found if link.parent_id == run_id]
 
     async def retry_ended(self, run_id: str, now: float) -> Run | None:
-        return await self._transition(run_id, lambda run: retry_ended(run, now))
+        async def op(conn: Conn) -> Run | None:
+            run = await self._read(conn, run_id)
+            changed = None if run is None else retry_ended(run, now)
+            if changed is not None:
+                # A retried run starts its final steps afresh (step policies).
+                await conn.execute(numbered(RESTART_FINAL_STEPS), now, run_id)
+                await self._write_run(conn, changed)
+            return changed
+
+        changed = await self._tx(op)
+        if changed is not None:
+            self._changed(changed)
+        return changed
 
     async def purge_ended(self, before: float) -> int:
         async def op(conn: Conn) -> int:

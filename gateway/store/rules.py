@@ -4,6 +4,8 @@ it just read, so the rules hold however writes interleave.
 - a step write comes only from the run's current attempt (attempt fencing);
 - first write wins: a completed step never changes, a parked one only by completing;
 - attempts count the failed and successful writes of a `run` step;
+- a failed attempt under a policy that brings the count to the policy's `attempts` makes the
+  step final: it stays failed and takes no further write (step policies, protocol v1.1);
 - a wait is completed by the first matching event of the look-back window that no other wait
   of the run took, or later by every matching event;
 - an event that completes a wait of a running run leaves a pending wake-up for when it parks.
@@ -20,6 +22,7 @@ from typing import Any
 from gateway import jsonin
 from gateway.events import event_object, matches_text
 from gateway.model import STEP_PARKED, Run, RunStatus, Step, StepKind, StepStatus
+from gateway.policies import StepPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +38,7 @@ class StepCall:
     event: str | None = None
     match: str | None = None  # JSON
     no_retry: bool = False  # a failed step with retriable: false
+    policy: StepPolicy | None = None  # a failed attempt's own retry policy (protocol v1.1)
     # A new signal's id and secret (kept only if this call creates the step).
     signal_id: str | None = None
     signal_token: str | None = None
@@ -61,15 +65,25 @@ def fenced(run: Run, attempt: int) -> bool:
 
 
 def merge_step(
-    current: Step | None, call: StepCall, run_id: str, step_id: str, now: float
+    current: Step | None,
+    call: StepCall,
+    run_id: str,
+    step_id: str,
+    now: float,
+    attempt: int | None = None,
 ) -> StepWrite:
     """First write wins: a completed or parked record is kept as it is (a parked one changes
-    only when a wake-up completes it). A failed record takes the next write."""
+    only when a wake-up completes it), and so is a final one (an invoke whose child run
+    failed is one). A failed record takes the next write. `attempt` is the run attempt
+    writing, kept with a failure."""
     if current is not None and (
-        current.status != StepStatus.FAILED or current.kind != call.kind or not retakes(current)
+        current.status != StepStatus.FAILED or current.kind != call.kind or current.final
     ):
         return StepWrite(created=False, step=current)  # the caller refuses a kind mismatch
     attempts = (current.attempts if current else 0) + (1 if call.kind == StepKind.RUN else 0)
+    failed = call.status == StepStatus.FAILED
+    policy = call.policy if failed else None
+    final = policy is not None and attempts >= policy.attempts
     # A step that succeeds after failing keeps its last error, for the timeline.
     last_error = call.error if call.error is not None or current is None else current.error
     seq = call.seq if current is None or call.seq is not None else current.seq
@@ -87,14 +101,11 @@ def merge_step(
         call.match,
         current.created_at if current else now,
         now,
+        policy.dump() if policy is not None else (current.policy if current else None),
+        final,
+        attempt if failed else (current.failed_in if current else None),
     )
     return StepWrite(created=True, step=step)
-
-
-def retakes(step: Step) -> bool:
-    """Whether a failed record takes the next write: an invoke that failed did so for good (its
-    child run ended failed), and another write must not start a second child."""
-    return step.kind != StepKind.INVOKE
 
 
 def dump(value: Any) -> str:

@@ -51,8 +51,10 @@ from gateway.store.base import (
     authorize_callback,
 )
 from gateway.store.rows import (
+    RESTART_FINAL_STEPS,
     RUN_COLUMNS,
     STEP_COLUMNS,
+    STEP_WIDTH,
     UPDATE_RUN,
     Rows,
     step_from_row,
@@ -150,6 +152,13 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE runs ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE meta (name TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
     """,
+    # Step policies (protocol v1.1): a step's own retry policy (JSON), whether it has failed for
+    # good, and the run attempt that recorded its last failure.
+    """
+    ALTER TABLE steps ADD COLUMN policy TEXT;
+    ALTER TABLE steps ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE steps ADD COLUMN failed_in INTEGER;
+    """,
     # signals: a signal step's public id and its secret (the URL's token). children: the run an
     # invoke step started, so that the child's end completes the parent's step.
     """
@@ -199,10 +208,13 @@ def _write_attempt(conn: sqlite3.Connection, run_id: str, attempt: Attempt) -> N
     )
 
 
-def _parked_steps(conn: sqlite3.Connection, run_id: str) -> list[Step]:
+def _parked_steps(conn: sqlite3.Connection, run_id: str, attempt: int) -> list[Step]:
+    """The steps the end of an attempt is decided on: the parked ones, and those that failed
+    under a step policy in that attempt."""
     rows = conn.execute(
-        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND status IN ('sleeping', 'waiting')",
-        (run_id,),
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND (status IN ('sleeping', "
+        "'waiting') OR (status = 'failed' AND policy IS NOT NULL AND failed_in = ?))",
+        (run_id, attempt),
     ).fetchall()
     return [step_from_row(r) for r in rows]
 
@@ -216,8 +228,7 @@ def _read_step(conn: sqlite3.Connection, run_id: str, step_id: str) -> Step | No
 
 def _write_step(conn: sqlite3.Connection, step: Step) -> None:
     conn.execute(
-        f"INSERT OR REPLACE INTO steps ({STEP_COLUMNS}) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR REPLACE INTO steps ({STEP_COLUMNS}) VALUES ({', '.join('?' * STEP_WIDTH)})",
         step_values(step),
     )
 
@@ -655,7 +666,7 @@ class SQLiteStore(Store):
             run = self._rows.read(conn, run_id)
             if run is None:
                 raise UnknownRun(run_id)
-            after = rule(run, _parked_steps(conn, run_id))
+            after = rule(run, _parked_steps(conn, run_id, run.attempt))
             if after.decision is not None:
                 self._rows.write(conn, after.run)
                 if after.run.ended:
@@ -682,7 +693,7 @@ class SQLiteStore(Store):
         lookback_since: float,
     ) -> StepWrite:
         def op(conn: sqlite3.Connection) -> StepWrite:
-            run, _ = authorize_callback(self._rows.read(conn, run_id), run_id, token)
+            run, attempt = authorize_callback(self._rows.read(conn, run_id), run_id, token)
             current = _read_step(conn, run_id, step_id)
             if call.kind == StepKind.WAIT and (
                 current is None or current.status == StepStatus.FAILED
@@ -690,7 +701,7 @@ class SQLiteStore(Store):
                 call_now = self._lookback(conn, run_id, call, lookback_since)
             else:
                 call_now = call
-            write = rules.merge_step(current, call_now, run_id, step_id, now)
+            write = rules.merge_step(current, call_now, run_id, step_id, now, attempt)
             if write.created:
                 if call.no_retry:
                     conn.execute("UPDATE runs SET no_retry = 1 WHERE id = ?", (run_id,))
@@ -756,10 +767,10 @@ class SQLiteStore(Store):
             return
         now = child.ended_at or time.time()
         status, output, error = rules.child_result(child)
-        conn.execute(
-            "UPDATE steps SET status = ?, output = ?, error = ?, updated_at = ? "
+        conn.execute(  # a failed child fails the step for good: a replay raises StepFailed
+            "UPDATE steps SET status = ?, output = ?, error = ?, final = ?, updated_at = ? "
             "WHERE run_id = ? AND step_id = ?",
-            (str(status), output, error, now, step.run_id, step.id),
+            (str(status), output, error, int(error is not None), now, step.run_id, step.id),
         )
         after = rules.woken(parent, now)
         self._rows.write(conn, after)
@@ -941,7 +952,19 @@ class SQLiteStore(Store):
         return parent, [link for link in found if link.parent_id == run_id]
 
     async def retry_ended(self, run_id: str, now: float) -> Run | None:
-        return await self._transition(run_id, lambda run: retry_ended(run, now))
+        def op(conn: sqlite3.Connection) -> Run | None:
+            run = self._rows.read(conn, run_id)
+            changed = None if run is None else retry_ended(run, now)
+            if changed is not None:
+                # A retried run starts its final steps afresh (step policies).
+                conn.execute(RESTART_FINAL_STEPS, (now, run_id))
+                self._rows.write(conn, changed)
+            return changed
+
+        changed = await self._write(op)
+        if changed is not None:
+            self._changed(changed)
+        return changed
 
     async def purge_ended(self, before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:

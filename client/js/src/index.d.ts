@@ -122,6 +122,35 @@ export class StepUsageError extends StepgateError {
   readonly stepId: string | null;
 }
 
+/**
+ * The step has failed for good and is not run again, on this or any replay: its retry policy's
+ * attempts are spent (the gateway recorded it `failed` with `final: true`), or the child run it
+ * started ended failed (`status` is the child's final HTTP status). Catch it to compensate and
+ * answer; left uncaught, the run fails.
+ */
+export class StepFailedError extends StepgateError {
+  constructor(message: string, fields: {
+    stepId: string; runId?: string | null; error?: { message: string; type?: string } | null;
+    attempts?: number | null; status?: number | null; cause?: unknown;
+  });
+  readonly stepId: string;
+  readonly runId: string | null;
+  /** The last recorded error of the step, when there is one. */
+  readonly error: { message: string; type?: string } | null;
+  /** How many attempts the step used, when known. */
+  readonly attempts: number | null;
+  /** A failed child run's final HTTP status, else null. */
+  readonly status: number | null;
+}
+
+/** The step ran longer than its `timeout` (milliseconds) and was cut off: one failed attempt. */
+export class StepTimeoutError extends StepgateError {
+  constructor(message: string, fields: { stepId: string; timeout: number });
+  readonly stepId: string;
+  /** The time-out, in milliseconds. */
+  readonly timeout: number;
+}
+
 /** The gateway refused a callback (an error status) or gave an unusable answer. */
 export class CallbackError extends StepgateError {
   constructor(message: string, fields: {

@@ -32,7 +32,7 @@ from stepgate._protocol import (
     superseded_problem,
 )
 from stepgate._transport import Reply
-from stepgate.errors import ReplayMismatchError, Superseded, Suspend
+from stepgate.errors import ReplayMismatchError, StepFailed, Superseded, Suspend
 
 __all__ = ["Invocation", "current", "from_headers", "in_step", "refuse_nesting"]
 
@@ -84,6 +84,22 @@ class Invocation:
     @property
     def steps_url(self) -> str:
         return self.callback + "/steps"
+
+    @property
+    def events_url(self) -> str:
+        return self.callback + "/events"
+
+    def final(self, error: StepFailed) -> StepFailed:
+        """Note a step that failed for good (one line) and return its StepFailed to raise."""
+        log.warning(
+            "step.failed_for_good run_id=%s attempt=%s step=%s attempts=%s",
+            self.run_id,
+            self.attempt,
+            error.step_id,
+            error.attempts,
+            extra={"run_id": self.run_id, "attempt": self.attempt, "step": error.step_id},
+        )
+        return error
 
     def step_url(self, step_id: str) -> str:
         return f"{self.callback}/steps/{quote_step_id(step_id)}"
