@@ -495,3 +495,62 @@ def tag(exc: BaseException, run_id: str, call: Call) -> None:
     """Say which step raised, for errors of ours that do not know yet."""
     if isinstance(exc, StepgateError) and exc.step_id is None:
         exc.run_id, exc.step_id = run_id, call.step_id
+
+
+# -- child runs (step.invoke) ---------------------------------------------------------------
+
+
+def check_invoke(name: str, route: object, body: object) -> str:
+    """The JSON of an invoke's `{"route", "body"}`, checked before the call takes its seq."""
+    if not isinstance(route, str) or not route:
+        raise ValueError(f"invoke {name!r} needs route=, the name of a durable route")
+    try:
+        return _encode({"route": route, "body": body})
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"invoke {name!r}: the body must be JSON ({exc})") from exc
+
+
+def invoke_body(call: Call, invoke: str) -> bytes:
+    """{"invoke": {"route", "body"}, "seq"}: the child run is a POST of `body` as JSON."""
+    return f'{{"invoke":{invoke},"seq":{call.seq}}}'.encode()
+
+
+def child_failure(call: Call, run_id: str, error: object) -> StepFailed:
+    """The StepFailed for an invoke whose child run ended failed; `status` is the child's final
+    HTTP status (None when it got none, or was cancelled)."""
+    recorded = error if isinstance(error, dict) else None
+    status = recorded.get("status") if recorded is not None else None
+    message = recorded.get("message") if recorded is not None else None
+    text = f"step {call.step_id!r} failed for good: " + (
+        message if isinstance(message, str) else "its child run failed"
+    )
+    return StepFailed(
+        text,
+        step_id=call.step_id,
+        run_id=run_id,
+        error=recorded,
+        status=status if isinstance(status, int) and not isinstance(status, bool) else None,
+    )
+
+
+def settled_invoke(record: Recorded) -> bool:
+    """Whether a replay answers an invoke from its record: one that failed but is not final (an
+    operator retried the run) starts a new child run instead."""
+    return record.status in ("completed", "waiting") or (record.status == "failed" and record.final)
+
+
+def invoke_outcome(data: dict[str, Any], run_id: str, call: Call) -> tuple[str, Any]:
+    """An invoke's state from its record or PUT answer: ("completed", output), ("waiting",
+    None) or ("failed", the StepFailed to raise)."""
+    status = data.get("status")
+    if status == "completed":
+        return "completed", data.get("output")
+    if status == "waiting":
+        return "waiting", None
+    if status == "failed":
+        return "failed", child_failure(call, run_id, data.get("error"))
+    raise CallbackError(
+        f"the gateway answered invoke {call.step_id!r} with status {status!r}",
+        run_id=run_id,
+        step_id=call.step_id,
+    )

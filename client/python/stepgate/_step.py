@@ -5,6 +5,7 @@
     await step.sleep("cool-off", timedelta(minutes=5))
     paid = await step.wait_for_event("paid", event="order.paid", match={"data.id": order_id})
     approval = await step.signal("approve", timeout=timedelta(days=2))  # approval.url, .wait()
+    hotel = await step.invoke("book-hotel", route="hotels", body={"nights": 2})  # a child run
     event_id = await step.send_event("order.shipped", {"order": order_id})
 
 Each call gets its id (the name, then name#2, name#3, ... for repeats) and its position `seq`
@@ -190,6 +191,24 @@ class Step:
         if inv is None:
             raise proto.needs_gateway(name, "send_event")
         return _send_event(inv, inv.begin(name, "event"), data)
+
+    def invoke(self, name: str, *, route: str, body: Any = None) -> Coroutine[Any, Any, Any]:
+        """Run the durable route `route` as a child of this run and return its answer; await it.
+
+        The gateway starts the child once (a POST of `body`, as JSON, to the route's path) and
+        parks this run until the child ends. The result is the child's final response body,
+        JSON-decoded when it is JSON, else its text. A child that ends failed raises StepFailed
+        (`status` is its final HTTP status), now and on every replay. Cancelling this run
+        cancels the child. Needs the gateway: outside it this raises StepgateError.
+        """
+        invoke = proto.check_invoke(name, route, body)
+        proto.check_name(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            raise proto.needs_gateway(name, "invoke")
+        call = inv.begin(name, "invoke")
+        return _invoke(inv, call, proto.invoke_body(call, invoke))
 
 
 step = Step()
@@ -418,3 +437,21 @@ async def _signal(inv: Invocation, call: Call, seconds: float) -> Signal:
         )
         state = proto.signal_state(data, inv.run_id, call)
     return Signal(inv, call, state)
+
+
+async def _invoke(inv: Invocation, call: Call, body: bytes) -> Any:
+    inv.check_live()
+    record = await _recorded(inv, call)
+    if record is not None and proto.settled_invoke(record):
+        state = {"status": record.status, "output": record.output, "error": record.error}
+    else:
+        reply = await inv.request("PUT", inv.step_url(call.step_id), body, step_id=call.step_id)
+        state = proto.answer(
+            reply, what=f"PUT invoke {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+        )
+    status, value = proto.invoke_outcome(state, inv.run_id, call)
+    if status == "waiting":
+        raise inv.suspend(call)
+    if status == "failed":
+        raise inv.final(value)
+    return value

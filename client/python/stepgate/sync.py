@@ -200,6 +200,36 @@ class SyncStep:
             state = proto.signal_state(data, inv.run_id, call)
         return SyncSignal(inv, call, state)
 
+    def invoke(self, name: str, *, route: str, body: Any = None) -> Any:
+        """Run the durable route `route` as a child of this run (see `stepgate.Step.invoke`):
+        its answer, or StepFailed when it ends failed. Needs the gateway."""
+        invoke = proto.check_invoke(name, route, body)
+        proto.check_name(name)
+        _check_blocking_allowed(name)
+        refuse_nesting(name)
+        inv = current.get()
+        if inv is None:
+            raise proto.needs_gateway(name, "invoke")
+        call = inv.begin(name, "invoke")
+        payload = proto.invoke_body(call, invoke)
+        inv.check_live()
+        record = _recorded(inv, call)
+        if record is not None and proto.settled_invoke(record):
+            state = {"status": record.status, "output": record.output, "error": record.error}
+        else:
+            reply = inv.request_sync(
+                "PUT", inv.step_url(call.step_id), payload, step_id=call.step_id
+            )
+            state = proto.answer(
+                reply, what=f"PUT invoke {call.step_id!r}", run_id=inv.run_id, step_id=call.step_id
+            )
+        status, value = proto.invoke_outcome(state, inv.run_id, call)
+        if status == "waiting":
+            raise inv.suspend(call)
+        if status == "failed":
+            raise inv.final(value)
+        return value
+
 
 step = SyncStep()
 
