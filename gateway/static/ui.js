@@ -477,8 +477,28 @@
         step.match ? [" matching ", h("code", {}, JSON.stringify(step.match))] : null,
         step.wake_at ? [" until ", timeCell(step.wake_at, true)] : null));
     }
+    if (step.kind === "signal" && step.url) {
+      parts.push(h("div", { class: "muted signal-url" }, step.status === "completed" ? "was signalled at " : "waits for a POST to ",
+        h("code", {}, step.url), step.status !== "completed" && step.wake_at ? [" until ", timeCell(step.wake_at, true)] : null));
+    }
+    if (step.kind === "invoke" && step.run_id) {
+      parts.push(h("div", { class: "muted child-link" }, "child run ",
+        h("a", { class: "mono", href: "#/runs/" + encodeURIComponent(step.run_id) }, step.run_id)));
+    }
     if (step.status === "completed") parts.push(outputBlock(run.id, step));
     return parts;
+  }
+
+  // step.invoke: a child run links to its parent, a parent to the runs its steps started.
+  function lineage(run, item) {
+    const link = (id) => h("a", { class: "mono", href: "#/runs/" + encodeURIComponent(id) }, id);
+    const out = [];
+    if (run.parent_id) out.push(item("Parent", h("span", { id: "parent-run" }, link(run.parent_id), " (step ", h("code", {}, run.parent_step), ")")));
+    if (run.children && run.children.length > 0) {
+      out.push(item("Children", h("span", { id: "child-runs" }, run.children.map((c, i) => [i ? ", " : "",
+        link(c.id), " ", c.status ? badge(c.status) : null]))));
+    }
+    return out;
   }
 
   function runHeader(run, now) {
@@ -499,6 +519,7 @@
         run.response_status ? item("Response", String(run.response_status)) : null,
         run.due_at ? item(run.status === "retrying" ? "Next attempt" : "Wakes by", timeCell(run.due_at, true)) : null,
         item("Trace id", run.trace_id ? h("code", {}, run.trace_id) : "–"),
+        ...lineage(run, item),
         run.error ? item("Error", h("span", { class: "error" }, run.error)) : null),
     ];
   }

@@ -387,3 +387,27 @@ async def test_admin_token_is_asked_for_and_sent(
     # The run view uses the same token.
     await blocking(browser.get, f"{gw.internal}/ui#/runs/{run_id}")
     await blocking(wait_for, browser, lambda d: find(d, "#steps"), "the run view is drawn")
+
+
+async def test_a_parent_and_its_child_run_link_to_each_other(
+    browser: WebDriver, gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    from tests.gateway.test_invoke import Trip, routes
+
+    trip = Trip()
+    gw = await gateway(routes(await upstream(trip.app())))
+    async with gw.session.post(gw.url + "/trip", json={}) as resp:
+        parent = resp.headers["Stepgate-Run-Id"]
+        child = (await resp.json())["hotel"]["run"]
+
+    await blocking(browser.get, f"{gw.internal}/ui#/runs/{parent}")
+    await blocking(wait_for, browser, lambda d: find(d, "#child-runs a"), "the child's link")
+    assert await blocking(lambda: find(browser, "#child-runs a")[0].text) == child
+    step_link = 'tr[data-step-id="book-hotel"] .child-link a'
+    assert await blocking(lambda: find(browser, step_link)[0].text) == child
+    await blocking(screenshot, browser, "ui-parent.png")
+    await blocking(lambda: find(browser, "#child-runs a")[0].click())
+    await blocking(wait_for, browser, lambda d: find(d, "#parent-run a"), "the parent's link")
+    assert await blocking(lambda: find(browser, "#run-id")[0].text) == child
+    assert await blocking(lambda: find(browser, "#parent-run a")[0].text) == parent
+    assert "book-hotel" in await blocking(lambda: find(browser, "#parent-run")[0].text)
