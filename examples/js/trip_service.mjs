@@ -116,7 +116,8 @@ export function createTripService(options = {}) {
         const failed = failedTimes.get(`${runKey}:${name}`) ?? 0;
         if (typeof mode === 'number' && failed < mode) {
           failedTimes.set(`${runKey}:${name}`, failed + 1);
-          throw new Error(`${name} failed, ${failed + 1} of ${mode} (fail)`);
+          if (mode === 1) throw new Error(`${name} failed once for this run (fail=${name})`);
+          throw new Error(`${name} failed, ${failed + 1} of ${mode} (fail=${name}:${mode})`);
         }
         // After the failures: a failing call fails fast, as they tend to.
         if (takes > 0) await delay(takes * 1000);

@@ -112,7 +112,11 @@ async def create_trip(request: web.Request) -> web.Response:
                 raise RuntimeError(f"{name} failed (fail={name}:always)")
             if isinstance(mode, int) and failed_times[run, name] < mode:
                 failed_times[run, name] += 1
-                raise RuntimeError(f"{name} failed, {failed_times[run, name]} of {mode} (fail)")
+                if mode == 1:
+                    raise RuntimeError(f"{name} failed once for this run (fail={name})")
+                raise RuntimeError(
+                    f"{name} failed, {failed_times[run, name]} of {mode} (fail={name}:{mode})"
+                )
             if takes:  # after the failures: a failing call fails fast, as they tend to
                 await asyncio.sleep(takes)
             if name in stalls and (run, name) not in stalled_once:
