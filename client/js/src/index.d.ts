@@ -26,6 +26,34 @@ export interface WaitForEventOptions {
   timeout?: Duration;
 }
 
+/** How long a step's retries wait: after the n-th failed attempt about min(max, initial × multiplier^(n−1)), with jitter. */
+export interface BackoffOptions {
+  /** The first wait (default "1s"). */
+  initial?: Duration;
+  /** The longest wait (default "1m", or `initial` if that is longer; at most "1d"). */
+  max?: Duration;
+  /** From 1 to 100 (default 2). */
+  multiplier?: number;
+}
+
+/** A step's own policy (protocol v1.1), given before the function: `step.run(name, options, fn, ...args)`. */
+export interface StepOptions {
+  /**
+   * Retry a failed attempt of this step up to `retries` times (0 to 999) on its own back-off,
+   * instead of by the route's retry policy. Once they are spent the gateway records the step
+   * failed for good, and `run` rejects with StepFailedError, now and on every replay, without
+   * calling the function again.
+   */
+  retries?: number;
+  /** The back-off between the retries (needs `retries`); a duration sets the first wait. */
+  backoff?: Duration | BackoffOptions;
+  /**
+   * How long one attempt may take: past it the step rejects with StepTimeoutError, a failed
+   * attempt like any other (the function itself goes on; its result is dropped).
+   */
+  timeout?: Duration;
+}
+
 export interface SignalOptions {
   /** How long the URL may be POSTed to (more than 0) before `wait()` resolves with null; the gateway's default is 24h. */
   timeout?: Duration;
@@ -61,6 +89,14 @@ export interface Step {
     ...args: Args
   ): Promise<Awaited<Result>>;
 
+  /** The same, with the step's own retry policy and time-out (see StepOptions). */
+  run<Args extends unknown[], Result>(
+    name: string,
+    options: StepOptions,
+    fn: (...args: Args) => Result | PromiseLike<Result>,
+    ...args: Args
+  ): Promise<Awaited<Result>>;
+
   /** Pauses for `duration`; under the gateway the run is parked and this invocation suspends. */
   sleep(name: string, duration: Duration): Promise<void>;
 
@@ -74,6 +110,13 @@ export interface Step {
   waitForEvent<Data = unknown>(name: string, options: WaitForEventOptions): Promise<StepgateEvent<Data> | null>;
 
   /**
+   * Sends the event `name` with `data` (JSON) from this run, once, recorded as the step `name`;
+   * resolves with the event's id. A replay resolves with the recorded id and sends nothing, and
+   * the id is the same on every attempt, so a send cut short by a crash is delivered once. Only
+   * under the gateway: elsewhere it rejects with StepUsageError.
+   */
+  sendEvent(name: string, data?: unknown): Promise<string>;
+
    * A single-use URL that completes this step when JSON is POSTed to it (an approval link, a
    * webhook). Resolves at once with the handle; `await handle.wait()` parks the run until the
    * URL is POSTed to or `timeout` passes. Only under the gateway: elsewhere it rejects with
