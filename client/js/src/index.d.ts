@@ -54,6 +54,13 @@ export interface StepOptions {
   timeout?: Duration;
 }
 
+export interface InvokeOptions {
+  /** The name of a durable route of the gateway (its `routes[].name`). */
+  route: string;
+  /** The child's request body, sent as JSON (default null). */
+  body?: unknown;
+}
+
 export interface SignalOptions {
   /** How long the URL may be POSTed to (more than 0) before `wait()` resolves with null; the gateway's default is 24h. */
   timeout?: Duration;
@@ -123,6 +130,16 @@ export interface Step {
    * StepUsageError.
    */
   signal<Data = unknown>(name: string, options?: SignalOptions): Promise<SignalHandle<Data>>;
+
+  /**
+   * Runs the durable route `options.route` as a child of this run (a POST of `options.body`, as
+   * JSON, to its path; started once however often this run is replayed) and resolves with the
+   * child's final response body, JSON-decoded when it is JSON, else its text. The run is parked
+   * meanwhile. A child that ends failed rejects with StepFailedError whose `status` is the child's
+   * final HTTP status, on this invocation and every replay. Cancelling this run cancels the child.
+   * Only under the gateway: elsewhere it rejects with StepUsageError.
+   */
+  invoke<Result = unknown>(name: string, options: InvokeOptions): Promise<Result>;
 }
 
 export const step: Step;

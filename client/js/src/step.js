@@ -1,6 +1,6 @@
 /**
  * The step API: `step.run`, `step.sleep`, `step.sleepUntil`, `step.waitForEvent`, `step.sendEvent`,
- * `step.signal`.
+ * `step.signal`, `step.invoke`.
  *
  * Under the gateway each call gets an id (its name, then name#2, name#3, ... per name) and a
  * position (seq, 0-based call order) synchronously at the call, is looked up in the run's record
@@ -240,7 +240,40 @@ async function signal(name, options = {}) {
   return invocation.track(signalDurable(invocation, id, seq, body));
 }
 
-export const step = Object.freeze({ run, sleep, sleepUntil, waitForEvent, sendEvent, signal });
+/**
+ * Runs the durable route `route` as a child of this run: the gateway starts it once (a POST of
+ * `body`, as JSON, to the route's path) and parks this run until the child ends. Resolves with the
+ * child's final response body, JSON-decoded when it is JSON, else its text; a child that ends
+ * failed rejects with StepFailedError (`status` is its final HTTP status), now and on every
+ * replay. Cancelling this run cancels the child. Only under the gateway.
+ * @param {string} name
+ * @param {{ route: string, body?: unknown }} options
+ * @returns {Promise<unknown>}
+ */
+async function invoke(name, options) {
+  const what = `step.invoke("${String(name)}")`;
+  if (typeof options !== 'object' || options === null || typeof options.route !== 'string' ||
+    options.route === '') {
+    throw new StepUsageError(`${what} needs options { route, body? }, route being the name of a ` +
+      'durable route', { stepId: typeof name === 'string' ? name : null });
+  }
+  let body;
+  try {
+    body = toJson(String(name), options.body ?? null);
+  } catch (cause) {
+    throw new StepUsageError(`${what}: body must be JSON`, { stepId: String(name), cause });
+  }
+  const invocation = enter(name);
+  if (!invocation?.gateway) {
+    throw new StepUsageError(`${what} needs the Stepgate gateway: this request did not come ` +
+      'through a durable route (no Stepgate-Callback and Stepgate-Token headers), so no child run ' +
+      'can be started', { stepId: name });
+  }
+  const { id, seq } = allocate(invocation, name);
+  return invocation.track(invokeDurable(invocation, id, seq, { route: options.route, body }));
+}
+
+export const step = Object.freeze({ run, sleep, sleepUntil, waitForEvent, sendEvent, signal, invoke });
 
 /**
  * What `step.signal` resolves with. `wait()` makes no callback: it answers from the record, or
@@ -490,6 +523,47 @@ async function signalDurable(invocation, id, seq, signal) {
     state = answer;
   }
   return new SignalHandle(invocation, id, state.url, state.status === 'completed', state.output);
+}
+
+/**
+ * @param {Invocation} invocation
+ * @param {string} id
+ * @param {number} seq
+ * @param {{ route: string, body: unknown }} invoke
+ */
+async function invokeDurable(invocation, id, seq, invoke) {
+  const record = await invocation.recorded(id, seq, 'invoke');
+  // A failed record that is not final (an operator retried the run) starts a new child.
+  /** @type {Record<string, any> | null} */
+  let state = record !== null && (record.status === 'completed' || record.status === 'waiting' ||
+    (record.status === 'failed' && record.final === true)) ? record : null;
+  if (state === null) {
+    invocation.ensureLive();
+    state = await invocation.putStep(id, { invoke, seq });
+  }
+  if (state.status === 'completed') return state.output ?? null;
+  if (state.status === 'waiting') throw invocation.suspend(id, 'waiting');
+  if (state.status === 'failed') throw childFailure(invocation, id, state.error);
+  throw unexpected(invocation, id, state);
+}
+
+/**
+ * The StepFailedError of an invoke whose child run ended failed.
+ * @param {Invocation} invocation
+ * @param {string} id
+ * @param {unknown} error the recorded error: message, status (the child's), run_id
+ */
+function childFailure(invocation, id, error) {
+  const recorded = typeof error === 'object' && error !== null ? /** @type {Record<string, any>} */ (error) : null;
+  const status = Number.isInteger(recorded?.status) ? /** @type {number} */ (recorded?.status) : null;
+  const message = `step "${id}" failed for good: ` +
+    (typeof recorded?.message === 'string' ? recorded.message : 'its child run failed');
+  return new StepFailedError(message, {
+    stepId: id, runId: invocation.runId,
+    error: recorded && typeof recorded.message === 'string'
+      ? /** @type {{ message: string, type?: string }} */ (recorded) : null,
+    status,
+  });
 }
 
 /**

@@ -20,7 +20,9 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import { STEPS, createTripService } from '../../../examples/js/trip_service.mjs';
-import { isSuperseded, step, wrapNodeHandler } from '../src/index.js';
+import {
+  NonRetriableError, StepFailedError, isSuperseded, step, wrapNodeHandler,
+} from '../src/index.js';
 
 const COMMAND = process.env.STEPGATE_E2E_CMD?.trim() ?? '';
 const SKIP = COMMAND === ''
@@ -50,6 +52,7 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
   const fenceWaiters = new Map();
   /** @type {string[]} the signal URLs the desk route "mailed" */
   const deskMailed = [];
+  const agencyRan = { agency: 0, room: 0 };
 
   before(async () => {
     directory = await mkdtemp(join(tmpdir(), 'stepgate-js-e2e-'));
@@ -103,10 +106,36 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify({ decision, url: approval.url }));
     }, { onError: () => {} }));
-    servers.push(trips.server, flow, fence, desk);
-    const [tripsPort, flowPort, fencePort, deskPort, publicPort, internalPort] = [
+    // A child run: /agency invokes the durable route `rooms` (/rooms on the same server).
+    const agency = createServer(wrapNodeHandler(async (req, res) => {
+      const url = new URL(req.url ?? '/', 'http://localhost');
+      const send = (/** @type {number} */ status, /** @type {unknown} */ body) => {
+        res.writeHead(status, { 'content-type': 'application/json' });
+        res.end(JSON.stringify(body));
+      };
+      if (url.pathname === '/rooms') {
+        const chunks = [];
+        for await (const chunk of req) chunks.push(chunk);
+        const { nights } = JSON.parse(Buffer.concat(chunks).toString());
+        return send(200, await step.run('room', () => {
+          agencyRan.room += 1;
+          if (nights > 7) throw new NonRetriableError('no room for that long', { status: 409 });
+          return { room: 12, nights };
+        }));
+      }
+      agencyRan.agency += 1;
+      try {
+        const nights = Number(url.searchParams.get('nights'));
+        return send(200, { hotel: await step.invoke('book-hotel', { route: 'rooms', body: { nights } }) });
+      } catch (err) {
+        if (!(err instanceof StepFailedError)) throw err;
+        return send(409, { failed: err.status, step: err.stepId });
+      }
+    }, { onError: () => {} }));
+    servers.push(trips.server, flow, fence, desk, agency);
+    const [tripsPort, flowPort, fencePort, deskPort, agencyPort, publicPort, internalPort] = [
       await listen(trips.server), await listen(flow), await listen(fence), await listen(desk),
-      await freePort(), await freePort(),
+      await listen(agency), await freePort(), await freePort(),
     ];
     publicUrl = `http://127.0.0.1:${publicPort}`;
     internalUrl = `http://127.0.0.1:${internalPort}`;
@@ -139,6 +168,15 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       '  - name: desk',
       '    path: /desk',
       `    upstream: http://127.0.0.1:${deskPort}`,
+      '    durable: true',
+      '  - name: agency',
+      '    path: /agency',
+      `    upstream: http://127.0.0.1:${agencyPort}`,
+      '    durable: true',
+      '    hold: 15s',
+      '  - name: rooms',
+      '    path: /rooms',
+      `    upstream: http://127.0.0.1:${agencyPort}`,
       '    durable: true',
       '',
     ].join('\n'));
@@ -250,6 +288,23 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
     assert.equal(poll.status, 200, `${text}\n${gatewayOutput}`);
     assert.deepEqual(JSON.parse(text), { decision: { approved: true, by: 'grace' }, url });
     assert.equal(deskMailed.length, 1, 'the replay took the mail from the record');
+  });
+
+  test('step.invoke runs a child run once and answers with its body, or StepFailedError', { timeout: 60_000 }, async () => {
+    const booked = await fetch(`${publicUrl}/agency?nights=2`, { method: 'POST', body: '{}' });
+    const text = await booked.text();
+    assert.equal(booked.status, 200, `${text}\n${gatewayOutput}`);
+    assert.deepEqual(JSON.parse(text), { hotel: { room: 12, nights: 2 } });
+    assert.deepEqual(agencyRan, { agency: 2, room: 1 }, 'parked, then woken by the child');
+    const parent = await (await fetch(`${internalUrl}/v1/runs/${booked.headers.get('stepgate-run-id')}`)).json();
+    assert.equal(parent.children.length, 1);
+    assert.equal(parent.children[0].route, 'rooms');
+    const child = await (await fetch(`${internalUrl}/v1/runs/${parent.children[0].id}`)).json();
+    assert.equal(child.parent_id, parent.id);
+
+    const refused = await fetch(`${publicUrl}/agency?nights=9`, { method: 'POST', body: '{}' });
+    assert.equal(refused.status, 409);
+    assert.deepEqual(await refused.json(), { failed: 409, step: 'book-hotel' });
   });
 
   test('a timed-out attempt\'s handler is fenced: it never runs a step the next one recorded', { timeout: 60_000 }, async () => {
