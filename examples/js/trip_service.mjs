@@ -24,6 +24,10 @@
 //                           through a link (a signal, valid SECONDS) that the step mail-approver
 //                           "mails" (prints); POST {"approved": true} to it. Anything else, or
 //                           no answer in time, declines the trip (403)
+//        ?insure=1          travel insurance from POST /insurance (a durable route of its own),
+//                           run as a child run of the booking: its answer is the booking's
+//                           "insurance"; ?insure=decline makes the insurer refuse (422), and the
+//                           booking goes on with {"declined": 422}
 //        ?latency=SECONDS   each reservation takes this long to succeed (a failing one fails at
 //                           once); the two run concurrently
 //        ?drift=1           from attempt 2 on, charge-card is called charge-card-v2, as if the
@@ -33,6 +37,7 @@
 //                           longer than the route's timeout, the gateway gives up on the attempt
 //                           and starts the next; the stalled handler's late step is refused
 //                           (the attempt is fenced) and it stops there
+//   POST /insurance  {"traveller", "flight", "decline"?}   a quote, as the step quote-insurance
 //   GET  /stats  how many times each step's function ran (refund-flight too): a retried run
 //                re-runs only the failed step, so with ?fail=charge-card every count is 1
 //                except charge-card's 2
@@ -81,6 +86,7 @@ export function createTripService(options = {}) {
   async function handle(req, res) {
     const url = new URL(req.url ?? '/', 'http://localhost');
     if (url.pathname === '/stats' && req.method === 'GET') return sendJson(res, 200, executions);
+    if (url.pathname === '/insurance' && req.method === 'POST') return insurance(req, res);
     if (url.pathname !== '/trips') throw new NonRetriableError(`no route for ${url.pathname}`, { status: 404 });
     if (req.method !== 'POST') throw new NonRetriableError('use POST /trips', { status: 405 });
 
@@ -90,6 +96,7 @@ export function createTripService(options = {}) {
     const cooloff = parseCooloff(url.searchParams.get('cooloff') ?? '0');
     const paymentTimeout = parseAwait(url.searchParams.get('await'));
     const approvalTimeout = parseApproval(url.searchParams.get('approval'));
+    const insure = parseInsure(url.searchParams.get('insure'));
     const latency = parseSeconds('latency', url.searchParams.get('latency') ?? '0', 60);
     const drift = parseDrift(url.searchParams.get('drift') ?? '0');
     const stalls = parseStalls(url.searchParams.getAll('stall'));
@@ -173,6 +180,7 @@ export function createTripService(options = {}) {
       });
     }
     if (approvalTimeout !== null) extra.approval = await getApproval(trip, approvalTimeout);
+    if (insure !== null) extra.insurance = await insureTrip(trip, insure === 'decline');
     const charge = await bookingStep('charge-card', () => ({
       reference: reference('CH'), amount_cents: TRIP_PRICE_CENTS, traveller: trip.traveller,
     }));
@@ -209,6 +217,37 @@ async function getApproval(trip, timeout) {
     throw new NonRetriableError(`the trip was not approved: ${why}`, { status: 403 });
   }
   return { url: approval.url, decision };
+}
+
+/**
+ * A quote from the insurance route, as a child run: started once, however often this run is
+ * replayed, and this run is parked until it has answered.
+ * @param {{ traveller: string, flight: string }} trip
+ * @param {boolean} decline
+ */
+async function insureTrip(trip, decline) {
+  const body = { traveller: trip.traveller, flight: trip.flight, decline };
+  try {
+    return await step.invoke('insure', { route: 'insurance', body });
+  } catch (err) {
+    // The child run ended failed: book without insurance.
+    if (err instanceof StepFailedError) return { declined: err.status };
+    throw err;
+  }
+}
+
+/**
+ * The insurer: a durable route of its own, here invoked by the booking.
+ * @param {import('node:http').IncomingMessage} req
+ * @param {import('node:http').ServerResponse} res
+ */
+async function insurance(req, res) {
+  const body = JSON.parse(await readBody(req));
+  const quote = await step.run('quote-insurance', () => {
+    if (body.decline) throw new NonRetriableError(`no cover for ${body.traveller}`, { status: 422 });
+    return { policy: reference('IN'), flight: body.flight, premium_cents: 1_900 };
+  });
+  sendJson(res, 200, quote);
 }
 
 /** @param {import('node:http').IncomingMessage} req */
@@ -320,6 +359,14 @@ function parseApproval(value) {
   const seconds = parseSeconds('approval', value, 86_400);
   if (seconds === 0) throw new NonRetriableError(`approval=${value}: expected seconds above 0`, { status: 400 });
   return seconds;
+}
+
+/** @param {string | null} value ?insure=1 or ?insure=decline */
+function parseInsure(value) {
+  if (value !== null && value !== '1' && value !== 'decline') {
+    throw new NonRetriableError(`insure=${value}: expected 1 or decline`, { status: 400 });
+  }
+  return value;
 }
 
 /** @param {string} value ?drift=0 or ?drift=1 */

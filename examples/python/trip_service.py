@@ -23,6 +23,10 @@
                              it through a link (a signal, valid SECONDS) that the step
                              mail-approver "mails" (prints); POST {"approved": true} to it.
                              Anything else, or no answer in time, declines the trip (403)
+         ?insure=1           travel insurance from POST /insurance (a durable route of its own),
+                             run as a child run of the booking: its answer is the booking's
+                             "insurance"; ?insure=decline makes the insurer refuse (422), and the
+                             booking goes on with {"declined": 422}
          ?latency=SECONDS    each reservation takes this long to succeed (a failing one fails at
                              once); the two run concurrently
          ?drift=1            from attempt 2 on, charge-card is called charge-card-v2, as if the
@@ -31,6 +35,7 @@
                              longer than the route's timeout, the gateway gives up on the attempt
                              and starts the next; the stalled handler's late step is refused
                              (the attempt is fenced) and it stops there
+    POST /insurance  {"traveller", "flight", "decline"?}   a quote, as the step quote-insurance
     GET  /stats  how many times each step's function ran (refund-flight too): a retried run
                  re-runs only the failed step, so with ?fail=charge-card every count is 1
                  except charge-card's 2
@@ -89,6 +94,7 @@ async def create_trip(request: web.Request) -> web.Response:
     cooloff = parse_cooloff(request.query.get("cooloff", "0"))
     payment_timeout = parse_await(request.query.get("await"))
     approval_timeout = parse_approval(request.query.get("approval"))
+    insure = parse_insure(request.query.get("insure"))
     latency = parse_seconds("latency", request.query.get("latency", "0"), 60)
     drift = parse_drift(request.query.get("drift", "0"))
     stalls = parse_stalls(request.query.getall("stall", []))
@@ -177,6 +183,8 @@ async def create_trip(request: web.Request) -> web.Response:
         )
     if approval_timeout is not None:
         extra["approval"] = await get_approval(trip, approval_timeout)
+    if insure is not None:
+        extra["insurance"] = await insure_trip(trip, decline=insure == "decline")
     charge = await booking_step(
         "charge-card",
         lambda: {
@@ -219,6 +227,29 @@ async def get_approval(trip: dict[str, str], timeout: float) -> dict[str, Any]:
         why = "no approval came in time" if decision is None else "the manager declined it"
         raise NonRetriableError(f"the trip was not approved: {why}", status=403)
     return {"url": approval.url, "decision": decision}
+
+
+async def insure_trip(trip: dict[str, str], *, decline: bool) -> dict[str, Any]:
+    """A quote from the insurance route, as a child run: started once, however often this run
+    is replayed, and this run is parked until it has answered."""
+    body = {"traveller": trip["traveller"], "flight": trip["flight"], "decline": decline}
+    try:
+        quote: dict[str, Any] = await step.invoke("insure", route="insurance", body=body)
+    except StepFailed as failed:  # the child run ended failed: book without insurance
+        return {"declined": failed.status}
+    return quote
+
+
+async def insurance(request: web.Request) -> web.Response:
+    """The insurer: a durable route of its own, here invoked by the booking."""
+    body = await request.json()
+
+    def quote() -> dict[str, Any]:
+        if body.get("decline"):
+            raise NonRetriableError(f"no cover for {body['traveller']}", status=422)
+        return {"policy": reference("IN"), "flight": body["flight"], "premium_cents": 1_900}
+
+    return web.json_response(await step.run("quote-insurance", quote))
 
 
 def mail_approver(trip: dict[str, str], url: str) -> dict[str, str]:
@@ -300,6 +331,12 @@ def parse_approval(value: str | None) -> float | None:
     return seconds
 
 
+def parse_insure(value: str | None) -> str | None:
+    if value not in (None, "1", "decline"):
+        raise NonRetriableError(f"insure={value}: expected 1 or decline", status=400)
+    return value
+
+
 def parse_drift(value: str) -> bool:
     return parse_flag("drift", value)
 
@@ -324,6 +361,7 @@ def reference(prefix: str) -> str:
 def make_app() -> web.Application:
     app = web.Application(middlewares=[stepgate.aiohttp.middleware])
     app.router.add_post("/trips", create_trip)
+    app.router.add_post("/insurance", insurance)
     app.router.add_get("/stats", stats)
     return app
 

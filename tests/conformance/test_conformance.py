@@ -234,6 +234,8 @@ def routes(upstream: str, durable: Mapping[str, Any] | None = None) -> list[dict
             "retry": {"attempts": 3, "initial": "50ms"},
             **(durable or {}),
         },
+        # The insurer, invoked by ?insure as a child run (step.invoke).
+        {"name": "insurance", "path": "/insurance", "upstream": upstream, "durable": True},
         {"name": "stats", "path": "/stats", "methods": ["GET"], "upstream": upstream},
     ]
 
