@@ -839,9 +839,10 @@ class PostgresStore(Store):
             started = None
             if write.created and call.child is not None:
                 await conn.execute(_INSERT_RUN, *self._rows.insert(call.child), self.replica_id)
-                await conn.execute(
+                await conn.execute(  # replaces the link to a failed child after an admin retry
                     "INSERT INTO children (child_id, parent_id, step_id, created_at) "
-                    "VALUES ($1, $2, $3, $4)",
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (parent_id, step_id) DO UPDATE "
+                    "SET child_id = EXCLUDED.child_id, created_at = EXCLUDED.created_at",
                     call.child.id,
                     step.run_id,
                     step.id,

@@ -740,8 +740,8 @@ class SQLiteStore(Store):
                     f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * len(params))})",
                     params,
                 )
-                conn.execute(
-                    "INSERT INTO children (child_id, parent_id, step_id, created_at) "
+                conn.execute(  # replaces the link to a failed child after an admin retry
+                    "INSERT OR REPLACE INTO children (child_id, parent_id, step_id, created_at) "
                     "VALUES (?, ?, ?, ?)",
                     (call.child.id, step.run_id, step.id, now),
                 )

@@ -40,7 +40,12 @@ class Trip:
         self.ran["trip"] += 1
         steps = RawSteps(request)
         recorded = (await steps.steps()).get("book-hotel")
-        if recorded is None or recorded["status"] == "waiting":
+        # A failed record that is not final (an admin retry made it so) starts a new child.
+        if (
+            recorded is None
+            or recorded["status"] == "waiting"
+            or (recorded["status"] == "failed" and not recorded.get("final"))
+        ):
             for _ in range(self.puts):
                 status, answer = await steps.put(
                     "book-hotel", {"invoke": {"route": "hotel", "body": {"nights": 2}}}
@@ -157,6 +162,26 @@ async def test_a_failed_child_fails_the_step_for_good(
     assert step["status"] == "failed" and step["final"] is True
     assert step["error"]["run_id"] == step["run_id"]
     assert trip.ran["hotel"] == 1  # not started again
+
+
+async def test_an_admin_retry_of_the_parent_starts_a_new_child(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    trip = Trip("fail")
+    gw = await gateway(routes(await upstream(trip.app())))
+    location, parent_id = await book(gw)
+    async with gw.session.get(gw.url + location + "&wait=10") as resp:
+        assert resp.status == 502  # its attempts spent on the failed child: the run failed
+    (failed,) = (await admin(gw, parent_id))["children"]
+    trip.hotel_answer = "ok"
+    async with gw.session.post(f"{gw.internal}/v1/runs/{parent_id}/retry") as resp:
+        assert resp.status == 202
+    async with gw.session.get(gw.url + location + "&wait=10") as resp:
+        assert resp.status == 200
+        child_id = (await resp.json())["hotel"]["run"]
+    assert child_id != failed["id"]
+    assert [c["id"] for c in (await admin(gw, parent_id))["children"]] == [child_id]
+    assert trip.ran["hotel"] == 2
 
 
 async def test_cancelling_the_parent_cancels_the_child(
