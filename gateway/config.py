@@ -474,6 +474,13 @@ def _http_url(value: object, key: str, *, allow_path: bool) -> str:
     return f"{scheme}://{parts.netloc}{path}"
 
 
+def _public_url(value: object, key: str) -> str:
+    """The base of signal URLs; "" (the default) keeps them relative to the public listener."""
+    if value == "":
+        return ""
+    return _http_url(value, key, allow_path=True)
+
+
 def _store(value: object, key: str) -> tuple[str, str]:
     text = _string(value, key)
     scheme = text.partition(":")[0].lower()
@@ -965,9 +972,7 @@ def _settings(data: object, read_key: bool) -> Settings:
         store_key=section.optional("store_key", _store_key if read_key else _unread, None),
         lease=_lease(section, store),
         replica_id=section.optional("replica_id", _replica_id, ""),
-        public_url=section.optional(
-            "public_url", lambda v, k: _http_url(v, k, allow_path=True), ""
-        ),
+        public_url=section.optional("public_url", _public_url, ""),
     )
 
 
