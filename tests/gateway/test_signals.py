@@ -250,3 +250,24 @@ async def test_a_signal_survives_a_gateway_restart(
                 assert await resp.json() == {"approval": {"after": "restart"}}
     finally:
         gw.stop()
+
+
+async def test_a_catch_all_route_does_not_shadow_signal_urls(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    approver = Approver()
+    proxied: list[str] = []
+
+    async def everything(request: web.Request) -> web.Response:
+        proxied.append(request.path)
+        return web.Response(text="the upstream")
+
+    app = approver.app()
+    app.router.add_route("*", "/{tail:.*}", everything)
+    base = await upstream(app)
+    catch_all = {"name": "all", "path": "/*", "upstream": base}
+    gw = await gateway([route(base), catch_all])
+    await start(gw)
+    assert (await post(gw.session, gw.url + approver.url, json={"ok": True}))[0] == 202
+    assert (await post(gw.session, gw.url + "/_stepgate/signals/x?token=y", json={}))[0] == 404
+    assert proxied == []
