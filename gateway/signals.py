@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from typing import Final
 
+import structlog
 from aiohttp import web
 
 from gateway import jsonin
@@ -32,6 +33,8 @@ from gateway.store import SignalVerdict
 # step's output, so it is bounded well below the internal listener's 16 MiB.
 MAX_BODY: Final = 64 * 1024
 NO_STORE: Final = {"Cache-Control": "no-store"}
+
+log = structlog.get_logger("stepgate.signals")
 
 
 def _unknown() -> web.Response:
@@ -79,4 +82,5 @@ async def post_signal(request: web.Request) -> web.StreamResponse:
         return problem(
             409, detail="this signal was delivered before, or has timed out", headers=NO_STORE
         )
+    log.info("signal.delivered", run_id=ref.run_id, step=ref.step_id)
     return web.json_response({"status": "delivered"}, status=202, headers=NO_STORE)
