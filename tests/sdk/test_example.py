@@ -150,3 +150,34 @@ async def test_a_hotel_that_fails_for_good_is_compensated_behind_the_real_gatewa
     assert (
         steps["refund-flight"]["output"]["flight"] == steps["reserve-flight"]["output"]["reference"]
     )
+
+
+async def test_an_approval_link_and_insurance_behind_the_real_gateway(
+    trips: ModuleType,
+    gateway: GatewayFactory,
+    upstream: UpstreamFactory,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = await upstream(trips.make_app())
+    gw = await gateway(
+        [
+            {"name": "trips", "path": "/trips", "upstream": base, "durable": True, "hold": "0s"},
+            {"name": "insurance", "path": "/insurance", "upstream": base, "durable": True},
+        ]
+    )
+    async with gw.session.post(
+        gw.url + "/trips?approval=60&insure=1", json=TRIP, allow_redirects=False
+    ) as resp:
+        assert resp.status == 303, await resp.text()
+        location = resp.headers["Location"]
+    # The link the service "mailed", as the README's walk-through reads it from its output.
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "approval needed" in x]
+    url = line.split("POST ", 1)[1]
+    async with gw.session.post(gw.url + url, json={"approved": True}) as resp:
+        assert resp.status == 202
+    async with gw.session.get(gw.url + location + "&wait=10") as resp:
+        assert resp.status == 200, await resp.text()
+        booked = await resp.json()
+    assert booked["approval"] == {"url": url, "decision": {"approved": True}}
+    assert booked["insurance"]["policy"].startswith("IN-")
+    assert trips.executions["charge-card"] == 1
