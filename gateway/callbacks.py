@@ -214,6 +214,8 @@ async def put_step(request: web.Request) -> web.StreamResponse:
             step=write.step.id,
             kind=str(write.step.kind),
             status=str(write.step.status),
+            attempts=write.step.attempts,
+            final=write.step.final,
         )
     engine.metrics.checkpoint_duration.observe(time.perf_counter() - started)
     return _answer(write, call)
