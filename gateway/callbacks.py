@@ -257,6 +257,8 @@ async def put_step(request: web.Request) -> web.StreamResponse:
             step=write.step.id,
             kind=str(write.step.kind),
             status=str(write.step.status),
+            attempts=write.step.attempts,
+            final=write.step.final,
         )
     if write.started is not None:
         start_child(engine, write.started, parent=run_id, step=step_id)

@@ -360,7 +360,8 @@ def _render_run(run: dict[str, Any]) -> str:
                 str(item.get("seq", "")),
                 str(item.get("id", "?")),
                 str(item.get("kind", "")),
-                str(item.get("status", "")),
+                # A step whose policy is spent (issue 13): the handler was told, not rerun.
+                str(item.get("status", "")) + (" (final)" if item.get("final") is True else ""),
                 str(item.get("attempts", "")),
                 _took(item.get("duration_ms")) if item.get("status") == "completed" else "-",
                 _step_result(item),

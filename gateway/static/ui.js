@@ -464,8 +464,8 @@
     if (err) parts.push(h("div", { class: "error" }, err));
     if (step.final) {
       parts.push(h("div", { class: "final-note" }, "Failed for good: its attempts are spent, so the " +
-        "handler is told (StepFailed) instead of running it again; the steps after it are its answer " +
-        "to that, such as a compensation."));
+        "handler is told (StepFailed, StepFailedError) instead of running it again; the steps after it " +
+        "are its answer to that, such as a compensation."));
     }
     if (step.kind === "event" && step.output && typeof step.output === "object") {
       parts.push(h("div", { class: "muted" }, "sent event ", h("code", {}, String(step.output.name)),

@@ -167,6 +167,23 @@ wait_bodies = members(
     }
 )
 step_ids = st.text(chars, min_size=0, max_size=300)
+# Step policies (protocol v1.1): an error PUT with a policy of its own.
+policy_bodies = members(
+    {
+        "error": st.just('{"message":"no"}'),
+        "policy": either(
+            members(
+                {
+                    "attempts": either(st.integers(-2, 2000).map(str), number_texts),
+                    "initial": either(durations),
+                    "max": either(durations),
+                    "multiplier": either(number_texts),
+                }
+            )
+        ),
+        "seq": seqs,
+    }
+)
 
 
 bodies: dict[str, st.SearchStrategy[str]] = {
@@ -174,6 +191,7 @@ bodies: dict[str, st.SearchStrategy[str]] = {
     "error": error_bodies,
     "sleep": sleep_bodies,
     "wait": wait_bodies,
+    "policy": policy_bodies,
 }
 
 
@@ -224,6 +242,10 @@ async def test_fuzz_sleep_puts(held: HeldRun) -> None:
 
 async def test_fuzz_wait_puts(held: HeldRun) -> None:
     await _in_thread(held, _step_put("wait"))
+
+
+async def test_fuzz_error_puts_with_a_policy(held: HeldRun) -> None:
+    await _in_thread(held, _step_put("policy"))
 
 
 async def test_fuzz_step_ids_and_raw_bodies(held: HeldRun) -> None:
@@ -279,6 +301,32 @@ async def test_fuzz_events_and_the_waits_they_complete(held: HeldRun) -> None:
         _judge(answer)
         if isinstance(name, str) and name:
             _judge(client.put(f"after-{n}", json.dumps({"wait": {"event": name}}).encode()))
+        client.assert_readable()
+
+    await _in_thread(held, check)
+
+
+sent_event_bodies = members(
+    {
+        "name": either(texts.map(_dump), st.sampled_from(["e"]).map(_dump)),
+        "data": json_texts,
+        "step": either(texts.map(_dump), step_ids.map(_dump)),
+        "seq": seqs,
+    }
+)
+
+
+async def test_fuzz_events_sent_by_the_run(held: HeldRun) -> None:
+    """POST {cb}/events with the run's token: an event sent as a step (protocol v1.1)."""
+
+    @fuzz
+    @given(body=sent_event_bodies)
+    @example(body='{"name":"e","step":"s","data":"\ud800"}')
+    @example(body='{"name":"e","step":"' + "x" * 300 + '"}')
+    def check(client: SyncClient, body: str) -> None:
+        raw = body.encode("utf-8", "surrogatepass")
+        answer = client.request("POST", f"{held.cb_path}/events", raw, held.auth)
+        _judge(answer)
         client.assert_readable()
 
     await _in_thread(held, check)

@@ -389,6 +389,41 @@ async def test_admin_token_is_asked_for_and_sent(
     await blocking(wait_for, browser, lambda d: find(d, "#steps"), "the run view is drawn")
 
 
+async def test_a_final_failure_and_its_compensation_are_shown(
+    browser: WebDriver, gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    from tests.gateway.test_step_policies import Hotel
+    from tests.gateway.test_step_policies import route as trip_route
+
+    hotel = Hotel(fails=10)
+    gw = await gateway([trip_route(await upstream(hotel.app()))])
+    async with gw.session.post(gw.url + "/trip") as resp:
+        assert resp.status == 409
+        run_id = resp.headers["Stepgate-Run-Id"]
+
+    await blocking(browser.get, f"{gw.internal}/ui#/runs/{run_id}")
+    await blocking(wait_for, browser, lambda d: find(d, "#steps"), "the run view is drawn")
+
+    def rows() -> dict[str, list[str]]:
+        return {
+            r.get_attribute("data-step-id") or "": [
+                td.text for td in r.find_elements("css selector", "td")
+            ]
+            for r in find(browser, "tr.step-row")
+        }
+
+    steps = await blocking(rows)
+    assert list(steps) == ["flight", "hotel", "refund"]
+    assert steps["hotel"][3] == "failed final"  # the status badge and the final one
+    assert steps["hotel"][4] == "3 of 3"  # attempts out of the step's own policy
+    assert "Failed for good" in steps["hotel"][7]
+    assert "the hotel is down" in steps["hotel"][7]
+    assert steps["refund"][3] == "completed"
+    timeline = await blocking(lambda: find(browser, "#timeline")[0].text)
+    assert "failed for good" in timeline
+    await blocking(screenshot, browser, "ui-final-failure.png")
+
+
 async def test_a_parent_and_its_child_run_link_to_each_other(
     browser: WebDriver, gateway: GatewayFactory, upstream: UpstreamFactory
 ) -> None:

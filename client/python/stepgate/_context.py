@@ -71,6 +71,7 @@ class Invocation:
     fatal: ReplayMismatchError | None = None  # seen even if the handler swallows it
     superseded: Superseded | None = None  # the first fencing answer; sticky
     failures: list[BaseException] = field(default_factory=list)  # recorded step errors
+    finals: list[StepFailed] = field(default_factory=list)  # raised for steps failed for good
     fetch_lock: asyncio.Lock | None = None
     fetch_mutex: threading.Lock = field(default_factory=threading.Lock)
     running: set[asyncio.Task[Any]] = field(default_factory=set)  # tasks inside a step.run
@@ -99,6 +100,8 @@ class Invocation:
             error.attempts,
             extra={"run_id": self.run_id, "attempt": self.attempt, "step": error.step_id},
         )
+        with self._mutex:
+            self.finals.append(error)
         return error
 
     def step_url(self, step_id: str) -> str:

@@ -199,7 +199,8 @@ def check_output(call: Call, value: object) -> None:
     output_body(call, value, None)
 
 
-def error_body(call: Call, exc: BaseException, options: Options = NO_OPTIONS) -> bytes:
+def error_object(exc: BaseException) -> dict[str, Any]:
+    """A step's error as it is recorded: `{"message", "type", "retriable"}`."""
     kind = type(exc)
     name = (
         kind.__qualname__
@@ -211,7 +212,11 @@ def error_body(call: Call, exc: BaseException, options: Options = NO_OPTIONS) ->
         message = message[: MAX_ERROR_MESSAGE - 1] + "…"
     # A step that stored a non-JSON output would fail the same way on every retry.
     retriable = not isinstance(exc, NonRetriableError | StepOutputError)
-    error = {"message": message, "type": name, "retriable": retriable}
+    return {"message": message, "type": name, "retriable": retriable}
+
+
+def error_body(call: Call, exc: BaseException, options: Options = NO_OPTIONS) -> bytes:
+    error = error_object(exc)
     policy = options.policy
     if policy is None:
         return _encode({"error": error, "seq": call.seq}).encode()
@@ -231,10 +236,10 @@ def final_failure(
 ) -> StepFailed:
     """The StepFailed for a step the gateway recorded as failed for good."""
     recorded = error if isinstance(error, dict) else None
+    if recorded is None and cause is not None:  # recorded just now: what this attempt sent
+        recorded = {k: v for k, v in error_object(cause).items() if k != "retriable"}
     count = attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else None
     message = recorded.get("message") if recorded is not None else None
-    if not isinstance(message, str) and cause is not None:
-        message = str(cause) or type(cause).__name__
     text = f"step {call.step_id!r} failed for good"
     if count is not None:
         text += f" after {count} attempt{'s' if count != 1 else ''}"
