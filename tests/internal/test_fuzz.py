@@ -8,6 +8,7 @@ over http.client while the gateway keeps the event loop."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 from collections.abc import Callable
 from typing import Any
@@ -185,6 +186,20 @@ policy_bodies = members(
     }
 )
 
+# Signals and child runs (protocol v1.1). An invoke of a route that exists would start child
+# runs; the route names here are refused before anything is recorded.
+signal_bodies = members(
+    {"signal": either(members({"timeout": either(durations, number_texts)})), "seq": seqs}
+)
+invoke_bodies = members(
+    {
+        "invoke": either(
+            members({"route": either(texts.map(_dump), st.just('"nowhere"')), "body": json_texts})
+        ),
+        "seq": seqs,
+    }
+)
+
 
 bodies: dict[str, st.SearchStrategy[str]] = {
     "output": output_bodies,
@@ -192,6 +207,8 @@ bodies: dict[str, st.SearchStrategy[str]] = {
     "sleep": sleep_bodies,
     "wait": wait_bodies,
     "policy": policy_bodies,
+    "signal": signal_bodies,
+    "invoke": invoke_bodies,
 }
 
 
@@ -246,6 +263,52 @@ async def test_fuzz_wait_puts(held: HeldRun) -> None:
 
 async def test_fuzz_error_puts_with_a_policy(held: HeldRun) -> None:
     await _in_thread(held, _step_put("policy"))
+
+
+async def test_fuzz_signal_and_invoke_puts(held: HeldRun) -> None:
+    await _in_thread(held, _step_put("signal"))
+    await _in_thread(held, _step_put("invoke"))
+
+
+async def test_fuzz_posts_to_a_signal_url(held: HeldRun) -> None:
+    """Whatever is POSTed to a signal's URL (any body, any token) is a 4xx or the one 202."""
+    answer = await held.put("approve", {"signal": {"timeout": "1h"}})
+    url = answer.json()["url"]
+    path, _, token = url.partition("?token=")
+    accepted = 0
+
+    def check(client: SyncClient) -> None:
+        public = http.client.HTTPConnection("127.0.0.1", held.gw.gateway.public_port, timeout=30)
+
+        @fuzz
+        @given(
+            body=st.one_of(
+                st.binary(max_size=64), json_texts.map(lambda t: t.encode("utf-8", "surrogatepass"))
+            ),
+            good_token=st.booleans(),
+            guess=st.text(chars, max_size=40),
+        )
+        def post(body: bytes, good_token: bool, guess: str) -> None:
+            nonlocal accepted
+            query = token if good_token else quote(guess.encode("utf-8", "surrogatepass"))
+            public.request("POST", f"{path}?token={query}", body=body)
+            resp = public.getresponse()
+            data = resp.read()
+            if resp.will_close:
+                public.close()
+            answer = Answer(resp.status, resp.headers.get_content_type(), data)
+            accepted += answer.status == 202
+            _judge(answer)
+            assert answer.status in (202, 400, 404, 409), answer
+            client.assert_readable()
+
+        try:
+            post()
+        finally:
+            public.close()
+
+    await _in_thread(held, check)
+    assert accepted <= 1  # single use
 
 
 async def test_fuzz_step_ids_and_raw_bodies(held: HeldRun) -> None:
