@@ -32,6 +32,7 @@ from aiohttp import web
 
 from gateway import jsonin
 from gateway.auth import bearer_token, same_secret
+from gateway.callbacks import Links, linked_members
 from gateway.engine import ENGINE, Engine
 from gateway.errors import StoreError
 from gateway.events import MAX_NAME, is_name, rfc3339
@@ -198,8 +199,8 @@ def _raw_object(fields: dict[str, Any], raw: dict[str, str | None]) -> str:
     return head + tail + "}" if fields else "{" + tail[1:] + "}"
 
 
-def _step(step: Step) -> str:
-    return _raw_object(
+def _step(step: Step, links: Links | None = None) -> str:
+    text = _raw_object(
         {
             "id": step.id,
             "seq": step.seq,
@@ -212,9 +213,17 @@ def _step(step: Step) -> str:
             "output_size": len(step.output) if step.output is not None else 0,
             "wake_at": _time(step.wake_at),
             "event": step.event,
+            "final": step.final,
         },
-        {"output": step.output, "error": step.error, "match": step.match or None},
+        {
+            "output": step.output,
+            "error": step.error,
+            "match": step.match or None,
+            "policy": step.policy,
+        },
     )
+    extra = linked_members(step, links) if links is not None else []
+    return text[:-1] + "".join("," + member for member in extra) + "}"
 
 
 async def show_run(request: web.Request) -> web.StreamResponse:
@@ -223,6 +232,9 @@ async def show_run(request: web.Request) -> web.StreamResponse:
     with _store():
         steps = await engine.store.steps(run.id)
         attempts = await engine.store.attempts(run.id)
+        links = await Links.of(engine, run.id, steps)
+        parent, children = await engine.store.links(run.id)
+        child_runs = [await engine.lookup(link.child_id) for link in children]
     detail = run_summary(run) | {
         "method": run.method,
         "target": run.target,
@@ -233,6 +245,14 @@ async def show_run(request: web.Request) -> web.StreamResponse:
         "error": run.error,
         "response_status": run.resp_status,
         "unreadable": list(run.unreadable),
+        # step.invoke: the run whose step started this one, and the runs its steps started.
+        "parent_id": parent.parent_id if parent else None,
+        "parent_step": parent.step_id if parent else None,
+        "children": [
+            {"id": link.child_id, "step": link.step_id}
+            | ({"route": child.route, "status": str(child.status)} if child else {})
+            for link, child in zip(children, child_runs, strict=True)
+        ],
         "attempts": [
             {
                 "n": a.n,
@@ -246,7 +266,7 @@ async def show_run(request: web.Request) -> web.StreamResponse:
             for a in attempts
         ],
     }
-    body = _raw_object(detail, {"steps": "[" + ",".join(_step(s) for s in steps) + "]"})
+    body = _raw_object(detail, {"steps": "[" + ",".join(_step(s, links) for s in steps) + "]"})
     return web.Response(text=body, content_type="application/json")
 
 

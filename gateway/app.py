@@ -1,6 +1,6 @@
 """Wires the gateway together: the store, the upstream session, the engine and two listeners.
 
-    public    (listen)           proxied routes, and poll URLs under /_stepgate/
+    public    (listen)           proxied routes; poll and signal URLs under /_stepgate/
     internal  (internal_listen)  callbacks, events, admin, /metrics, /healthz, /readyz, /ui
     scrape    (metrics_listen)   /metrics, /healthz, /readyz only (optional)
 
@@ -49,6 +49,7 @@ from gateway.proxy import (
     undecodable_field,
 )
 from gateway.routing import BadTarget, MethodNotAllowed, Router, Target, read_target
+from gateway.signals import post_signal
 from gateway.store import StoreKeyError, StoreLocked, open_store
 from gateway.supervisor import ChildProcess, SupervisorError, upstream_addresses
 from gateway.upgrade import relay_upgrade, wants_websocket
@@ -219,6 +220,7 @@ class Gateway:
         public[ROUTER] = self.router = Router(self.settings.routes)
         public[METRICS] = self.metrics
         public.router.add_route("*", RESERVED_PREFIX + "runs/{run_id}", poll_any_method)
+        public.router.add_route("*", RESERVED_PREFIX + "signals/{signal_id}", post_signal)
         public.router.add_route("*", "/{tail:.*}", dispatch, expect_handler=defer_continue)
 
         internal = web.Application(client_max_size=INTERNAL_MAX_BODY, middlewares=[problems])

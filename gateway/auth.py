@@ -52,3 +52,11 @@ def token_attempt(token: str) -> int | None:
 
 def token_valid(secret: str, token: str, attempt: int) -> bool:
     return same_secret(token, attempt_token(secret, attempt))
+
+
+def sent_event_id(secret: str, step_id: str) -> str:
+    """The id of the event a run sends as step `step_id` (step.send_event): the same for every
+    attempt, so a send repeated after a crash is the same event and is delivered once; derived
+    from the run's secret, so no one else can take it first."""
+    digest = hmac.new(secret.encode(), b"event\x00" + step_id.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest[:16]).decode().rstrip("=")

@@ -295,8 +295,22 @@ def _step_result(step: dict[str, Any]) -> str:
         return f"until {_when(step.get('wake_at'))}"
     if step.get("status") == "waiting":
         deadline = f" (until {_when(step['wake_at'])})" if step.get("wake_at") else ""
+        if step.get("kind") == "signal":
+            return f"a POST to {step.get('url', '?')}{deadline}"
+        if step.get("kind") == "invoke":
+            return f"child run {step.get('run_id', '?')}"
         return f"event {step.get('event', '?')} {_brief_json(step.get('match') or {})}{deadline}"
     return ""
+
+
+def _children(children: object) -> str | None:
+    if not isinstance(children, list) or not children:
+        return None
+    return ", ".join(
+        f"{child.get('id')} ({child.get('status', '?')})"
+        for child in children
+        if isinstance(child, dict)
+    )
 
 
 def _render_run(run: dict[str, Any]) -> str:
@@ -317,6 +331,9 @@ def _render_run(run: dict[str, Any]) -> str:
         ("ended", run.get("ended_at") and _when(run["ended_at"])),
         ("due", run.get("due_at") and _when(run["due_at"])),
         ("trace", run.get("trace_id")),
+        # step.invoke: the run whose step started this one, and the runs its steps started.
+        ("parent", run.get("parent_id") and f"{run['parent_id']} (step {run.get('parent_step')})"),
+        ("children", _children(run.get("children"))),
     ]
     lines = [f"{label:<9}{value}" for label, value in facts if value not in (None, "")]
 
@@ -343,7 +360,8 @@ def _render_run(run: dict[str, Any]) -> str:
                 str(item.get("seq", "")),
                 str(item.get("id", "?")),
                 str(item.get("kind", "")),
-                str(item.get("status", "")),
+                # A step whose policy is spent (issue 13): the handler was told, not rerun.
+                str(item.get("status", "")) + (" (final)" if item.get("final") is True else ""),
                 str(item.get("attempts", "")),
                 _took(item.get("duration_ms")) if item.get("status") == "completed" else "-",
                 _step_result(item),

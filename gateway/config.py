@@ -185,6 +185,7 @@ class Settings:
     lease: float = 10.0  # PostgreSQL: a replica silent this long has its runs taken over
     replica_id: str = ""  # PostgreSQL: this replica's name; "" until the gateway picks one
     otel: Otel | None = None  # None: no tracing, and no OpenTelemetry module is imported
+    public_url: str = ""  # the base of signal URLs; "" for URLs relative to the public listener
 
     @property
     def postgres(self) -> bool:
@@ -226,7 +227,7 @@ PLAIN_ATTEMPTS: Final = 1
 _TOP_KEYS: Final = (
     "listen", "internal_listen", "internal_url", "store", "durability", "retention",
     "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-    "routes", "limits", "store_key", "lease", "replica_id", "otel",
+    "routes", "limits", "store_key", "lease", "replica_id", "otel", "public_url",
 )  # fmt: skip
 _ROUTE_KEYS: Final = (
     "name", "path", "methods", "upstream", "durable", "timeout", "hold", "max_body",
@@ -536,6 +537,13 @@ def _http_url(value: object, key: str, *, allow_path: bool) -> str:
             key, f"{_show(text)} must not have a path: the client's path is forwarded as it is"
         )
     return f"{scheme}://{parts.netloc}{path}"
+
+
+def _public_url(value: object, key: str) -> str:
+    """The base of signal URLs; "" (the default) keeps them relative to the public listener."""
+    if value == "":
+        return ""
+    return _http_url(value, key, allow_path=True)
 
 
 def _store(value: object, key: str) -> tuple[str, str]:
@@ -1236,6 +1244,7 @@ def _settings(data: object, read_key: bool) -> Settings:
         lease=_lease(section, store),
         replica_id=section.optional("replica_id", _replica_id, ""),
         otel=section.optional("otel", _otel if read_key else _unread_otel, None),
+        public_url=section.optional("public_url", _public_url, ""),
     )
 
 

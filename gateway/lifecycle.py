@@ -21,17 +21,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from gateway import retry
+from gateway import policies, retry
 from gateway.config import Route
 from gateway.model import (
     ENDED,
     PARKED,
+    STEP_PARKED,
     Attempt,
     Outcome,
     Run,
     RunStatus,
     Step,
     StepKind,
+    StepStatus,
+    UpstreamReply,
 )
 
 STATES: Final = frozenset(RunStatus)
@@ -165,12 +168,14 @@ def after_attempt(
     run: Run,
     outcome: Outcome,
     route: Route | None,
-    parked: Sequence[Step],
+    steps: Sequence[Step],
     now: float,
     rng: random.Random,
 ) -> AfterAttempt:
-    """The run after one of its invocations ended. `run` is as stored, `parked` its steps that
-    still sleep or wait. An attempt that is no longer the run's current one changes nothing."""
+    """The run after one of its invocations ended. `run` is as stored; `steps` are its steps
+    that still sleep or wait, and those that failed under a step policy in this attempt. An
+    attempt that is no longer the run's current one changes nothing."""
+    parked = [step for step in steps if step.status in STEP_PARKED]
     if run.status != RunStatus.RUNNING or run.attempt != outcome.attempt:
         why = "run cancelled" if run.status == RunStatus.CANCELLED else "attempt superseded"
         return AfterAttempt(run, attempt_record(outcome, why), None)
@@ -191,6 +196,10 @@ def after_attempt(
         no_retry=bool(usable and usable.no_retry),
     )
     reason = retry.is_retriable(route.retry, status, outcome.failure)
+    by_policy = _policy_failures(run, steps)
+    if by_policy and not (result.suspend or result.no_retry or run.no_retry):
+        if reason is not None or status is None or status >= 500:
+            return _policy_retry(run, outcome, usable, by_policy, now, rng)
     decision = decide(
         result,
         retry_reason=reason,
@@ -237,6 +246,69 @@ def after_attempt(
     return AfterAttempt(_ended(current, decision.status, now, error), record, decision)
 
 
+def _policy_failures(run: Run, steps: Sequence[Step]) -> list[Step]:
+    """The steps that failed under their own policy in the run's current attempt."""
+    return [
+        step
+        for step in steps
+        if step.status == StepStatus.FAILED
+        and step.policy is not None
+        and step.failed_in == run.attempt
+    ]
+
+
+POLICY_RETRY: Final = "step_policy"
+
+
+def _policy_retry(
+    run: Run,
+    outcome: Outcome,
+    reply: UpstreamReply | None,
+    failed: Sequence[Step],
+    now: float,
+    rng: random.Random,
+) -> AfterAttempt:
+    """The invocation failed on steps with a policy of their own: retry on their back-off (the
+    longest of them), counted against the steps, not against the route's `retry.attempts`. A
+    step whose attempts are spent is final: the run is invoked again at once, and the SDK raises
+    StepFailed in the handler for it to compensate."""
+    final = [step for step in failed if step.final]
+    if final:
+        delay = 0.0
+        error = f"step {final[0].id!r} failed for good after {final[0].attempts} attempt(s)"
+    else:
+        delays = []
+        for step in failed:
+            policy = policies.load(step.policy)
+            assert policy is not None
+            delays.append(policies.delay(policy, step.attempts, rng))
+        delay = max(delays)
+        step = failed[0]
+        budget = policies.load(step.policy)
+        assert budget is not None
+        error = f"step {step.id!r} failed (attempt {step.attempts} of {budget.attempts})"
+    changes: dict[str, object] = {}
+    if reply is not None:
+        changes.update(
+            resp_status=reply.status,
+            resp_reason=reply.reason,
+            resp_headers=reply.headers,
+            resp_body=reply.body,
+        )
+    retrying = run.but(
+        status=RunStatus.RETRYING,
+        due_at=now + delay,
+        updated_at=now,
+        error=error,
+        wake_pending=False,
+        **changes,
+    )
+    decision = Decision("retry", RunStatus.RETRYING, reason=POLICY_RETRY)
+    return AfterAttempt(
+        retrying, attempt_record(outcome), decision, retry_reason=POLICY_RETRY, delay=delay
+    )
+
+
 def _park(
     run: Run,
     route: Route,
@@ -250,7 +322,8 @@ def _park(
         sleeping = any(step.kind == StepKind.SLEEP for step in parked)
         status = RunStatus.SLEEPING if sleeping else RunStatus.WAITING
         deadlines = [step.wake_at for step in parked if step.wake_at is not None]
-        due = now if run.wake_pending or not deadlines else min(deadlines)
+        # A step without a deadline (a child run's end) has no timer: it is woken only.
+        due = now if run.wake_pending else min(deadlines, default=None)
         parked_run = run.but(status=status, due_at=due, wake_pending=False)
         return AfterAttempt(parked_run, record, Decision("park", status))
     # The handler suspended with nothing to wait for: a handler bug. Treat it as a failed

@@ -38,6 +38,9 @@ class StepKind(StrEnum):
     RUN = "run"
     SLEEP = "sleep"
     WAIT = "wait"
+    EVENT = "event"  # an event the run sent (step.send_event), recorded so it is sent once
+    SIGNAL = "signal"  # parked until its URL is POSTed to, or its time-out
+    INVOKE = "invoke"  # parked until the child run it started ends
 
 
 class StepStatus(StrEnum):
@@ -120,6 +123,12 @@ class Step:
     match: str | None  # JSON
     created_at: float
     updated_at: float
+    # Step policies (protocol v1.1): the policy the last failed attempt carried (JSON, see
+    # gateway.policies), whether the step has failed for good, and the run attempt that
+    # recorded its last failure (so the end of that attempt knows a policy decides the retry).
+    policy: str | None = None
+    final: bool = False
+    failed_in: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -397,9 +397,10 @@
       const start = parse(s.created_at);
       const end = parse(s.updated_at);
       const tries = s.attempts > 1 ? ` · ${s.attempts} attempts` : "";
-      rows.push(row("tl-step", s.id, [s.kind, " · ", s.status, tries, " · ", ms(end - start)],
+      const status = s.final ? "failed for good" : s.status;
+      rows.push(row("tl-step", s.id, [s.kind, " · ", status, tries, " · ", ms(end - start)],
         bar(stepClass(s) + (s.attempts > 1 ? " retried" : ""), start, end,
-            `step ${s.id} (${s.kind}) ${s.status}, ${s.attempts} attempt(s), ${ms(end - start)}`)));
+            `step ${s.id} (${s.kind}) ${status}, ${s.attempts} attempt(s), ${ms(end - start)}`)));
     }
 
     const step = tickStep(span);
@@ -461,14 +462,43 @@
     const parts = [];
     const err = errorText(step.error);
     if (err) parts.push(h("div", { class: "error" }, err));
+    if (step.final) {
+      parts.push(h("div", { class: "final-note" }, "Failed for good: its attempts are spent, so the " +
+        "handler is told (StepFailed, StepFailedError) instead of running it again; the steps after it " +
+        "are its answer to that, such as a compensation."));
+    }
+    if (step.kind === "event" && step.output && typeof step.output === "object") {
+      parts.push(h("div", { class: "muted" }, "sent event ", h("code", {}, String(step.output.name)),
+        " id ", h("code", {}, String(step.output.id))));
+    }
     if (step.kind === "sleep" && step.wake_at) parts.push(h("div", { class: "muted" }, "wakes at ", timeCell(step.wake_at, true)));
     if (step.kind === "wait" && step.event) {
       parts.push(h("div", { class: "muted" }, "waits for ", h("code", {}, step.event),
         step.match ? [" matching ", h("code", {}, JSON.stringify(step.match))] : null,
         step.wake_at ? [" until ", timeCell(step.wake_at, true)] : null));
     }
+    if (step.kind === "signal" && step.url) {
+      parts.push(h("div", { class: "muted signal-url" }, step.status === "completed" ? "was signalled at " : "waits for a POST to ",
+        h("code", {}, step.url), step.status !== "completed" && step.wake_at ? [" until ", timeCell(step.wake_at, true)] : null));
+    }
+    if (step.kind === "invoke" && step.run_id) {
+      parts.push(h("div", { class: "muted child-link" }, "child run ",
+        h("a", { class: "mono", href: "#/runs/" + encodeURIComponent(step.run_id) }, step.run_id)));
+    }
     if (step.status === "completed") parts.push(outputBlock(run.id, step));
     return parts;
+  }
+
+  // step.invoke: a child run links to its parent, a parent to the runs its steps started.
+  function lineage(run, item) {
+    const link = (id) => h("a", { class: "mono", href: "#/runs/" + encodeURIComponent(id) }, id);
+    const out = [];
+    if (run.parent_id) out.push(item("Parent", h("span", { id: "parent-run" }, link(run.parent_id), " (step ", h("code", {}, run.parent_step), ")")));
+    if (run.children && run.children.length > 0) {
+      out.push(item("Children", h("span", { id: "child-runs" }, run.children.map((c, i) => [i ? ", " : "",
+        link(c.id), " ", c.status ? badge(c.status) : null]))));
+    }
+    return out;
   }
 
   function runHeader(run, now) {
@@ -489,6 +519,7 @@
         run.response_status ? item("Response", String(run.response_status)) : null,
         run.due_at ? item(run.status === "retrying" ? "Next attempt" : "Wakes by", timeCell(run.due_at, true)) : null,
         item("Trace id", run.trace_id ? h("code", {}, run.trace_id) : "–"),
+        ...lineage(run, item),
         run.error ? item("Error", h("span", { class: "error" }, run.error)) : null),
     ];
   }
@@ -524,8 +555,8 @@
         h("td", { class: "num" }, s.seq ?? "–"),
         h("td", { class: "mono step-id" }, s.id),
         h("td", {}, s.kind),
-        h("td", {}, badge(s.status)),
-        h("td", { class: "num" }, s.attempts),
+        h("td", {}, badge(s.status), s.final ? [" ", h("span", { class: "badge s-final" }, "final")] : null),
+        h("td", { class: "num" }, s.policy ? `${s.attempts} of ${s.policy.attempts}` : s.attempts),
         h("td", {}, "+" + ms(parse(s.created_at) - t0)),
         h("td", { class: "num" }, ms(s.duration_ms)),
         h("td", { class: "detail" }, stepDetail(run, s))))));

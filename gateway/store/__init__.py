@@ -16,16 +16,18 @@ from gateway.store.base import (
     AttemptFenced,
     Change,
     DuplicateIdempotencyKey,
+    Link,
     QueueFull,
     Refused,
     Replica,
     RunPage,
+    SignalRef,
     Store,
     StoreLocked,
     UnknownRun,
     WrongToken,
 )
-from gateway.store.rules import StepCall, StepWrite
+from gateway.store.rules import SignalVerdict, StepCall, StepWrite
 from gateway.store.sealing import StoreKeyError
 from gateway.store.sqlite import SQLiteStore
 
@@ -33,11 +35,14 @@ __all__ = [
     "AttemptFenced",
     "Change",
     "DuplicateIdempotencyKey",
+    "Link",
     "QueueFull",
     "Refused",
     "Replica",
     "RunPage",
     "SQLiteStore",
+    "SignalRef",
+    "SignalVerdict",
     "StepCall",
     "StepWrite",
     "Store",

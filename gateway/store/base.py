@@ -38,7 +38,7 @@ from gateway.flow import allowed
 from gateway.lifecycle import AfterAttempt
 from gateway.model import Attempt, Outcome, Run, RunStatus, Step
 from gateway.store.rows import RUN_COLUMNS
-from gateway.store.rules import StepCall, StepWrite, fenced
+from gateway.store.rules import SignalVerdict, StepCall, StepWrite, fenced
 
 
 class DuplicateIdempotencyKey(StoreError):
@@ -115,6 +115,25 @@ class Replica:
 class RunPage:
     runs: list[Run] = field(default_factory=list)
     next_cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRef:
+    """A signal step's public id, where it lives, and its secret."""
+
+    id: str
+    run_id: str
+    step_id: str
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """A child run and the parent's invoke step that started it."""
+
+    child_id: str
+    parent_id: str
+    step_id: str
 
 
 Listener = Callable[[Change], None]
@@ -361,7 +380,29 @@ class Store(abc.ABC):
         """Store an event and complete every wait it matches; None if the id was seen before."""
 
     @abc.abstractmethod
-    async def cancel(self, run_id: str, now: float) -> Run | None: ...
+    async def cancel(self, run_id: str, now: float) -> Run | None:
+        """Cancel a run that has not ended, and with it every child run it started that has
+        not ended (and theirs)."""
+
+    # -- signals and child runs (step.signal, step.invoke) -------------------------------------
+
+    @abc.abstractmethod
+    async def find_signal(self, signal_id: str) -> SignalRef | None: ...
+
+    @abc.abstractmethod
+    async def signals(self, run_id: str) -> dict[str, SignalRef]:
+        """The run's signals by step id."""
+
+    @abc.abstractmethod
+    async def deliver_signal(
+        self, signal_id: str, token: str, output: str, now: float
+    ) -> SignalVerdict | None:
+        """Complete a waiting signal step with `output` (JSON) and wake its run; None when the id
+        is unknown or the token wrong (compared in constant time)."""
+
+    @abc.abstractmethod
+    async def links(self, run_id: str) -> tuple[Link | None, list[Link]]:
+        """The run's parent link (if it is a child run) and its children, oldest first."""
 
     @abc.abstractmethod
     async def retry_ended(self, run_id: str, now: float) -> Run | None: ...

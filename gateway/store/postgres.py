@@ -32,12 +32,14 @@ import json
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg
 import structlog
 
 from gateway import flow
+from gateway.auth import same_secret
 from gateway.config import Rate, Route
 from gateway.errors import StoreError
 from gateway.events import event_object
@@ -50,8 +52,10 @@ from gateway.store.base import (
     Change,
     DuplicateIdempotencyKey,
     InterruptRule,
+    Link,
     QueueFull,
     Replica,
+    SignalRef,
     Store,
     UnknownRun,
     authorize_callback,
@@ -61,16 +65,18 @@ from gateway.store.rows import (
     FLOW_COUNTS,
     OLDEST_WAITING,
     QUEUED_ON_ROUTE,
+    RESTART_FINAL_STEPS,
     RUN_COLUMNS,
     SET_BUCKET_TAT,
     STEP_COLUMNS,
+    STEP_WIDTH,
     UPDATE_RUN,
     WAITING_FLOWS,
     Rows,
     step_from_row,
     step_values,
 )
-from gateway.store.rules import StepCall, StepWrite
+from gateway.store.rules import SignalVerdict, StepCall, StepWrite
 from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
 
 T = TypeVar("T")
@@ -199,6 +205,31 @@ MIGRATIONS: tuple[str, ...] = (
         ok BOOLEAN NOT NULL DEFAULT true   -- a rate limit's last verdict (see _TAKE_RATE)
     );
     """,
+    # Step policies (protocol v1.1): a step's own retry policy (JSON), whether it has failed for
+    # good, and the run attempt that recorded its last failure.
+    """
+    ALTER TABLE steps ADD COLUMN policy TEXT;
+    ALTER TABLE steps ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE steps ADD COLUMN failed_in INTEGER;
+    """,
+    # As SQLite's: signal steps' ids and secrets, and the child runs of invoke steps.
+    """
+    CREATE TABLE signals (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        token TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE UNIQUE INDEX signals_step ON signals (run_id, step_id);
+    CREATE TABLE children (
+        child_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
+        parent_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE UNIQUE INDEX children_step ON children (parent_id, step_id);
+    """,
 )
 
 
@@ -222,14 +253,26 @@ _LOCK_RUN_AND_STEP: Final = (
     f"{', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} FROM runs r "
     "LEFT JOIN steps s ON s.run_id = r.id AND s.step_id = $2 WHERE r.id = $1 FOR UPDATE OF r"
 )
-# The run row, locked, with each of its parked steps (one row, with nulls, if none).
+# The run row, locked, with each of its parked steps and those that failed under a step policy
+# in its current attempt (one row, with nulls, if none).
 _LOCK_RUN_AND_PARKED: Final = (
     f"SELECT {', '.join('r.' + c.strip() for c in RUN_COLUMNS.split(','))}, "
     f"{', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} FROM runs r "
-    "LEFT JOIN steps s ON s.run_id = r.id AND s.status IN ('sleeping', 'waiting') "
+    "LEFT JOIN steps s ON s.run_id = r.id AND (s.status IN ('sleeping', 'waiting') "
+    "OR (s.status = 'failed' AND s.policy IS NOT NULL AND s.failed_in = r.attempt)) "
     "WHERE r.id = $1 FOR UPDATE OF r"
 )
 _RUN_WIDTH: Final = RUN_COLUMNS.count(",") + 1
+_UPSERT_STEP: Final = (
+    f"INSERT INTO steps ({STEP_COLUMNS}) VALUES "
+    f"({', '.join(f'${n}' for n in range(1, STEP_WIDTH + 1))}) "
+    "ON CONFLICT (run_id, step_id) DO UPDATE SET "
+    + ", ".join(
+        f"{column} = EXCLUDED.{column}"
+        for column in (c.strip() for c in STEP_COLUMNS.split(","))
+        if column not in ("run_id", "step_id", "created_at")
+    )
+)
 _UPSERT_ATTEMPT: Final = (
     "INSERT INTO attempts (run_id, n, started_at, ended_at, outcome, status, error) "
     "VALUES ({}) ON CONFLICT (run_id, n) DO UPDATE SET "
@@ -801,10 +844,13 @@ class PostgresStore(Store):
                 *params,
             )
             done = []
+            woken.clear()  # a transaction tried again starts over
             for row in rows:
                 after = rule(self._rows.run(row))
                 await self._write_run(conn, after.run)
                 await self._write_attempt(conn, after.run.id, after.attempt)
+                if after.run.ended:
+                    await self._settle_parent(conn, after.run, woken)
                 done.append(after)
             flows = {(a.run.route, a.run.slot_key) for a in done if a.run.slot_key is not None}
             given = []
@@ -812,9 +858,12 @@ class PostgresStore(Store):
                 given += await self._release(conn, route, slot_key, time.time())
             return done, given
 
+        woken: list[Run] = []
         fenced, given = await self._tx(op)
         for after in fenced:
             self._changed(after.run)
+        for parent in woken:
+            self._changed(parent)
         self._given(given)
         return fenced
 
@@ -876,6 +925,7 @@ class PostgresStore(Store):
                 raise UnknownRun(run_id)
             joined = [self._split(row) for row in rows]
             run = joined[0][0]
+            woken.clear()
             after = rule(run, [step for _, step in joined if step is not None])
             if after.decision is not None:  # the run and its attempt in one statement
                 attempt = after.attempt
@@ -889,6 +939,8 @@ class PostgresStore(Store):
                     attempt.status,
                     attempt.error,
                 )
+                if after.run.ended:
+                    await self._settle_parent(conn, after.run, woken)
             else:
                 await self._write_attempt(conn, run_id, after.attempt)
             given: list[Run] = []
@@ -896,9 +948,12 @@ class PostgresStore(Store):
                 given = await self._release(conn, run.route, run.slot_key, after.run.updated_at)
             return after, given
 
+        woken: list[Run] = []
         after, given = await self._tx(op)
         if after.decision is not None:
             self._changed(after.run)
+        for parent in woken:
+            self._changed(parent)
         self._given(given)
         return after
 
@@ -921,29 +976,103 @@ class PostgresStore(Store):
                 else None
             )
             stored, current = self._split(row) if row is not None else (None, None)
-            run, _ = authorize_callback(stored, run_id, token)
+            run, attempt = authorize_callback(stored, run_id, token)
             call_now = call
             if call.kind == StepKind.WAIT and (
                 current is None or current.status == StepStatus.FAILED
             ):
                 call_now = await self._lookback(conn, run_id, call, lookback_since)
-            write = rules.merge_step(current, call_now, run_id, step_id, now)
+            write = rules.merge_step(current, call_now, run_id, step_id, now, attempt)
             if write.created:
                 if call.no_retry:
                     await conn.execute("UPDATE runs SET no_retry = 1 WHERE id = $1", run_id)
-                await conn.execute(
-                    f"INSERT INTO steps ({STEP_COLUMNS}) VALUES "
-                    "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
-                    "ON CONFLICT (run_id, step_id) DO UPDATE SET seq = EXCLUDED.seq, "
-                    "kind = EXCLUDED.kind, status = EXCLUDED.status, output = EXCLUDED.output, "
-                    "error = EXCLUDED.error, attempts = EXCLUDED.attempts, "
-                    "wake_at = EXCLUDED.wake_at, event = EXCLUDED.event, "
-                    "match = EXCLUDED.match, updated_at = EXCLUDED.updated_at",
-                    *step_values(write.step),
-                )
-            return StepWrite(write.created, write.step, run.route)
+                await conn.execute(_UPSERT_STEP, *step_values(write.step))
+            linked = StepWrite(write.created, write.step, run.route)
+            return await self._linked(conn, linked, call, now)
 
-        return await self._tx(op)
+        write = await self._tx(op)
+        if write.started is not None:
+            self._changed(write.started)
+        return write
+
+    async def _linked(self, conn: Conn, write: StepWrite, call: StepCall, now: float) -> StepWrite:
+        """As SQLite's: a signal's id and secret, an invoke's child run, created with the step."""
+        step = write.step
+        if step.kind == StepKind.SIGNAL:
+            if write.created and call.signal_id is not None and call.signal_token is not None:
+                await conn.execute(
+                    "INSERT INTO signals (id, run_id, step_id, token, created_at) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (run_id, step_id) DO UPDATE "
+                    "SET id = EXCLUDED.id, token = EXCLUDED.token",
+                    call.signal_id,
+                    step.run_id,
+                    step.id,
+                    call.signal_token,
+                    now,
+                )
+            row = await conn.fetchrow(
+                "SELECT id, token FROM signals WHERE run_id = $1 AND step_id = $2",
+                step.run_id,
+                step.id,
+            )
+            return replace(write, signal=(row[0], row[1]) if row else None)
+        if step.kind == StepKind.INVOKE:
+            started = None
+            if write.created and call.child is not None:
+                child = call.child
+                route = self.route_of(child.route)
+                if route is not None and route.flow_controlled:  # it waits its turn, too
+                    await self._lock_flow(conn, child, route)
+                    child = await self._admit(conn, child, route, now)
+                await conn.execute(_INSERT_RUN, *self._owned(child))
+                await conn.execute(  # replaces the link to a failed child after an admin retry
+                    "INSERT INTO children (child_id, parent_id, step_id, created_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT (parent_id, step_id) DO UPDATE "
+                    "SET child_id = EXCLUDED.child_id, created_at = EXCLUDED.created_at",
+                    child.id,
+                    step.run_id,
+                    step.id,
+                    now,
+                )
+                started = child if child.status == RunStatus.RUNNING else None
+            child_id = await conn.fetchval(
+                "SELECT child_id FROM children WHERE parent_id = $1 AND step_id = $2",
+                step.run_id,
+                step.id,
+            )
+            return replace(write, child_id=child_id, started=started)
+        return write
+
+    async def _settle_parent(self, conn: Conn, child: Run, woken: list[Run]) -> None:
+        """As SQLite's: a child run's end completes its parent's invoke step and wakes it."""
+        row = await conn.fetchrow(
+            "SELECT parent_id, step_id FROM children WHERE child_id = $1", child.id
+        )
+        if row is None:
+            return
+        parent = await self._read(conn, row[0])  # locked, as every decision on a run is
+        step_row = await conn.fetchrow(
+            f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = $1 AND step_id = $2", row[0], row[1]
+        )
+        step = step_from_row(step_row) if step_row else None
+        if step is None or step.status != StepStatus.WAITING or parent is None or parent.ended:
+            return
+        now = child.ended_at or time.time()
+        status, output, error = rules.child_result(child)
+        await conn.execute(  # a failed child fails the step for good, as in SQLite's
+            "UPDATE steps SET status = $1, output = $2, error = $3, final = $4, updated_at = $5 "
+            "WHERE run_id = $6 AND step_id = $7",
+            str(status),
+            output,
+            error,
+            int(error is not None),
+            now,
+            step.run_id,
+            step.id,
+        )
+        after = rules.woken(parent, now)
+        await self._write_run(conn, after)
+        woken.append(after)
 
     @staticmethod
     async def _lock_event(conn: Conn, name: str | None) -> None:
@@ -1048,10 +1177,128 @@ class PostgresStore(Store):
         return changed
 
     async def cancel(self, run_id: str, now: float) -> Run | None:
-        return await self._transition(run_id, lambda run: cancel_run(run, now))
+        async def op(conn: Conn) -> Run | None:
+            changed.clear()
+            given.clear()  # a transaction tried again starts over
+            run = await self._read(conn, run_id)
+            cancelled = None if run is None else cancel_run(run, now)
+            if cancelled is None:
+                return None
+            await self._write_run(conn, cancelled)
+            await self._settle_parent(conn, cancelled, changed)
+            assert run is not None
+            freed = [run] if flow.holds_slot(run) else []
+            parents = [run_id]  # the children it started go with it, and theirs
+            while parents:
+                below = await conn.fetch(
+                    "SELECT child_id FROM children WHERE parent_id = ANY($1::text[])", parents
+                )
+                parents = []
+                for (child_id,) in below:
+                    child = await self._read(conn, child_id)
+                    ended = None if child is None else cancel_run(child, now)
+                    if ended is not None and child is not None:
+                        await self._write_run(conn, ended)
+                        changed.append(ended)
+                        parents.append(child_id)
+                        if flow.holds_slot(child):
+                            freed.append(child)
+            flows = {(held.route, held.slot_key) for held in freed if held.slot_key is not None}
+            for route, slot_key in sorted(flows, key=str):  # their slots go to those waiting
+                given.extend(await self._release(conn, route, slot_key, now))
+            return cancelled
+
+        changed: list[Run] = []
+        given: list[Run] = []
+        cancelled = await self._tx(op)
+        if cancelled is not None:
+            self._changed(cancelled)
+        for run in changed:
+            self._changed(run)
+        self._given(given)
+        return cancelled
+
+    # -- signals and child runs ----------------------------------------------------------------
+
+    async def find_signal(self, signal_id: str) -> SignalRef | None:
+        if _NUL in signal_id:
+            return None
+        rows = await self._fetch(
+            "SELECT id, run_id, step_id, token FROM signals WHERE id = $1", signal_id
+        )
+        return SignalRef(*rows[0]) if rows else None
+
+    async def signals(self, run_id: str) -> dict[str, SignalRef]:
+        if _NUL in run_id:
+            return {}
+        rows = await self._fetch(
+            "SELECT id, run_id, step_id, token FROM signals WHERE run_id = $1", run_id
+        )
+        return {row[2]: SignalRef(*row) for row in rows}
+
+    async def deliver_signal(
+        self, signal_id: str, token: str, output: str, now: float
+    ) -> SignalVerdict | None:
+        async def op(conn: Conn) -> SignalVerdict | None:
+            woken.clear()
+            row = await conn.fetchrow(
+                "SELECT run_id, step_id, token FROM signals WHERE id = $1", signal_id
+            )
+            if row is None or not same_secret(token, row[2]):
+                return None
+            locked = await conn.fetchrow(_LOCK_RUN_AND_STEP, row[0], row[1])
+            if locked is None:
+                return None
+            run, step = self._split(locked)
+            verdict = rules.signal_verdict(run, step, now)
+            if verdict == SignalVerdict.DELIVER:
+                await conn.execute(
+                    "UPDATE steps SET status = 'completed', output = $1, updated_at = $2 "
+                    "WHERE run_id = $3 AND step_id = $4",
+                    output,
+                    now,
+                    row[0],
+                    row[1],
+                )
+                after = rules.woken(run, now)
+                await self._write_run(conn, after)
+                woken.append(after)
+            return verdict
+
+        if _NUL in signal_id:
+            return None
+        woken: list[Run] = []
+        verdict = await self._tx(op)
+        for run in woken:
+            self._changed(run)
+        return verdict
+
+    async def links(self, run_id: str) -> tuple[Link | None, list[Link]]:
+        if _NUL in run_id:
+            return None, []
+        rows = await self._fetch(
+            "SELECT child_id, parent_id, step_id FROM children "
+            "WHERE child_id = $1 OR parent_id = $1 ORDER BY created_at",
+            run_id,
+        )
+        found = [Link(*row) for row in rows]
+        parent = next((link for link in found if link.child_id == run_id), None)
+        return parent, [link for link in found if link.parent_id == run_id]
 
     async def retry_ended(self, run_id: str, now: float) -> Run | None:
-        return await self._transition(run_id, lambda run: retry_ended(run, now))
+        async def op(conn: Conn) -> Run | None:
+            run = await self._read(conn, run_id)
+            changed = None if run is None else retry_ended(run, now)
+            if changed is not None:
+                # A retried run starts its final steps afresh (step policies).
+                await conn.execute(numbered(RESTART_FINAL_STEPS), now, run_id)
+                await self._write_run(conn, changed)
+            return changed
+
+        changed = await self._tx(op)
+        if changed is not None:
+            self._changed(changed)
+        return changed
 
     async def purge_ended(self, before: float) -> int:
         async def op(conn: Conn) -> int:

@@ -18,7 +18,10 @@ RUN_COLUMNS: Final = (
 STEP_COLUMNS: Final = (
     "run_id, step_id, seq, kind, status, output, error, attempts, wake_at, event, match, "
     "created_at, updated_at"
+    # step policies (protocol v1.1)
+    ", policy, final, failed_in"
 )
+STEP_WIDTH: Final = STEP_COLUMNS.count(",") + 1
 # A run's new state: its request never changes, its answer is sealed anew (`?` placeholders,
 # in the order of Rows.update).
 UPDATE_RUN: Final = (
@@ -27,6 +30,11 @@ UPDATE_RUN: Final = (
     "resp_body = ?, error = ?, updated_at = ?, ended_at = ?, queued_at = ?, slot_key = ?, "
     "throttle_key = ?, "
     "sealed = (sealed & ?) | ? WHERE id = ?"
+)
+# An admin retry of an ended run gives its final steps their whole budget again (`?` placeholders:
+# now, run id); their last error stays for the timeline.
+RESTART_FINAL_STEPS: Final = (
+    "UPDATE steps SET final = 0, attempts = 0, updated_at = ? WHERE run_id = ? AND final = 1"
 )
 
 # Bits of runs.sealed: the request (target, headers, body, request_hash), the recorded answer
@@ -64,6 +72,9 @@ def step_from_row(row: Row) -> Step:
         row[10],
         row[11],
         row[12],
+        row[13],
+        bool(row[14]),
+        row[15],
     )
 
 
@@ -83,6 +94,9 @@ def step_values(step: Step) -> tuple[Any, ...]:
         step.match,
         step.created_at,
         step.updated_at,
+        step.policy,
+        int(step.final),
+        step.failed_in,
     )
 
 

@@ -4,6 +4,8 @@ it just read, so the rules hold however writes interleave.
 - a step write comes only from the run's current attempt (attempt fencing);
 - first write wins: a completed step never changes, a parked one only by completing;
 - attempts count the failed and successful writes of a `run` step;
+- a failed attempt under a policy that brings the count to the policy's `attempts` makes the
+  step final: it stays failed and takes no further write (step policies, protocol v1.1);
 - a wait is completed by the first matching event of the look-back window that no other wait
   of the run took, or later by every matching event;
 - an event that completes a wait of a running run leaves a pending wake-up for when it parks.
@@ -14,10 +16,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+from gateway import jsonin
 from gateway.events import event_object, matches_text
 from gateway.model import STEP_PARKED, Run, RunStatus, Step, StepKind, StepStatus
+from gateway.policies import StepPolicy
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,12 @@ class StepCall:
     event: str | None = None
     match: str | None = None  # JSON
     no_retry: bool = False  # a failed step with retriable: false
+    policy: StepPolicy | None = None  # a failed attempt's own retry policy (protocol v1.1)
+    # A new signal's id and secret (kept only if this call creates the step).
+    signal_id: str | None = None
+    signal_token: str | None = None
+    # A new invoke's child run (created only if this call creates the step).
+    child: Run | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +53,9 @@ class StepWrite:
     created: bool
     step: Step
     route: str = ""  # the run's route, for metrics and logs
+    signal: tuple[str, str] | None = None  # a signal step's (id, token)
+    child_id: str | None = None  # an invoke step's child run
+    started: Run | None = None  # the child run this write created, to be invoked now
 
 
 def fenced(run: Run, attempt: int) -> bool:
@@ -51,13 +65,25 @@ def fenced(run: Run, attempt: int) -> bool:
 
 
 def merge_step(
-    current: Step | None, call: StepCall, run_id: str, step_id: str, now: float
+    current: Step | None,
+    call: StepCall,
+    run_id: str,
+    step_id: str,
+    now: float,
+    attempt: int | None = None,
 ) -> StepWrite:
     """First write wins: a completed or parked record is kept as it is (a parked one changes
-    only when a wake-up completes it). A failed record takes the next write."""
-    if current is not None and (current.status != StepStatus.FAILED or current.kind != call.kind):
+    only when a wake-up completes it), and so is a final one (an invoke whose child run
+    failed is one). A failed record takes the next write. `attempt` is the run attempt
+    writing, kept with a failure."""
+    if current is not None and (
+        current.status != StepStatus.FAILED or current.kind != call.kind or current.final
+    ):
         return StepWrite(created=False, step=current)  # the caller refuses a kind mismatch
     attempts = (current.attempts if current else 0) + (1 if call.kind == StepKind.RUN else 0)
+    failed = call.status == StepStatus.FAILED
+    policy = call.policy if failed else None
+    final = policy is not None and attempts >= policy.attempts
     # A step that succeeds after failing keeps its last error, for the timeline.
     last_error = call.error if call.error is not None or current is None else current.error
     seq = call.seq if current is None or call.seq is not None else current.seq
@@ -75,6 +101,9 @@ def merge_step(
         call.match,
         current.created_at if current else now,
         now,
+        policy.dump() if policy is not None else (current.policy if current else None),
+        final,
+        attempt if failed else (current.failed_in if current else None),
     )
     return StepWrite(created=True, step=step)
 
@@ -130,3 +159,68 @@ def woken(run: Run, now: float) -> Run:
 
 def is_parked(step: Step) -> bool:
     return step.status in STEP_PARKED
+
+
+# -- signals and child runs ----------------------------------------------------------------------
+
+SIGNALS_PATH = "/_stepgate/signals/"
+
+
+def signal_url(public_url: str, signal_id: str, token: str) -> str:
+    """Where a signal is POSTed to: on the public listener, relative unless `public_url` is set."""
+    return f"{public_url}{SIGNALS_PATH}{signal_id}?token={token}"
+
+
+class SignalVerdict(StrEnum):
+    DELIVER = "deliver"  # the step waits: complete it with the POSTed body
+    DONE = "done"  # completed already: by an earlier POST, or timed out
+    ENDED = "ended"  # the run has ended; nothing waits for it any more
+
+
+def signal_verdict(run: Run, step: Step | None, now: float) -> SignalVerdict:
+    """What a POST to a signal's URL does, decided on the run and step as stored. A signal whose
+    time-out has passed is over even before the timer has completed it: the handler gets null."""
+    if run.ended:
+        return SignalVerdict.ENDED
+    if step is None or step.status != StepStatus.WAITING:
+        return SignalVerdict.DONE
+    if step.wake_at is not None and step.wake_at <= now:
+        return SignalVerdict.DONE
+    return SignalVerdict.DELIVER
+
+
+CHILD_FAILED = "ChildRunFailed"
+
+
+def child_result(child: Run) -> tuple[StepStatus, str | None, str | None]:
+    """The parent's invoke step once its child run has ended: (status, output, error). The output
+    is the child's final response body, JSON-decoded when it is JSON, else its text; a child that
+    did not complete fails the step for good, with the child's final status."""
+    if child.status == RunStatus.COMPLETED:
+        return StepStatus.COMPLETED, dump(response_value(child)), None
+    error: dict[str, Any] = {
+        "message": f"the child run {child.id} ({child.route}) ended {child.status}"
+        + (f" with {child.resp_status}" if child.resp_status is not None else ""),
+        "type": CHILD_FAILED,
+        "retriable": False,
+        "status": child.resp_status,
+        "run_id": child.id,
+    }
+    if child.error:
+        error["detail"] = child.error
+    return StepStatus.FAILED, None, dump(error)
+
+
+def response_value(run: Run) -> Any:
+    """A run's final response body as a JSON value: decoded if it says it is JSON and parses,
+    else as text (undecodable bytes replaced); null when there is none."""
+    body = run.resp_body
+    if not body:
+        return None
+    kind = next((v for k, v in run.resp_headers or () if k.lower() == "content-type"), "")
+    if "json" in kind.lower():
+        try:  # bounded as every JSON the gateway stores is (NaN, depth, ...)
+            return jsonin.loads(body)
+        except jsonin.BadJSON:
+            pass
+    return body.decode("utf-8", "replace")

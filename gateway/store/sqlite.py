@@ -26,12 +26,14 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import aiosqlite
 import structlog
 
 from gateway import flow
+from gateway.auth import same_secret
 from gateway.config import Route
 from gateway.errors import StoreError
 from gateway.events import event_object
@@ -43,7 +45,9 @@ from gateway.store.base import (
     AttemptRule,
     DuplicateIdempotencyKey,
     InterruptRule,
+    Link,
     QueueFull,
+    SignalRef,
     Store,
     StoreLocked,
     UnknownRun,
@@ -55,16 +59,18 @@ from gateway.store.rows import (
     FLOW_COUNTS,
     OLDEST_WAITING,
     QUEUED_ON_ROUTE,
+    RESTART_FINAL_STEPS,
     RUN_COLUMNS,
     SET_BUCKET_TAT,
     STEP_COLUMNS,
+    STEP_WIDTH,
     UPDATE_RUN,
     WAITING_FLOWS,
     Rows,
     step_from_row,
     step_values,
 )
-from gateway.store.rules import StepCall, StepWrite
+from gateway.store.rules import SignalVerdict, StepCall, StepWrite
 from gateway.store.sealing import KEY_CHECK, Sealer, StoreKeyError
 
 T = TypeVar("T")
@@ -169,6 +175,32 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX runs_queued ON runs (route) WHERE status = 'queued';
     CREATE TABLE flow_buckets (name TEXT PRIMARY KEY, tat REAL NOT NULL) WITHOUT ROWID;
     """,
+    # Step policies (protocol v1.1): a step's own retry policy (JSON), whether it has failed for
+    # good, and the run attempt that recorded its last failure.
+    """
+    ALTER TABLE steps ADD COLUMN policy TEXT;
+    ALTER TABLE steps ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE steps ADD COLUMN failed_in INTEGER;
+    """,
+    # signals: a signal step's public id and its secret (the URL's token). children: the run an
+    # invoke step started, so that the child's end completes the parent's step.
+    """
+    CREATE TABLE signals (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        token TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX signals_step ON signals (run_id, step_id);
+    CREATE TABLE children (
+        child_id TEXT PRIMARY KEY REFERENCES runs (id) ON DELETE CASCADE,
+        parent_id TEXT NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step_id TEXT NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE UNIQUE INDEX children_step ON children (parent_id, step_id);
+    """,
 )
 
 
@@ -204,10 +236,13 @@ def _write_attempt(conn: sqlite3.Connection, run_id: str, attempt: Attempt) -> N
     )
 
 
-def _parked_steps(conn: sqlite3.Connection, run_id: str) -> list[Step]:
+def _parked_steps(conn: sqlite3.Connection, run_id: str, attempt: int) -> list[Step]:
+    """The steps the end of an attempt is decided on: the parked ones, and those that failed
+    under a step policy in that attempt."""
     rows = conn.execute(
-        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND status IN ('sleeping', 'waiting')",
-        (run_id,),
+        f"SELECT {STEP_COLUMNS} FROM steps WHERE run_id = ? AND (status IN ('sleeping', "
+        "'waiting') OR (status = 'failed' AND policy IS NOT NULL AND failed_in = ?))",
+        (run_id, attempt),
     ).fetchall()
     return [step_from_row(r) for r in rows]
 
@@ -221,8 +256,7 @@ def _read_step(conn: sqlite3.Connection, run_id: str, step_id: str) -> Step | No
 
 def _write_step(conn: sqlite3.Connection, step: Step) -> None:
     conn.execute(
-        f"INSERT OR REPLACE INTO steps ({STEP_COLUMNS}) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR REPLACE INTO steps ({STEP_COLUMNS}) VALUES ({', '.join('?' * STEP_WIDTH)})",
         step_values(step),
     )
 
@@ -724,6 +758,8 @@ class SQLiteStore(Store):
                 after = rule(self._rows.run(row))
                 self._rows.write(conn, after.run)
                 _write_attempt(conn, after.run.id, after.attempt)
+                if after.run.ended:
+                    self._settle_parent(conn, after.run, woken)
                 done.append(after)
             flows = {(after.run.route, after.run.slot_key) for after in done}
             given = [
@@ -733,9 +769,12 @@ class SQLiteStore(Store):
             ]
             return done, given
 
+        woken: list[Run] = []
         recovered, given = await self._write(op)
         for after in recovered:
             self._changed(after.run)
+        for parent in woken:
+            self._changed(parent)
         self._given(given)
         return recovered
 
@@ -771,18 +810,23 @@ class SQLiteStore(Store):
             run = self._rows.read(conn, run_id)
             if run is None:
                 raise UnknownRun(run_id)
-            after = rule(run, _parked_steps(conn, run_id))
+            after = rule(run, _parked_steps(conn, run_id, run.attempt))
             given: list[Run] = []
             if after.decision is not None:
                 self._rows.write(conn, after.run)
+                if after.run.ended:
+                    self._settle_parent(conn, after.run, woken)
                 if run.slot_key is not None:
                     given = self._release(conn, run.route, run.slot_key, after.run.updated_at)
             _write_attempt(conn, run_id, after.attempt)
             return after, given
 
+        woken: list[Run] = []
         after, given = await self._write(op)
         if after.decision is not None:
             self._changed(after.run)
+        for parent in woken:
+            self._changed(parent)
         self._given(given)
         return after
 
@@ -797,7 +841,7 @@ class SQLiteStore(Store):
         lookback_since: float,
     ) -> StepWrite:
         def op(conn: sqlite3.Connection) -> StepWrite:
-            run, _ = authorize_callback(self._rows.read(conn, run_id), run_id, token)
+            run, attempt = authorize_callback(self._rows.read(conn, run_id), run_id, token)
             current = _read_step(conn, run_id, step_id)
             if call.kind == StepKind.WAIT and (
                 current is None or current.status == StepStatus.FAILED
@@ -805,14 +849,80 @@ class SQLiteStore(Store):
                 call_now = self._lookback(conn, run_id, call, lookback_since)
             else:
                 call_now = call
-            write = rules.merge_step(current, call_now, run_id, step_id, now)
+            write = rules.merge_step(current, call_now, run_id, step_id, now, attempt)
             if write.created:
                 if call.no_retry:
                     conn.execute("UPDATE runs SET no_retry = 1 WHERE id = ?", (run_id,))
                 _write_step(conn, write.step)
-            return StepWrite(write.created, write.step, run.route)
+            return self._linked(conn, StepWrite(write.created, write.step, run.route), call, now)
 
-        return await self._write(op)
+        write = await self._write(op)
+        if write.started is not None:
+            self._changed(write.started)
+        return write
+
+    def _linked(
+        self, conn: sqlite3.Connection, write: StepWrite, call: StepCall, now: float
+    ) -> StepWrite:
+        """A signal step's id and secret, an invoke step's child run: kept when the step is
+        created (the child run too, in the same commit: once, however often it is asked for),
+        read back when it was recorded before."""
+        step = write.step
+        if step.kind == StepKind.SIGNAL:
+            if write.created and call.signal_id is not None and call.signal_token is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO signals (id, run_id, step_id, token, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (call.signal_id, step.run_id, step.id, call.signal_token, now),
+                )
+            row = conn.execute(
+                "SELECT id, token FROM signals WHERE run_id = ? AND step_id = ?",
+                (step.run_id, step.id),
+            ).fetchone()
+            return replace(write, signal=(row[0], row[1]) if row else None)
+        if step.kind == StepKind.INVOKE:
+            started = None
+            if write.created and call.child is not None:
+                child = call.child
+                route = self.route_of(child.route)
+                if route is not None and route.flow_controlled:  # it waits its turn, too
+                    child = self._admit(conn, child, route, now)
+                conn.execute(_INSERT_RUN, self._rows.insert(child))
+                conn.execute(  # replaces the link to a failed child after an admin retry
+                    "INSERT OR REPLACE INTO children (child_id, parent_id, step_id, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (child.id, step.run_id, step.id, now),
+                )
+                started = child if child.status == RunStatus.RUNNING else None
+            row = conn.execute(
+                "SELECT child_id FROM children WHERE parent_id = ? AND step_id = ?",
+                (step.run_id, step.id),
+            ).fetchone()
+            return replace(write, child_id=row[0] if row else None, started=started)
+        return write
+
+    def _settle_parent(self, conn: sqlite3.Connection, child: Run, woken: list[Run]) -> None:
+        """A run has ended: if it is a child run, its parent's invoke step completes (or fails
+        for good) in the same commit, and the parent is woken."""
+        row = conn.execute(
+            "SELECT parent_id, step_id FROM children WHERE child_id = ?", (child.id,)
+        ).fetchone()
+        if row is None:
+            return
+        step = _read_step(conn, row[0], row[1])
+        parent = self._rows.read(conn, row[0])
+        if step is None or step.status != StepStatus.WAITING or parent is None or parent.ended:
+            return
+        now = child.ended_at or time.time()
+        status, output, error = rules.child_result(child)
+        conn.execute(  # a failed child fails the step for good: a replay raises StepFailed
+            "UPDATE steps SET status = ?, output = ?, error = ?, final = ?, updated_at = ? "
+            "WHERE run_id = ? AND step_id = ?",
+            (str(status), output, error, int(error is not None), now, step.run_id, step.id),
+        )
+        after = rules.woken(parent, now)
+        self._rows.write(conn, after)
+        woken.append(after)
 
     @staticmethod
     def _lookback(conn: sqlite3.Connection, run_id: str, call: StepCall, since: float) -> StepCall:
@@ -905,10 +1015,117 @@ class SQLiteStore(Store):
         return changed
 
     async def cancel(self, run_id: str, now: float) -> Run | None:
-        return await self._transition(run_id, lambda run: cancel_run(run, now))
+        def op(conn: sqlite3.Connection) -> Run | None:
+            run = self._rows.read(conn, run_id)
+            cancelled = None if run is None else cancel_run(run, now)
+            if cancelled is None:
+                return None
+            self._rows.write(conn, cancelled)
+            self._settle_parent(conn, cancelled, changed)
+            assert run is not None
+            freed = [run] if flow.holds_slot(run) else []
+            # The children it started go with it, and theirs.
+            parents = [run_id]
+            while parents:
+                below = conn.execute(
+                    f"SELECT child_id FROM children WHERE parent_id IN "
+                    f"({', '.join('?' * len(parents))})",
+                    parents,
+                ).fetchall()
+                parents = []
+                for (child_id,) in below:
+                    child = self._rows.read(conn, child_id)
+                    ended = None if child is None else cancel_run(child, now)
+                    if ended is not None and child is not None:
+                        self._rows.write(conn, ended)
+                        changed.append(ended)
+                        parents.append(child_id)
+                        if flow.holds_slot(child):
+                            freed.append(child)
+            flows = {(held.route, held.slot_key) for held in freed if held.slot_key is not None}
+            for route, slot_key in sorted(flows, key=str):  # their slots go to those waiting
+                given.extend(self._release(conn, route, slot_key, now))
+            return cancelled
+
+        changed: list[Run] = []
+        given: list[Run] = []
+        cancelled = await self._write(op)
+        if cancelled is not None:
+            self._changed(cancelled)
+        for run in changed:
+            self._changed(run)
+        self._given(given)
+        return cancelled
+
+    # -- signals and child runs ----------------------------------------------------------------
+
+    async def find_signal(self, signal_id: str) -> SignalRef | None:
+        rows = await self._fetchall(
+            "SELECT id, run_id, step_id, token FROM signals WHERE id = ?", (signal_id,)
+        )
+        return SignalRef(*rows[0]) if rows else None
+
+    async def signals(self, run_id: str) -> dict[str, SignalRef]:
+        rows = await self._fetchall(
+            "SELECT id, run_id, step_id, token FROM signals WHERE run_id = ?", (run_id,)
+        )
+        return {row[2]: SignalRef(*row) for row in rows}
+
+    async def deliver_signal(
+        self, signal_id: str, token: str, output: str, now: float
+    ) -> SignalVerdict | None:
+        def op(conn: sqlite3.Connection) -> SignalVerdict | None:
+            row = conn.execute(
+                "SELECT run_id, step_id, token FROM signals WHERE id = ?", (signal_id,)
+            ).fetchone()
+            if row is None or not same_secret(token, row[2]):
+                return None
+            run = self._rows.read(conn, row[0])
+            if run is None:
+                return None
+            step = _read_step(conn, row[0], row[1])
+            verdict = rules.signal_verdict(run, step, now)
+            if verdict == rules.SignalVerdict.DELIVER:
+                conn.execute(
+                    "UPDATE steps SET status = 'completed', output = ?, updated_at = ? "
+                    "WHERE run_id = ? AND step_id = ?",
+                    (output, now, row[0], row[1]),
+                )
+                after = rules.woken(run, now)
+                self._rows.write(conn, after)
+                woken.append(after)
+            return verdict
+
+        woken: list[Run] = []
+        verdict = await self._write(op)
+        for run in woken:
+            self._changed(run)
+        return verdict
+
+    async def links(self, run_id: str) -> tuple[Link | None, list[Link]]:
+        rows = await self._fetchall(
+            "SELECT child_id, parent_id, step_id FROM children "
+            "WHERE child_id = ? OR parent_id = ? ORDER BY created_at",
+            (run_id, run_id),
+        )
+        found = [Link(*row) for row in rows]
+        parent = next((link for link in found if link.child_id == run_id), None)
+        return parent, [link for link in found if link.parent_id == run_id]
 
     async def retry_ended(self, run_id: str, now: float) -> Run | None:
-        return await self._transition(run_id, lambda run: retry_ended(run, now))
+        def op(conn: sqlite3.Connection) -> Run | None:
+            run = self._rows.read(conn, run_id)
+            changed = None if run is None else retry_ended(run, now)
+            if changed is not None:
+                # A retried run starts its final steps afresh (step policies).
+                conn.execute(RESTART_FINAL_STEPS, (now, run_id))
+                self._rows.write(conn, changed)
+            return changed
+
+        changed = await self._write(op)
+        if changed is not None:
+            self._changed(changed)
+        return changed
 
     async def purge_ended(self, before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:

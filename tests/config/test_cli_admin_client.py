@@ -52,6 +52,9 @@ RUN_DETAIL = RUN_SUMMARY | {
         {"id": "paid", "seq": 2, "kind": "wait", "status": "waiting", "attempts": 0,
          "duration_ms": 0.0, "output": None, "error": None, "event": "order.paid",
          "match": {"data.order": 7}, "wake_at": "2025-01-03T03:04:09.000Z"},
+        {"id": "charge", "seq": 3, "kind": "run", "status": "failed", "attempts": 3,
+         "final": True, "duration_ms": 1.0, "output": None,
+         "error": {"message": "declined", "type": "Card"}},
     ],
 }  # fmt: skip
 
@@ -182,6 +185,8 @@ async def test_runs_show_timeline(admin: Any, run_cli: Cli) -> None:
     assert 'output: {"flight": "LH123"}' in text
     assert "error: no rooms" in text
     assert 'event order.paid {"data.order": 7}' in text
+    assert "failed (final)" in text  # a step whose own retry policy is spent
+    assert text.count("(final)") == 1
     # steps in seq order
     assert text.index("book-flight") < text.index("book-hotel") < text.index("paid ")
 

@@ -146,3 +146,34 @@ async def test_pointing_at_the_public_listener_says_so(
     assert outcome.err.rstrip().endswith(
         f"(is {gw.url} the gateway's internal URL? the admin API is served on internal_listen)"
     )
+
+
+async def test_runs_show_links_a_parent_and_its_child_and_shows_what_they_wait_for(
+    gateway: GatewayFactory, upstream: UpstreamFactory, run_cli: Callable[..., Any]
+) -> None:
+    from tests.gateway.test_invoke import Trip, routes
+
+    trip = Trip("hold")  # the child holds: the parent waits for it
+    gw = await gateway(routes(await upstream(trip.app())))
+    try:
+        async with gw.session.post(
+            gw.url + "/trip", json={}, headers={"Prefer": "respond-async"}
+        ) as resp:
+            parent = resp.headers["Stepgate-Run-Id"]
+        for _ in range(200):
+            async with gw.session.get(f"{gw.internal}/v1/runs/{parent}") as resp:
+                run = await resp.json()
+            if run["status"] == "waiting":
+                break
+            await asyncio.sleep(0.02)
+        (child,) = run["children"]
+
+        shown = await run_cli("runs", "show", parent, "--url", gw.internal)
+        assert shown.code == 0, shown.err
+        assert f"children {child['id']} (running)" in shown.out
+        (row,) = [line for line in shown.out.splitlines() if " book-hotel " in line]
+        assert f"child run {child['id']}" in row
+        shown = await run_cli("runs", "show", child["id"], "--url", gw.internal)
+        assert f"parent   {parent} (step book-hotel)" in shown.out
+    finally:
+        trip.release.set()

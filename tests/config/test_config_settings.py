@@ -10,6 +10,7 @@ import yaml
 
 from gateway.config import (
     Address,
+    ConfigError,
     Otel,
     RetryPolicy,
     Route,
@@ -208,7 +209,7 @@ def test_example_config_passes_check_from_the_repo_root() -> None:
     outcome = run_process("check", "--config", "config.example.yaml", cwd=REPO)
     assert (outcome.code, outcome.out, outcome.err) == (
         0,
-        "config.example.yaml: ok (2 routes)\n",
+        "config.example.yaml: ok (3 routes)\n",
         "",
     )
 
@@ -221,7 +222,7 @@ def test_example_config_shows_every_option_at_its_default() -> None:
     assert set(raw) == {
         "listen", "internal_listen", "internal_url", "store", "durability", "retention",
         "admin_token", "events", "log_level", "log_format", "metrics_listen", "shutdown_grace",
-        "routes", "limits", "store_key", "replica_id", "otel",
+        "routes", "limits", "store_key", "replica_id", "otel", "public_url",
     }  # fmt: skip
     # lease is shown commented out: an SQLite store refuses it (it has no leases).
     assert "# lease: 10s" in EXAMPLE.read_text(encoding="utf-8")
@@ -234,10 +235,11 @@ def test_example_config_shows_every_option_at_its_default() -> None:
     assert dataclasses.replace(example, routes=()) == defaults
     assert example.store == "sqlite:///stepgate.db"
 
-    trips, stats = example.routes
+    trips, insurance, stats = example.routes
     assert (trips.path, trips.methods, trips.durable) == ("/trips", frozenset({"POST"}), True)
+    assert (insurance.path, insurance.durable) == ("/insurance", True)
     assert (stats.path, stats.methods, stats.durable) == ("/stats", frozenset({"GET"}), False)
-    for route, attempts in ((trips, 4), (stats, 1)):
+    for route, attempts in ((trips, 4), (insurance, 4), (stats, 1)):
         assert route.upstream == "http://127.0.0.1:3000"
         assert route.retry == RetryPolicy(attempts, 0.5, 30.0, 2.0, DEFAULT_ON, False)
         assert (route.timeout, route.hold, route.max_body) == (30.0, 5.0, 1024 * 1024)
@@ -290,6 +292,24 @@ def test_otel_settings() -> None:
     assert parse_settings({}, source="t").otel is None
     # A client of the admin API reads the config for its URL and token only.
     assert parse_settings({"otel": {"endpoint": 5}}, source="t", read_key=False).otel is None
+
+
+def test_public_url_is_an_http_url_without_a_trailing_slash() -> None:
+    def public(value: object) -> str:
+        return parse_settings({"public_url": value}, source="t").public_url
+
+    assert parse_settings({}, source="t").public_url == ""
+    assert public("") == ""
+    assert public("https://shop.example.com/") == "https://shop.example.com"
+    assert public("http://gw.internal:8080/api") == "http://gw.internal:8080/api"
+    for bad, why in (
+        ("shop.example.com", "expected an http:// or https:// URL"),
+        ("https://shop.example.com/?x=1", "must not have a query or fragment"),
+        ("https://user@shop.example.com", "credentials in the URL"),
+    ):
+        with pytest.raises(ConfigError, match=why) as caught:
+            public(bad)
+        assert caught.value.key == "public_url"
 
 
 def test_load_settings_accepts_a_path_object(tmp_path: Path) -> None:

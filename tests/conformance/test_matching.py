@@ -130,10 +130,15 @@ def test_the_scenarios_cover_the_brief() -> None:
         "wait-for-event",
         "wait-times-out",
         "replay-mismatch",
+        "step-policy-retries",
+        "step-timeout",
+        "final-failure-compensated",
+        "event-sent-once",
     } <= names
     for scenario in SCENARIOS:
-        # Stats are compared exactly, so a scenario that checks them names every step.
-        assert set(scenario.expect.get("stats", dict.fromkeys(STEPS))) == set(STEPS), scenario.name
+        # Stats are compared exactly over every counted step; the ones a scenario leaves out
+        # must not have run, so it may name only counted steps.
+        assert set(scenario.expect.get("stats", {})) <= set(STEPS), scenario.name
 
 
 @pytest.mark.parametrize(

@@ -303,3 +303,28 @@ async def test_a_killed_gateway_starts_its_queued_runs_after_restart_in_order(
     # and waits for a slot behind them like a new run.
     assert service.names() == ["r0", "r1", "r2", "r3", "r4", "r0"]
     assert service.most <= 2  # the upstream still held the crashed gateway's call to r0
+
+
+async def test_child_runs_wait_for_their_routes_slots(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    from tests.gateway.test_invoke import Trip, book, routes
+
+    trip = Trip("hold")
+    configured = routes(await upstream(trip.app()))
+    hotel = next(route for route in configured if route["name"] == "hotel")
+    hotel["concurrency"] = 1
+    gw = await gateway(configured)
+    first, _ = await book(gw)
+    second, _ = await book(gw)
+    await until(lambda: trip.ran["hotel"] == 1)
+    (waiting,) = await statuses(gw, "queued")  # the second child: the first holds the slot
+    async with gw.session.get(f"{gw.internal}/v1/runs/{waiting}") as resp:
+        assert (await resp.json())["route"] == "hotel"
+    assert trip.ran["hotel"] == 1
+    trip.release.set()
+    for location in (first, second):
+        async with gw.session.get(gw.url + location + "&wait=10") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["hotel"]["room"] == 12
+    assert trip.ran["hotel"] == 2

@@ -370,4 +370,9 @@ async def test_a_caller_without_the_run_token_is_refused_before_its_body_is_read
     assert_refused(await held.request("PUT", "/v1/runs/no-such-run/steps/s", raw, held.auth), 404)
     # The run's own token still gets the body judged.
     assert (await held.put("s", raw)).status in (400, 413)
+    # The same for an event the run sends (protocol v1.1).
+    events = f"{held.cb_path}/events"
+    assert_refused(await held.request("POST", events, raw, forged), 401)
+    assert_refused(await held.request("POST", "/v1/runs/no-such-run/events", raw, held.auth), 404)
+    assert (await held.request("POST", events, raw, held.auth)).status in (400, 413)
     await held.assert_readable()

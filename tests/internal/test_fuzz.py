@@ -8,6 +8,7 @@ over http.client while the gateway keeps the event loop."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 from collections.abc import Callable
 from typing import Any
@@ -167,6 +168,37 @@ wait_bodies = members(
     }
 )
 step_ids = st.text(chars, min_size=0, max_size=300)
+# Step policies (protocol v1.1): an error PUT with a policy of its own.
+policy_bodies = members(
+    {
+        "error": st.just('{"message":"no"}'),
+        "policy": either(
+            members(
+                {
+                    "attempts": either(st.integers(-2, 2000).map(str), number_texts),
+                    "initial": either(durations),
+                    "max": either(durations),
+                    "multiplier": either(number_texts),
+                }
+            )
+        ),
+        "seq": seqs,
+    }
+)
+
+# Signals and child runs (protocol v1.1). An invoke of a route that exists would start child
+# runs; the route names here are refused before anything is recorded.
+signal_bodies = members(
+    {"signal": either(members({"timeout": either(durations, number_texts)})), "seq": seqs}
+)
+invoke_bodies = members(
+    {
+        "invoke": either(
+            members({"route": either(texts.map(_dump), st.just('"nowhere"')), "body": json_texts})
+        ),
+        "seq": seqs,
+    }
+)
 
 
 bodies: dict[str, st.SearchStrategy[str]] = {
@@ -174,6 +206,9 @@ bodies: dict[str, st.SearchStrategy[str]] = {
     "error": error_bodies,
     "sleep": sleep_bodies,
     "wait": wait_bodies,
+    "policy": policy_bodies,
+    "signal": signal_bodies,
+    "invoke": invoke_bodies,
 }
 
 
@@ -224,6 +259,56 @@ async def test_fuzz_sleep_puts(held: HeldRun) -> None:
 
 async def test_fuzz_wait_puts(held: HeldRun) -> None:
     await _in_thread(held, _step_put("wait"))
+
+
+async def test_fuzz_error_puts_with_a_policy(held: HeldRun) -> None:
+    await _in_thread(held, _step_put("policy"))
+
+
+async def test_fuzz_signal_and_invoke_puts(held: HeldRun) -> None:
+    await _in_thread(held, _step_put("signal"))
+    await _in_thread(held, _step_put("invoke"))
+
+
+async def test_fuzz_posts_to_a_signal_url(held: HeldRun) -> None:
+    """Whatever is POSTed to a signal's URL (any body, any token) is a 4xx or the one 202."""
+    answer = await held.put("approve", {"signal": {"timeout": "1h"}})
+    url = answer.json()["url"]
+    path, _, token = url.partition("?token=")
+    accepted = 0
+
+    def check(client: SyncClient) -> None:
+        public = http.client.HTTPConnection("127.0.0.1", held.gw.gateway.public_port, timeout=30)
+
+        @fuzz
+        @given(
+            body=st.one_of(
+                st.binary(max_size=64), json_texts.map(lambda t: t.encode("utf-8", "surrogatepass"))
+            ),
+            good_token=st.booleans(),
+            guess=st.text(chars, max_size=40),
+        )
+        def post(body: bytes, good_token: bool, guess: str) -> None:
+            nonlocal accepted
+            query = token if good_token else quote(guess.encode("utf-8", "surrogatepass"))
+            public.request("POST", f"{path}?token={query}", body=body)
+            resp = public.getresponse()
+            data = resp.read()
+            if resp.will_close:
+                public.close()
+            answer = Answer(resp.status, resp.headers.get_content_type(), data)
+            accepted += answer.status == 202
+            _judge(answer)
+            assert answer.status in (202, 400, 404, 409), answer
+            client.assert_readable()
+
+        try:
+            post()
+        finally:
+            public.close()
+
+    await _in_thread(held, check)
+    assert accepted <= 1  # single use
 
 
 async def test_fuzz_step_ids_and_raw_bodies(held: HeldRun) -> None:
@@ -279,6 +364,32 @@ async def test_fuzz_events_and_the_waits_they_complete(held: HeldRun) -> None:
         _judge(answer)
         if isinstance(name, str) and name:
             _judge(client.put(f"after-{n}", json.dumps({"wait": {"event": name}}).encode()))
+        client.assert_readable()
+
+    await _in_thread(held, check)
+
+
+sent_event_bodies = members(
+    {
+        "name": either(texts.map(_dump), st.sampled_from(["e"]).map(_dump)),
+        "data": json_texts,
+        "step": either(texts.map(_dump), step_ids.map(_dump)),
+        "seq": seqs,
+    }
+)
+
+
+async def test_fuzz_events_sent_by_the_run(held: HeldRun) -> None:
+    """POST {cb}/events with the run's token: an event sent as a step (protocol v1.1)."""
+
+    @fuzz
+    @given(body=sent_event_bodies)
+    @example(body='{"name":"e","step":"s","data":"\ud800"}')
+    @example(body='{"name":"e","step":"' + "x" * 300 + '"}')
+    def check(client: SyncClient, body: str) -> None:
+        raw = body.encode("utf-8", "surrogatepass")
+        answer = client.request("POST", f"{held.cb_path}/events", raw, held.auth)
+        _judge(answer)
         client.assert_readable()
 
     await _in_thread(held, check)

@@ -437,3 +437,62 @@ async def test_queued_runs_are_listed_and_filtered(
         ) == [queued]
     finally:
         release.set()
+
+
+async def test_a_final_failure_and_its_compensation_are_shown(
+    browser: WebDriver, gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    from tests.gateway.test_step_policies import Hotel
+    from tests.gateway.test_step_policies import route as trip_route
+
+    hotel = Hotel(fails=10)
+    gw = await gateway([trip_route(await upstream(hotel.app()))])
+    async with gw.session.post(gw.url + "/trip") as resp:
+        assert resp.status == 409
+        run_id = resp.headers["Stepgate-Run-Id"]
+
+    await blocking(browser.get, f"{gw.internal}/ui#/runs/{run_id}")
+    await blocking(wait_for, browser, lambda d: find(d, "#steps"), "the run view is drawn")
+
+    def rows() -> dict[str, list[str]]:
+        return {
+            r.get_attribute("data-step-id") or "": [
+                td.text for td in r.find_elements("css selector", "td")
+            ]
+            for r in find(browser, "tr.step-row")
+        }
+
+    steps = await blocking(rows)
+    assert list(steps) == ["flight", "hotel", "refund"]
+    assert steps["hotel"][3] == "failed final"  # the status badge and the final one
+    assert steps["hotel"][4] == "3 of 3"  # attempts out of the step's own policy
+    assert "Failed for good" in steps["hotel"][7]
+    assert "the hotel is down" in steps["hotel"][7]
+    assert steps["refund"][3] == "completed"
+    timeline = await blocking(lambda: find(browser, "#timeline")[0].text)
+    assert "failed for good" in timeline
+    await blocking(screenshot, browser, "ui-final-failure.png")
+
+
+async def test_a_parent_and_its_child_run_link_to_each_other(
+    browser: WebDriver, gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    from tests.gateway.test_invoke import Trip, routes
+
+    trip = Trip()
+    gw = await gateway(routes(await upstream(trip.app())))
+    async with gw.session.post(gw.url + "/trip", json={}) as resp:
+        parent = resp.headers["Stepgate-Run-Id"]
+        child = (await resp.json())["hotel"]["run"]
+
+    await blocking(browser.get, f"{gw.internal}/ui#/runs/{parent}")
+    await blocking(wait_for, browser, lambda d: find(d, "#child-runs a"), "the child's link")
+    assert await blocking(lambda: find(browser, "#child-runs a")[0].text) == child
+    step_link = 'tr[data-step-id="book-hotel"] .child-link a'
+    assert await blocking(lambda: find(browser, step_link)[0].text) == child
+    await blocking(screenshot, browser, "ui-parent.png")
+    await blocking(lambda: find(browser, "#child-runs a")[0].click())
+    await blocking(wait_for, browser, lambda d: find(d, "#parent-run a"), "the parent's link")
+    assert await blocking(lambda: find(browser, "#run-id")[0].text) == child
+    assert await blocking(lambda: find(browser, "#parent-run a")[0].text) == parent
+    assert "book-hotel" in await blocking(lambda: find(browser, "#parent-run")[0].text)

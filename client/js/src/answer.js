@@ -6,7 +6,9 @@
 
 import { STATUS_CODES } from 'node:http';
 
-import { NonRetriableError, SUPERSEDED_TYPE, isRetriable, isStepgateControl, isSuspend } from './errors.js';
+import {
+  NonRetriableError, SUPERSEDED_TYPE, StepFailedError, isRetriable, isStepgateControl, isSuspend,
+} from './errors.js';
 
 /**
  * @typedef {{ status: number, headers: Record<string, string>, body: string | null }} Answer
@@ -31,6 +33,8 @@ export function decideAnswer(invocation, outcome) {
     return { status: 202, headers: { 'stepgate-suspend': 'true' }, body: null };
   }
   if (outcome.ok) return null;
+  // A final step fails the same way on every replay; its recorded error may hold internals.
+  if (error instanceof StepFailedError) return problem(500, `step "${error.stepId}" failed for good`, true);
   if (!isRetriable(error)) return problem(500, /** @type {Error} */ (error).message, true);
   // The message may carry internals; the gateway records the step's error in the run anyway.
   return problem(500, `unhandled ${errorType(error)} in the handler`, false);

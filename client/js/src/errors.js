@@ -7,6 +7,9 @@
  *         ├── ReplayMismatchError  the handler called steps in another order than the run recorded
  *         ├── StepOutputError      a step returned a value JSON cannot hold
  *         ├── StepUsageError       a step was misused (bad name or duration, nested step, no gateway)
+ *         ├── StepFailedError      the step failed for good (policy spent, or a child run failed);
+ *         │                        thrown on every replay so the handler can compensate
+ *         ├── StepTimeoutError     a step ran past its `timeout` (one failed attempt of the step)
  *         └── CallbackError        the gateway refused a callback or gave an unusable answer
  *             └── GatewayUnavailableError   no answer at all: refused, reset or timed out
  *
@@ -99,6 +102,49 @@ export class StepUsageError extends StepgateError {
   constructor(message, { stepId = null, cause } = {}) {
     super(message, cause === undefined ? undefined : { cause });
     this.stepId = stepId;
+  }
+}
+
+/**
+ * The step `stepId` has failed for good and is not run again, on this or any replay: the gateway
+ * recorded it `failed` with `final: true` because its retry policy's attempts are spent, or the
+ * child run it started ended failed (`status` is then the child's final HTTP status). `error` is
+ * the last recorded error, `{message, type?}`. Catch it to compensate and answer; left uncaught
+ * the run fails (the adapter answers 500 with `Stepgate-No-Retry`, as a retry cannot help).
+ */
+export class StepFailedError extends StepgateError {
+  /**
+   * @param {string} message
+   * @param {{ stepId: string, runId?: string | null, error?: { message: string, type?: string } | null,
+   *           attempts?: number | null, status?: number | null, cause?: unknown }} fields
+   */
+  constructor(message, { stepId, runId = null, error = null, attempts = null, status = null, cause }) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.stepId = stepId;
+    this.runId = runId;
+    /** The last recorded error of the step, `{message, type?}`, when there is one. */
+    this.error = error;
+    /** How many attempts the step used, when known. */
+    this.attempts = attempts;
+    /** A failed child run's final HTTP status, else null. */
+    this.status = status;
+  }
+}
+
+/**
+ * The step `stepId` ran longer than its `timeout` (milliseconds) and was cut off: a failed attempt
+ * of the step, recorded and rethrown like any step error (its function may still be running; its
+ * result is ignored).
+ */
+export class StepTimeoutError extends StepgateError {
+  /**
+   * @param {string} message
+   * @param {{ stepId: string, timeout: number }} fields
+   */
+  constructor(message, { stepId, timeout }) {
+    super(message);
+    this.stepId = stepId;
+    this.timeout = timeout;
   }
 }
 
@@ -246,5 +292,5 @@ export function rethrowIfSuspend(err) {
  */
 export function isRetriable(err) {
   return !(err instanceof NonRetriableError || err instanceof ReplayMismatchError ||
-    err instanceof StepOutputError || err instanceof StepUsageError);
+    err instanceof StepOutputError || err instanceof StepUsageError || err instanceof StepFailedError);
 }

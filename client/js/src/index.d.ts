@@ -26,6 +26,64 @@ export interface WaitForEventOptions {
   timeout?: Duration;
 }
 
+/** How long a step's retries wait: after the n-th failed attempt about min(max, initial × multiplier^(n−1)), with jitter. */
+export interface BackoffOptions {
+  /** The first wait (default "1s"). */
+  initial?: Duration;
+  /** The longest wait (default "1m", or `initial` if that is longer; at most "1d"). */
+  max?: Duration;
+  /** From 1 to 100 (default 2). */
+  multiplier?: number;
+}
+
+/** A step's own policy (protocol v1.1), given before the function: `step.run(name, options, fn, ...args)`. */
+export interface StepOptions {
+  /**
+   * Retry a failed attempt of this step up to `retries` times (0 to 999) on its own back-off,
+   * instead of by the route's retry policy. Once they are spent the gateway records the step
+   * failed for good, and `run` rejects with StepFailedError, now and on every replay, without
+   * calling the function again.
+   */
+  retries?: number;
+  /** The back-off between the retries (needs `retries`); a duration sets the first wait. */
+  backoff?: Duration | BackoffOptions;
+  /**
+   * How long one attempt may take: past it the step rejects with StepTimeoutError, a failed
+   * attempt like any other (the function itself goes on; its result is dropped).
+   */
+  timeout?: Duration;
+}
+
+export interface InvokeOptions {
+  /** The name of a durable route of the gateway (its `routes[].name`). */
+  route: string;
+  /** The child's request body, sent as JSON (default null). */
+  body?: unknown;
+}
+
+export interface SignalOptions {
+  /** How long the URL may be POSTed to (more than 0) before `wait()` resolves with null; the gateway's default is 24h. */
+  timeout?: Duration;
+}
+
+/** What `step.signal` resolves with. */
+export interface SignalHandle<Data = unknown> {
+  /**
+   * Where to POST the signal's JSON body: `{public_url}/_stepgate/signals/{id}?token=…`, relative
+   * to the gateway's public listener unless the gateway sets `public_url`. Single use, and a
+   * secret: whoever has it can complete the signal.
+   */
+  readonly url: string;
+  readonly stepId: string;
+  /** Whether the signal was POSTed to (or timed out) before this invocation. */
+  readonly completed: boolean;
+  /**
+   * The JSON body POSTed to `url`, or null once the time-out has passed. Until then the
+   * invocation suspends (the run is parked) and the promise rejects with the suspend signal.
+   */
+  wait(): Promise<Data | null>;
+}
+
 export interface Step {
   /**
    * Runs `fn(...args)` as the step `name`. Under the gateway a recorded result is returned without
@@ -34,6 +92,14 @@ export interface Step {
    */
   run<Args extends unknown[], Result>(
     name: string,
+    fn: (...args: Args) => Result | PromiseLike<Result>,
+    ...args: Args
+  ): Promise<Awaited<Result>>;
+
+  /** The same, with the step's own retry policy and time-out (see StepOptions). */
+  run<Args extends unknown[], Result>(
+    name: string,
+    options: StepOptions,
     fn: (...args: Args) => Result | PromiseLike<Result>,
     ...args: Args
   ): Promise<Awaited<Result>>;
@@ -49,6 +115,31 @@ export interface Step {
    * gateway: elsewhere it rejects with StepUsageError.
    */
   waitForEvent<Data = unknown>(name: string, options: WaitForEventOptions): Promise<StepgateEvent<Data> | null>;
+
+  /**
+   * Sends the event `name` with `data` (JSON) from this run, once, recorded as the step `name`;
+   * resolves with the event's id. A replay resolves with the recorded id and sends nothing, and
+   * the id is the same on every attempt, so a send cut short by a crash is delivered once. Only
+   * under the gateway: elsewhere it rejects with StepUsageError.
+   */
+  sendEvent(name: string, data?: unknown): Promise<string>;
+
+   * A single-use URL that completes this step when JSON is POSTed to it (an approval link, a
+   * webhook). Resolves at once with the handle; `await handle.wait()` parks the run until the
+   * URL is POSTed to or `timeout` passes. Only under the gateway: elsewhere it rejects with
+   * StepUsageError.
+   */
+  signal<Data = unknown>(name: string, options?: SignalOptions): Promise<SignalHandle<Data>>;
+
+  /**
+   * Runs the durable route `options.route` as a child of this run (a POST of `options.body`, as
+   * JSON, to its path; started once however often this run is replayed) and resolves with the
+   * child's final response body, JSON-decoded when it is JSON, else its text. The run is parked
+   * meanwhile. A child that ends failed rejects with StepFailedError whose `status` is the child's
+   * final HTTP status, on this invocation and every replay. Cancelling this run cancels the child.
+   * Only under the gateway: elsewhere it rejects with StepUsageError.
+   */
+  invoke<Result = unknown>(name: string, options: InvokeOptions): Promise<Result>;
 }
 
 export const step: Step;
@@ -89,6 +180,35 @@ export class StepOutputError extends StepgateError {
 export class StepUsageError extends StepgateError {
   constructor(message: string, options?: { stepId?: string | null; cause?: unknown });
   readonly stepId: string | null;
+}
+
+/**
+ * The step has failed for good and is not run again, on this or any replay: its retry policy's
+ * attempts are spent (the gateway recorded it `failed` with `final: true`), or the child run it
+ * started ended failed (`status` is the child's final HTTP status). Catch it to compensate and
+ * answer; left uncaught, the run fails.
+ */
+export class StepFailedError extends StepgateError {
+  constructor(message: string, fields: {
+    stepId: string; runId?: string | null; error?: { message: string; type?: string } | null;
+    attempts?: number | null; status?: number | null; cause?: unknown;
+  });
+  readonly stepId: string;
+  readonly runId: string | null;
+  /** The last recorded error of the step, when there is one. */
+  readonly error: { message: string; type?: string } | null;
+  /** How many attempts the step used, when known. */
+  readonly attempts: number | null;
+  /** A failed child run's final HTTP status, else null. */
+  readonly status: number | null;
+}
+
+/** The step ran longer than its `timeout` (milliseconds) and was cut off: one failed attempt. */
+export class StepTimeoutError extends StepgateError {
+  constructor(message: string, fields: { stepId: string; timeout: number });
+  readonly stepId: string;
+  /** The time-out, in milliseconds. */
+  readonly timeout: number;
 }
 
 /** The gateway refused a callback (an error status) or gave an unusable answer. */

@@ -112,7 +112,7 @@ export class Invocation {
    * ReplayMismatchError when the record disagrees with the call.
    * @param {string} id
    * @param {number} seq
-   * @param {'run' | 'sleep' | 'wait'} kind
+   * @param {'run' | 'sleep' | 'wait' | 'event' | 'signal' | 'invoke'} kind
    * @returns {Promise<Record<string, any> | null>}
    */
   async recorded(id, seq, kind) {
@@ -149,6 +149,21 @@ export class Invocation {
     this.ensureLive();
     try {
       return await /** @type {Transport} */ (this.transport).putStep(stepId, body);
+    } catch (err) {
+      throw this.#fenced(err);
+    }
+  }
+
+  /**
+   * `POST {cb}/events`: send an event as the step `stepId`, unless the attempt is fenced.
+   * @param {string} stepId
+   * @param {Record<string, unknown>} body
+   * @returns {Promise<Record<string, any>>}
+   */
+  async postEvent(stepId, body) {
+    this.ensureLive();
+    try {
+      return await /** @type {Transport} */ (this.transport).postEvent(stepId, body);
     } catch (err) {
       throw this.#fenced(err);
     }

@@ -1,5 +1,6 @@
 /**
- * The client side of the gateway's callback API: `GET {cb}/steps` and `PUT {cb}/steps/{id}`.
+ * The client side of the gateway's callback API: `GET {cb}/steps`, `PUT {cb}/steps/{id}` and
+ * `POST {cb}/events`.
  *
  * Uses the global fetch (undici), which keeps connections alive and pools them per origin, so
  * the checkpoints of a busy service reuse a handful of sockets to the gateway.
@@ -45,6 +46,20 @@ export class Transport {
     const answer = await this.#call('PUT', url, JSON.stringify(body), stepId);
     if (answer === null || typeof answer !== 'object' || typeof answer.status !== 'string') {
       throw this.#unexpected('PUT', stepId, answer);
+    }
+    return answer;
+  }
+
+  /**
+   * `POST {cb}/events`: an event the run sends, recorded as the step `stepId`.
+   * @param {string} stepId
+   * @param {Record<string, unknown>} body
+   * @returns {Promise<Record<string, any>>}
+   */
+  async postEvent(stepId, body) {
+    const answer = await this.#call('POST', `${this.base}/events`, JSON.stringify(body), stepId);
+    if (answer === null || typeof answer !== 'object' || typeof answer.id !== 'string') {
+      throw this.#unexpected('POST', stepId, answer);
     }
     return answer;
   }

@@ -15,9 +15,10 @@ const BODY_KEYS = new Set(['output', 'error', 'sleep', 'wait']);
 export const SUPERSEDED_TYPE = 'https://stepgate.dev/problems/superseded';
 
 /**
- * @typedef {{ id: string, seq: number, kind: 'run' | 'sleep' | 'wait',
+ * @typedef {{ id: string, seq: number, kind: 'run' | 'sleep' | 'wait' | 'event',
  *   status: 'completed' | 'failed' | 'sleeping' | 'waiting', output?: unknown,
  *   error?: { message: string, type?: string, retriable?: boolean }, attempts: number,
+ *   final?: true, policy?: { attempts: number, initial: string, max: string, multiplier: number },
  *   until?: string, wait?: { event: string, match: Record<string, unknown>, timeout?: string } }} StepRecord
  * @typedef {{ id: string, token: string, callback: string, steps: Map<string, StepRecord>,
  *   attempt: number, finished: boolean, noRetry: boolean, fenceAt: string | null,
@@ -157,7 +158,8 @@ export class FakeGateway {
     for await (const chunk of req) chunks.push(chunk);
     const text = Buffer.concat(chunks).toString('utf8');
     const url = new URL(req.url ?? '/', this.url);
-    const route = /^\/v1\/runs\/([^/]+)\/steps(?:\/([^/]+))?$/.exec(url.pathname);
+    const route = /^\/v1\/runs\/([^/]+)\/steps(?:\/([^/]+))?$/.exec(url.pathname) ??
+      /^\/v1\/runs\/([^/]+)\/(events)$/.exec(url.pathname);
     let body;
     try {
       body = text === '' ? undefined : JSON.parse(text);
@@ -205,9 +207,10 @@ export class FakeGateway {
     }
     if (route[2] === undefined) {
       if (req.method !== 'GET') return fail(405, 'GET only');
-      const steps = this.stepsOf(run).map(({ until, wait, ...record }) => record);
+      const steps = this.stepsOf(run).map(({ until, wait, policy, ...record }) => record);
       return send(200, { steps });
     }
+    if (url.pathname.endsWith('/events')) return this.#sendEvent(req, run, body, send, fail);
     if (req.method !== 'PUT') return fail(405, 'PUT only');
     const stepId = call.stepId;
     if (stepId === null || [...stepId].length === 0 || [...stepId].length > 256) {
@@ -220,6 +223,9 @@ export class FakeGateway {
 
     const seq = body.seq ?? run.steps.size;
     const existing = run.steps.get(stepId);
+    if (existing?.final) {
+      return send(200, { status: 'failed', attempts: existing.attempts, final: true });
+    }
     if ('output' in body) {
       if (existing?.status === 'completed') return send(200, { status: 'completed', output: existing.output });
       run.steps.set(stepId, {
@@ -237,8 +243,14 @@ export class FakeGateway {
         record.error = body.error;
       }
       if (body.error.retriable === false) run.noRetry = true;
+      if (record.status === 'failed' && body.policy !== undefined) {
+        record.policy = body.policy;
+        if (record.attempts >= body.policy.attempts) record.final = true;
+      }
       run.steps.set(stepId, record);
-      return send(200, { status: record.status, attempts: record.attempts });
+      return send(200, record.final
+        ? { status: record.status, attempts: record.attempts, final: true }
+        : { status: record.status, attempts: record.attempts });
     }
     if ('sleep' in body) {
       if (existing !== undefined) return send(200, { status: existing.status });
@@ -260,6 +272,36 @@ export class FakeGateway {
       output: early ?? undefined, wait: body.wait,
     });
     return send(200, early ? { status: 'completed', output: early } : { status: 'waiting' });
+  }
+
+  /**
+   * `POST {cb}/events`: an event the run sends, recorded as its step; sent once.
+   * @param {import('node:http').IncomingMessage} req
+   * @param {Run} run
+   * @param {any} body
+   * @param {(status: number, payload: unknown) => void} send
+   * @param {(status: number, detail: string) => void} fail
+   */
+  #sendEvent(req, run, body, send, fail) {
+    if (req.method !== 'POST') return fail(405, 'POST only');
+    if (typeof body !== 'object' || body === null || typeof body.name !== 'string' ||
+        typeof body.step !== 'string' || !Number.isInteger(body.seq)) {
+      return fail(400, 'name, step and seq expected');
+    }
+    const unknown = Object.keys(body).filter((key) => !['name', 'data', 'step', 'seq'].includes(key));
+    if (unknown.length > 0) return fail(400, `unknown keys ${unknown.join(', ')}`);
+    const existing = run.steps.get(body.step);
+    if (existing !== undefined) {
+      if (existing.kind !== 'event') return fail(409, 'recorded as another kind');
+      return send(200, { id: /** @type {any} */ (existing.output).id });
+    }
+    const id = `ev-${run.id}-${body.step}`;
+    this.events.push({ name: body.name, data: body.data ?? null, id, ts: new Date().toISOString() });
+    run.steps.set(body.step, {
+      id: body.step, seq: body.seq, kind: 'event', status: 'completed', output: { id, name: body.name },
+      attempts: 0,
+    });
+    return send(201, { id, woke: 0 });
   }
 }
 
@@ -331,8 +373,23 @@ function validate(body) {
   if (typeof body !== 'object' || body === null || Array.isArray(body)) return 'body must be an object';
   const kinds = Object.keys(body).filter((key) => BODY_KEYS.has(key));
   if (kinds.length !== 1) return 'exactly one of output, error, sleep, wait';
-  const unknown = Object.keys(body).filter((key) => !BODY_KEYS.has(key) && key !== 'seq');
+  const unknown = Object.keys(body).filter((key) => !BODY_KEYS.has(key) && key !== 'seq' && key !== 'policy');
   if (unknown.length > 0) return `unknown keys ${unknown.join(', ')}`;
+  if ('policy' in body) {
+    const { policy } = body;
+    if (!('error' in body)) return 'policy goes only with an error';
+    if (typeof policy !== 'object' || policy === null || !Number.isInteger(policy.attempts) || policy.attempts < 1) {
+      return 'policy.attempts must be a whole number of at least 1';
+    }
+    const keys = Object.keys(policy).filter((key) => !['attempts', 'initial', 'max', 'multiplier'].includes(key));
+    if (keys.length > 0) return `unknown policy keys ${keys.join(', ')}`;
+    for (const key of ['initial', 'max']) {
+      if (key in policy && !(typeof policy[key] === 'string' && WIRE_DURATION.test(policy[key]))) {
+        return `policy.${key} must be a duration`;
+      }
+    }
+    if ('multiplier' in policy && typeof policy.multiplier !== 'number') return 'policy.multiplier must be a number';
+  }
   if ('seq' in body && !(Number.isInteger(body.seq) && body.seq >= 0)) return 'seq must be an integer >= 0';
   if ('error' in body) {
     const { error } = body;

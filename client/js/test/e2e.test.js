@@ -20,7 +20,9 @@ import { join } from 'node:path';
 import { after, before, describe, test } from 'node:test';
 
 import { STEPS, createTripService } from '../../../examples/js/trip_service.mjs';
-import { isSuperseded, step, wrapNodeHandler } from '../src/index.js';
+import {
+  NonRetriableError, StepFailedError, isSuperseded, step, wrapNodeHandler,
+} from '../src/index.js';
 
 const COMMAND = process.env.STEPGATE_E2E_CMD?.trim() ?? '';
 const SKIP = COMMAND === ''
@@ -48,6 +50,9 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
   const fenceEnded = new Map();
   /** @type {Map<number, () => void>} */
   const fenceWaiters = new Map();
+  /** @type {string[]} the signal URLs the desk route "mailed" */
+  const deskMailed = [];
+  const agencyRan = { agency: 0, room: 0 };
 
   before(async () => {
     directory = await mkdtemp(join(tmpdir(), 'stepgate-js-e2e-'));
@@ -93,10 +98,44 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       res.writeHead(200, { 'content-type': 'application/json' });
       res.end(JSON.stringify(outputs));
     }, { onError: () => {} }));
-    servers.push(trips.server, flow, fence);
-    const [tripsPort, flowPort, fencePort, publicPort, internalPort] = [
-      await listen(trips.server), await listen(flow), await listen(fence), await freePort(),
-      await freePort(),
+    // An approval: the signal's URL is "mailed" from a step, then the run parks on it.
+    const desk = createServer(wrapNodeHandler(async (req, res) => {
+      const approval = await step.signal('approve', { timeout: '30s' });
+      await step.run('mail', () => { deskMailed.push(approval.url); return 'sent'; });
+      const decision = await approval.wait();
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ decision, url: approval.url }));
+    }, { onError: () => {} }));
+    // A child run: /agency invokes the durable route `rooms` (/rooms on the same server).
+    const agency = createServer(wrapNodeHandler(async (req, res) => {
+      const url = new URL(req.url ?? '/', 'http://localhost');
+      const send = (/** @type {number} */ status, /** @type {unknown} */ body) => {
+        res.writeHead(status, { 'content-type': 'application/json' });
+        res.end(JSON.stringify(body));
+      };
+      if (url.pathname === '/rooms') {
+        const chunks = [];
+        for await (const chunk of req) chunks.push(chunk);
+        const { nights } = JSON.parse(Buffer.concat(chunks).toString());
+        return send(200, await step.run('room', () => {
+          agencyRan.room += 1;
+          if (nights > 7) throw new NonRetriableError('no room for that long', { status: 409 });
+          return { room: 12, nights };
+        }));
+      }
+      agencyRan.agency += 1;
+      try {
+        const nights = Number(url.searchParams.get('nights'));
+        return send(200, { hotel: await step.invoke('book-hotel', { route: 'rooms', body: { nights } }) });
+      } catch (err) {
+        if (!(err instanceof StepFailedError)) throw err;
+        return send(409, { failed: err.status, step: err.stepId });
+      }
+    }, { onError: () => {} }));
+    servers.push(trips.server, flow, fence, desk, agency);
+    const [tripsPort, flowPort, fencePort, deskPort, agencyPort, publicPort, internalPort] = [
+      await listen(trips.server), await listen(flow), await listen(fence), await listen(desk),
+      await listen(agency), await freePort(), await freePort(),
     ];
     publicUrl = `http://127.0.0.1:${publicPort}`;
     internalUrl = `http://127.0.0.1:${internalPort}`;
@@ -126,6 +165,19 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       '    timeout: 1s',
       '    hold: 15s',
       '    retry: {attempts: 3, initial: 50ms, max: 50ms}',
+      '  - name: desk',
+      '    path: /desk',
+      `    upstream: http://127.0.0.1:${deskPort}`,
+      '    durable: true',
+      '  - name: agency',
+      '    path: /agency',
+      `    upstream: http://127.0.0.1:${agencyPort}`,
+      '    durable: true',
+      '    hold: 15s',
+      '  - name: rooms',
+      '    path: /rooms',
+      `    upstream: http://127.0.0.1:${agencyPort}`,
+      '    durable: true',
       '',
     ].join('\n'));
     const command = COMMAND.includes('{config}')
@@ -166,7 +218,7 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
     assert.ok(response.headers.get('stepgate-run-id'));
     assert.equal(JSON.parse(text).traveller, 'Grace Hopper');
     assert.deepEqual(delta(start),
-      { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 2, 'send-confirmation': 1 });
+      { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 2, 'send-confirmation': 1, 'refund-flight': 0 });
   });
 
   test('a step that always fails spends the attempts and ends the run failed', { timeout: 60_000 }, async () => {
@@ -177,7 +229,7 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
     await response.arrayBuffer();
     assert.equal(response.status, 500);
     assert.deepEqual(delta(start),
-      { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 4, 'send-confirmation': 0 });
+      { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 4, 'send-confirmation': 0, 'refund-flight': 0 });
   });
 
   test('a run sleeps, waits for an event, and is delivered through the poll URL', { timeout: 60_000 }, async () => {
@@ -208,6 +260,51 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       assert.ok(Date.now() < deadline, 'the flow did not finish in 30s');
     }
     assert.equal(flowRuns.start, 1, 'the first step ran once across all invocations');
+  });
+
+  test('a signal\'s URL, POSTed to once, resumes the parked run with its body', { timeout: 60_000 }, async () => {
+    const accepted = await fetch(`${publicUrl}/desk`, {
+      method: 'POST', headers: { prefer: 'respond-async' }, body: '{}', redirect: 'manual',
+    });
+    assert.equal(accepted.status, 202, await accepted.text());
+    const location = accepted.headers.get('location');
+    const deadline = Date.now() + 10_000;
+    while (deskMailed.length === 0) {
+      assert.ok(Date.now() < deadline, `no signal URL was mailed in 10s\n${gatewayOutput}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const [url] = deskMailed;
+    assert.match(url, /^\/_stepgate\/signals\/[\w-]+\?token=[\w-]+$/);
+    const post = (/** @type {unknown} */ body) => fetch(`${publicUrl}${url}`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body),
+    });
+    const first = await post({ approved: true, by: 'grace' });
+    assert.equal(first.status, 202, await first.text());
+    const again = await post({ approved: false });
+    assert.equal(again.status, 409);
+    await again.arrayBuffer();
+    const poll = await fetch(`${publicUrl}${location}&wait=10`);
+    const text = await poll.text();
+    assert.equal(poll.status, 200, `${text}\n${gatewayOutput}`);
+    assert.deepEqual(JSON.parse(text), { decision: { approved: true, by: 'grace' }, url });
+    assert.equal(deskMailed.length, 1, 'the replay took the mail from the record');
+  });
+
+  test('step.invoke runs a child run once and answers with its body, or StepFailedError', { timeout: 60_000 }, async () => {
+    const booked = await fetch(`${publicUrl}/agency?nights=2`, { method: 'POST', body: '{}' });
+    const text = await booked.text();
+    assert.equal(booked.status, 200, `${text}\n${gatewayOutput}`);
+    assert.deepEqual(JSON.parse(text), { hotel: { room: 12, nights: 2 } });
+    assert.deepEqual(agencyRan, { agency: 2, room: 1 }, 'parked, then woken by the child');
+    const parent = await (await fetch(`${internalUrl}/v1/runs/${booked.headers.get('stepgate-run-id')}`)).json();
+    assert.equal(parent.children.length, 1);
+    assert.equal(parent.children[0].route, 'rooms');
+    const child = await (await fetch(`${internalUrl}/v1/runs/${parent.children[0].id}`)).json();
+    assert.equal(child.parent_id, parent.id);
+
+    const refused = await fetch(`${publicUrl}/agency?nights=9`, { method: 'POST', body: '{}' });
+    assert.equal(refused.status, 409);
+    assert.deepEqual(await refused.json(), { failed: 409, step: 'book-hotel' });
   });
 
   test('a timed-out attempt\'s handler is fenced: it never runs a step the next one recorded', { timeout: 60_000 }, async () => {

@@ -46,12 +46,12 @@ test('?fail=charge-card: the retry re-runs only charge-card and keeps earlier re
   assert.equal(result.status, 200);
   assert.deepEqual(result.history.map((entry) => entry.status), [500, 200]);
   assert.deepEqual(delta(start),
-    { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 2, 'send-confirmation': 1 });
+    { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 2, 'send-confirmation': 1, 'refund-flight': 0 });
   const trip = JSON.parse(result.text);
   assert.equal(trip.traveller, 'Ada Lovelace');
   assert.equal(trip.flight.reference, /** @type {any} */ (run.steps.get('reserve-flight')?.output).reference);
   assert.match(trip.confirmation.text, new RegExp(trip.charge.reference));
-  assert.deepEqual(gateway.stepsOf(run).map((record) => record.id), STEPS);
+  assert.deepEqual(gateway.stepsOf(run).map((record) => record.id), STEPS.slice(0, 4));
 });
 
 test('?fail=charge-card:always: every attempt fails at charge-card, nothing else re-runs', LIMIT, async () => {
@@ -61,7 +61,7 @@ test('?fail=charge-card:always: every attempt fails at charge-card, nothing else
   assert.equal(result.status, 500);
   assert.equal(result.history.length, 4);
   assert.deepEqual(delta(start),
-    { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 4, 'send-confirmation': 0 });
+    { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 4, 'send-confirmation': 0, 'refund-flight': 0 });
 });
 
 test('?cooloff parks the run before charge-card; nothing runs twice', LIMIT, async () => {
@@ -71,12 +71,42 @@ test('?cooloff parks the run before charge-card; nothing runs twice', LIMIT, asy
   assert.equal(result.status, 200);
   assert.deepEqual(result.history.map((entry) => entry.status), [202, 500, 200]);
   assert.deepEqual(delta(start),
-    { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 1, 'send-confirmation': 2 });
+    { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 1, 'send-confirmation': 2, 'refund-flight': 0 });
   const pause = run.steps.get('cool-off');
   assert.equal(pause?.kind, 'sleep');
   assert.equal(pause?.seq, 2);
   const bad = await fetch(`${base}/trips?cooloff=forever`, { method: 'POST', body: TRIP });
   assert.equal(bad.status, 400);
+});
+
+test('?fail=reserve-hotel:always: the hotel fails for good, the flight is refunded, 409', LIMIT, async () => {
+  const start = { ...executions };
+  const run = gateway.createRun();
+  const result = await drive(gateway, run, `${base}/trips?fail=reserve-hotel:always`, { body: TRIP });
+  assert.equal(result.status, 409);
+  // The fake gateway retries at once; its policy is the hotel step's own 3 attempts.
+  assert.deepEqual(result.history.map((entry) => entry.status), [500, 500, 409]);
+  assert.deepEqual(delta(start),
+    { 'reserve-flight': 1, 'reserve-hotel': 3, 'charge-card': 0, 'send-confirmation': 0, 'refund-flight': 1 });
+  const answer = JSON.parse(result.text);
+  assert.match(answer.error, /^no hotel: reserve-hotel failed/);
+  assert.equal(answer.refund.flight, /** @type {any} */ (run.steps.get('reserve-flight')?.output).reference);
+  const hotel = run.steps.get('reserve-hotel');
+  assert.equal(hotel?.final, true);
+  assert.deepEqual(hotel?.policy, { attempts: 3, initial: '100ms', max: '400ms', multiplier: 2 });
+});
+
+test('?announce=1: trip.booked is sent once though the run is replayed', LIMIT, async () => {
+  const sentBefore = gateway.events.length;
+  const run = gateway.createRun();
+  const result = await drive(gateway, run, `${base}/trips?announce=1&fail=send-confirmation`, { body: TRIP });
+  assert.equal(result.status, 200);
+  assert.deepEqual(result.history.map((entry) => entry.status), [500, 200]);
+  const sent = gateway.events.slice(sentBefore);
+  assert.equal(sent.length, 1);
+  assert.equal(sent[0].name, 'trip.booked');
+  assert.equal(JSON.parse(result.text).announced, sent[0].id);
+  assert.equal(run.steps.get('trip.booked')?.kind, 'event');
 });
 
 test('TRIP_FAIL adds failures to every request', LIMIT, async (t) => {
@@ -87,7 +117,7 @@ test('TRIP_FAIL adds failures to every request', LIMIT, async (t) => {
   const result = await drive(gateway, run, `${base}/trips`, { body: TRIP, attempts: 3 });
   assert.equal(result.status, 500);
   assert.deepEqual(delta(start),
-    { 'reserve-flight': 2, 'reserve-hotel': 1, 'charge-card': 1, 'send-confirmation': 2 });
+    { 'reserve-flight': 2, 'reserve-hotel': 1, 'charge-card': 1, 'send-confirmation': 2, 'refund-flight': 0 });
 });
 
 test('GET /stats reports the counters; bad input is a 400 that is not retried', LIMIT, async () => {
@@ -127,7 +157,8 @@ test('run as a script it listens on 127.0.0.1 (--port, else $PORT) and stops on 
     const response = await fetch(`${address}/trips`, { method: 'POST', body: TRIP });
     assert.equal(response.status, 200);
     const stats = await (await fetch(`${address}/stats`)).json();
-    assert.deepEqual(stats, { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 1, 'send-confirmation': 1 });
+    assert.deepEqual(stats,
+      { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 1, 'send-confirmation': 1, 'refund-flight': 0 });
   } finally {
     child.kill('SIGTERM');
   }

@@ -70,6 +70,21 @@ test('step.waitForEvent explains that it needs the gateway', LIMIT, async () => 
   });
 });
 
+test('step.signal explains that it needs the gateway, and wants a positive timeout', LIMIT, async () => {
+  await assert.rejects(step.signal('approve', { timeout: '2d' }), (err) => {
+    assert.ok(err instanceof StepUsageError);
+    assert.match(err.message, /step.signal\("approve"\) needs the Stepgate gateway/);
+    return true;
+  });
+  await assert.rejects(step.signal('approve', { timeout: 0 }), /positive timeout/);
+});
+
+test('step.invoke needs the gateway, a route and a JSON body', LIMIT, async () => {
+  await assert.rejects(step.invoke('book', { route: 'hotels', body: {} }), /step.invoke\("book"\) needs the Stepgate gateway/);
+  await assert.rejects(step.invoke('book', /** @type {any} */ ({})), /needs options \{ route, body\? \}/);
+  await assert.rejects(step.invoke('book', { route: 'hotels', body: 10n }), /body must be JSON/);
+});
+
 test('wrapped handlers without Stepgate headers run steps locally and answer normally', LIMIT, async () => {
   let calls = 0;
   const handler = wrapFetchHandler(async () => {

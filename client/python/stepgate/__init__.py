@@ -14,28 +14,37 @@ Blocking code uses `from stepgate.sync import step`. The core needs only the sta
 each adapter imports only its own framework. The error tree is in `stepgate.errors`.
 """
 
+from stepgate._protocol import Backoff
+from stepgate._signal import Signal, SyncSignal
 from stepgate._step import Step, step
 from stepgate.errors import (
     CallbackError,
     GatewayUnavailableError,
     NonRetriableError,
     ReplayMismatchError,
+    StepFailed,
     StepgateError,
     StepOutputError,
+    StepTimeoutError,
     Superseded,
     Suspend,
 )
 
 __all__ = [
+    "Backoff",
     "CallbackError",
     "GatewayUnavailableError",
     "NonRetriableError",
     "ReplayMismatchError",
+    "Signal",
     "Step",
+    "StepFailed",
     "StepOutputError",
+    "StepTimeoutError",
     "StepgateError",
     "Superseded",
     "Suspend",
+    "SyncSignal",
     "step",
 ]
 

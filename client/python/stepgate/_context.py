@@ -32,7 +32,7 @@ from stepgate._protocol import (
     superseded_problem,
 )
 from stepgate._transport import Reply
-from stepgate.errors import ReplayMismatchError, Superseded, Suspend
+from stepgate.errors import ReplayMismatchError, StepFailed, Superseded, Suspend
 
 __all__ = ["Invocation", "current", "from_headers", "in_step", "refuse_nesting"]
 
@@ -71,6 +71,7 @@ class Invocation:
     fatal: ReplayMismatchError | None = None  # seen even if the handler swallows it
     superseded: Superseded | None = None  # the first fencing answer; sticky
     failures: list[BaseException] = field(default_factory=list)  # recorded step errors
+    finals: list[StepFailed] = field(default_factory=list)  # raised for steps failed for good
     fetch_lock: asyncio.Lock | None = None
     fetch_mutex: threading.Lock = field(default_factory=threading.Lock)
     running: set[asyncio.Task[Any]] = field(default_factory=set)  # tasks inside a step.run
@@ -84,6 +85,24 @@ class Invocation:
     @property
     def steps_url(self) -> str:
         return self.callback + "/steps"
+
+    @property
+    def events_url(self) -> str:
+        return self.callback + "/events"
+
+    def final(self, error: StepFailed) -> StepFailed:
+        """Note a step that failed for good (one line) and return its StepFailed to raise."""
+        log.warning(
+            "step.failed_for_good run_id=%s attempt=%s step=%s attempts=%s",
+            self.run_id,
+            self.attempt,
+            error.step_id,
+            error.attempts,
+            extra={"run_id": self.run_id, "attempt": self.attempt, "step": error.step_id},
+        )
+        with self._mutex:
+            self.finals.append(error)
+        return error
 
     def step_url(self, step_id: str) -> str:
         return f"{self.callback}/steps/{quote_step_id(step_id)}"

@@ -3,6 +3,7 @@
     the gateway has given up on this attempt    -> 409 problem+json, type .../superseded
     the run's code no longer matches its record  -> 500 problem+json, Stepgate-No-Retry: true
     NonRetriableError(message, status)           -> status problem+json, Stepgate-No-Retry: true
+    StepFailed left uncaught (a final step)      -> 500 problem+json, Stepgate-No-Retry: true
     a sleep or wait suspended the invocation     -> 202, Stepgate-Suspend: true, empty body
     anything else                                -> None: the handler's response or exception
 
@@ -20,7 +21,13 @@ from http import HTTPStatus
 
 from stepgate._context import Invocation
 from stepgate._protocol import SUPERSEDED_TYPE
-from stepgate.errors import NonRetriableError, ReplayMismatchError, Superseded, Suspend
+from stepgate.errors import (
+    NonRetriableError,
+    ReplayMismatchError,
+    StepFailed,
+    Superseded,
+    Suspend,
+)
 
 __all__ = ["Reply", "failure", "problem", "reply_for", "superseded"]
 
@@ -112,6 +119,11 @@ def reply_for(exc: BaseException | None, inv: Invocation | None) -> Reply | None
     refused = next((e for e in leaves if isinstance(e, NonRetriableError)), None)
     if refused is not None:
         return problem(refused.status, str(refused))
+    final = next((e for e in leaves if isinstance(e, StepFailed)), None)
+    if final is not None:
+        # A final step fails the same way on every replay: retrying cannot help. The detail
+        # names the step only; the recorded error may hold data the client must not see.
+        return problem(500, f"step {final.step_id!r} failed for good")
     if (inv is not None and inv.suspended) or any(isinstance(e, Suspend) for e in leaves):
         # Parked steps decide when the run continues; an error beside them (a failed parallel
         # step) is recorded and will be retried at that re-invocation.

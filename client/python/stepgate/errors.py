@@ -34,7 +34,9 @@ __all__ = [
     "GatewayUnavailableError",
     "NonRetriableError",
     "ReplayMismatchError",
+    "StepFailed",
     "StepOutputError",
+    "StepTimeoutError",
     "StepgateError",
     "Superseded",
     "Suspend",
@@ -109,6 +111,49 @@ class ReplayMismatchError(StepgateError):
 
 class StepOutputError(StepgateError):
     """A step returned a value that is not JSON (outputs are stored and replayed as JSON)."""
+
+
+class StepFailed(StepgateError):
+    """The step `step_id` has failed for good; it is not run again, on this or any replay.
+
+    Raised by the step call when the gateway recorded the step `failed` with `final: true`: its
+    retry policy's attempts are spent (`attempts` of them; `error` is the last recorded error,
+    `{"message", "type"?}`), or the child run it started ended failed (`status` is the child's
+    final HTTP status, `error` what it said). Catch it to compensate (undo the earlier steps in
+    further steps) and answer; left uncaught, the run fails (retrying cannot change a final
+    step, so the adapter answers 500 with `Stepgate-No-Retry`).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        step_id: str,
+        run_id: str | None = None,
+        error: dict[str, object] | None = None,
+        attempts: int | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, run_id=run_id, step_id=step_id)
+        self.step_id: str = step_id
+        self.error = error
+        self.attempts = attempts
+        self.status = status
+
+
+class StepTimeoutError(StepgateError):
+    """The step `step_id` ran longer than its `timeout` (seconds) and was cut off.
+
+    Recorded as a failed attempt of the step (type `StepTimeoutError`), then raised like any
+    step error; with a retry policy the gateway runs the step again on its back-off.
+    """
+
+    def __init__(
+        self, message: str, *, step_id: str, timeout: float, run_id: str | None = None
+    ) -> None:
+        super().__init__(message, run_id=run_id, step_id=step_id)
+        self.step_id: str = step_id
+        self.timeout = timeout
 
 
 class CallbackError(StepgateError):

@@ -13,8 +13,8 @@ without DEBUG_PROPAGATE_EXCEPTIONS) hand back their own 500 page instead of rais
 a fenced attempt and a replay mismatch are still answered, since the SDK flags those on the
 invocation; and a NonRetriableError that was raised while the request ran is answered when the
 application's answer is that 500 (its status, problem+json, `Stepgate-No-Retry: true`), so the
-run ends instead of being retried. An application that catches the error and answers anything
-but 500 keeps its answer.
+run ends instead of being retried; so is a StepFailed (a step that failed for good, answered
+500). An application that catches the error and answers anything but 500 keeps its answer.
 
 Forged headers. WSGI (like CGI) names a header `HTTP_` + its name upper-cased with `-` turned
 into `_`, so `Stepgate_Callback` and `Stepgate-Callback` land in the same `HTTP_STEPGATE_CALLBACK`
@@ -166,8 +166,11 @@ class StepgateMiddleware:
         finally:
             current.reset(token)
         # The app swallowed a signal or a mismatch, or its framework answered 500 for a
-        # NonRetriableError: answer as if the error had propagated.
-        reply = reply_for(raised_refusal() if _is_500(status) else None, inv)
+        # NonRetriableError or a step failed for good: answer as if the error had propagated.
+        raised: Exception | None = None
+        if _is_500(status):
+            raised = raised_refusal() or (inv.finals[-1] if inv.finals else None)
+        reply = reply_for(raised, inv)
         if reply is not None:
             return _start(start_response, reply)
         start_response(status, headers)
