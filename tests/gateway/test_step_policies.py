@@ -125,11 +125,11 @@ class Held:
         self.done = asyncio.Event()
 
     @classmethod
-    async def start(cls, gateway: GatewayFactory, upstream: UpstreamFactory) -> Held:
+    async def start(cls, gateway: GatewayFactory, upstream: UpstreamFactory, **extra: Any) -> Held:
         held = cls()
         app = web.Application()
         app.router.add_post("/trip", held.handle)
-        held.gw = await gateway([route(await upstream(app))])
+        held.gw = await gateway([route(await upstream(app))], **extra)
         held.pending = asyncio.ensure_future(held.gw.session.post(held.gw.url + "/trip"))
         await asyncio.wait_for(held.called.wait(), 10)
         return held
@@ -500,6 +500,20 @@ async def test_a_send_cut_short_before_its_record_is_delivered_once(
         s, callback, tok, "w2", {"wait": {"event": "trip.booked", "timeout": "30s"}}
     )
     assert (status, waited["status"]) == (200, "waiting")  # the one event is taken
+    held.done.set()
+    async with await held.pending as resp:
+        assert resp.status == 200
+
+
+async def test_a_run_sends_events_with_its_own_token_when_the_admin_api_needs_one(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    held = await Held.start(gateway, upstream, admin_token="admin-secret-1234567890")
+    callback, tok, s = held.seen["callback"], held.seen["token"], held.gw.session
+    status, sent = await send_event(s, callback, tok, {"name": "e", "step": "e"})
+    assert status == 201, sent
+    async with s.post(held.gw.internal + "/v1/events", json={"name": "e"}) as resp:
+        assert resp.status == 401  # the admin API still wants the admin token
     held.done.set()
     async with await held.pending as resp:
         assert resp.status == 200
