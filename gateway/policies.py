@@ -128,10 +128,11 @@ def delay(policy: StepPolicy, failures: int, rng: random.Random) -> float:
     """The wait before the step's next attempt after its `failures`-th failure: the route's
     back-off formula (equal jitter, `gateway.retry`) with the step's own numbers."""
     exponent = max(failures, 1) - 1
+    if policy.initial <= 0.0:
+        return 0.0
     try:
-        ceiling = policy.initial * policy.multiplier**exponent
+        ceiling = min(policy.max, policy.initial * policy.multiplier**exponent)
     except OverflowError:
-        ceiling = math.inf
-    ceiling = min(policy.max, ceiling)
+        ceiling = policy.max
     half = ceiling / 2.0
     return half + rng.random() * half

@@ -3,9 +3,9 @@
 //
 //   POST /trips  {"traveller", "flight", "hotel"}   books a trip:
 //                reserve-flight and reserve-hotel (in parallel), charge-card, send-confirmation
-//                reserve-hotel has a policy of its own: 2 retries 100-400 ms apart, 10 s an
-//                attempt. When its attempts are spent the handler catches StepFailedError,
-//                refunds the flight (step refund-flight) and answers 409.
+//                reserve-hotel has a policy of its own: 2 retries, a back-off from 100 ms up to
+//                400 ms, 10 s an attempt. When its attempts are spent the handler catches
+//                StepFailedError, refunds the flight (step refund-flight) and answers 409.
 //        ?fail=STEP         STEP throws once per run (the run is told by Stepgate-Run-Id)
 //        ?fail=STEP:N       STEP throws on its first N attempts in a run
 //        ?fail=STEP:always  STEP throws on every attempt

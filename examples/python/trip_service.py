@@ -2,9 +2,9 @@
 
     POST /trips  {"traveller", "flight", "hotel"}   books a trip:
                  reserve-flight and reserve-hotel (in parallel), charge-card, send-confirmation
-                 reserve-hotel has a policy of its own: 2 retries 100-400 ms apart, 10 s an
-                 attempt. When its attempts are spent the handler catches StepFailed, refunds
-                 the flight (step refund-flight) and answers 409.
+                 reserve-hotel has a policy of its own: 2 retries, a back-off from 100 ms up to
+                 400 ms, 10 s an attempt. When its attempts are spent the handler catches
+                 StepFailed, refunds the flight (step refund-flight) and answers 409.
          ?fail=STEP          STEP raises once per run (the run is told by Stepgate-Run-Id)
          ?fail=STEP:N        STEP raises on its first N attempts in a run
          ?fail=STEP:always   STEP raises on every attempt

@@ -5,6 +5,7 @@ all of it across a SIGKILLed gateway."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -124,11 +125,11 @@ class Held:
         self.done = asyncio.Event()
 
     @classmethod
-    async def start(cls, gateway: GatewayFactory, upstream: UpstreamFactory) -> Held:
+    async def start(cls, gateway: GatewayFactory, upstream: UpstreamFactory, **extra: Any) -> Held:
         held = cls()
         app = web.Application()
         app.router.add_post("/trip", held.handle)
-        held.gw = await gateway([route(await upstream(app))])
+        held.gw = await gateway([route(await upstream(app))], **extra)
         held.pending = asyncio.ensure_future(held.gw.session.post(held.gw.url + "/trip"))
         await asyncio.wait_for(held.called.wait(), 10)
         return held
@@ -471,3 +472,48 @@ async def test_policies_and_sent_events_hold_across_a_killed_gateway(
     assert sends[0][0] == 201
     assert all(answer == (200, {"id": sends[0][1]["id"]}) for answer in sends[1:])
     assert len(sends) == 3  # every invocation asked; only the first sent
+
+
+async def test_a_send_cut_short_before_its_record_is_delivered_once(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    """A crash between the delivery and the record leaves the event delivered and the step
+    unrecorded; the replay sends it again with the same id, and the event is not delivered a
+    second time (no wait is completed twice), while the step is recorded now."""
+    from gateway.auth import sent_event_id
+
+    held = await Held.start(gateway, upstream)
+    callback, tok, s = held.seen["callback"], held.seen["token"], held.gw.session
+    run_id = callback.rsplit("/", 1)[1]
+    run = await held.gw.store.get_run(run_id)
+    event_id = sent_event_id(run.token, "booked")
+    # What the first send did before the crash: the event is in, the step is not.
+    assert await held.gw.store.deliver_event(event_id, "trip.booked", "{}", time.time()) == []
+    # A wait registered now is completed by it once, from the look-back.
+    status, waited = await put(
+        s, callback, tok, "w", {"wait": {"event": "trip.booked", "timeout": "30s"}}
+    )
+    assert (status, waited["status"], waited["output"]["id"]) == (200, "completed", event_id)
+    status, sent = await send_event(s, callback, tok, {"name": "trip.booked", "step": "booked"})
+    assert (status, sent) == (201, {"id": event_id, "woke": 0})
+    status, waited = await put(
+        s, callback, tok, "w2", {"wait": {"event": "trip.booked", "timeout": "30s"}}
+    )
+    assert (status, waited["status"]) == (200, "waiting")  # the one event is taken
+    held.done.set()
+    async with await held.pending as resp:
+        assert resp.status == 200
+
+
+async def test_a_run_sends_events_with_its_own_token_when_the_admin_api_needs_one(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    held = await Held.start(gateway, upstream, admin_token="admin-secret-1234567890")
+    callback, tok, s = held.seen["callback"], held.seen["token"], held.gw.session
+    status, sent = await send_event(s, callback, tok, {"name": "e", "step": "e"})
+    assert status == 201, sent
+    async with s.post(held.gw.internal + "/v1/events", json={"name": "e"}) as resp:
+        assert resp.status == 401  # the admin API still wants the admin token
+    held.done.set()
+    async with await held.pending as resp:
+        assert resp.status == 200

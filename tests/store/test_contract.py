@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -17,6 +18,7 @@ from gateway import lifecycle
 from gateway.auth import attempt_token
 from gateway.config import parse_settings
 from gateway.model import Outcome, Run, RunStatus, StepKind, StepStatus, UpstreamReply
+from gateway.policies import StepPolicy
 from gateway.store import (
     AttemptFenced,
     Change,
@@ -348,3 +350,61 @@ async def test_a_wait_and_its_event_cannot_miss_each_other_across_replicas(
     assert await delivering == ["r1"]
     (step,) = await a.steps("r1")
     assert step.status == StepStatus.COMPLETED
+
+
+# --- step policies (protocol v1.1) -----------------------------------------------------------
+
+
+async def test_a_policy_counts_a_steps_attempts_and_makes_it_final(open_store: Opener) -> None:
+    """The count is the store's: each failed attempt under a policy is counted in the write's
+    transaction, the one that reaches `attempts` makes the step final, and a final step keeps
+    its record whatever is written next. The end of each attempt sees the failure (the rule
+    gets it with the parked steps) and retries on the step's back-off."""
+    store = await open_store()
+    await store.create_run(new_run("r1"))
+    policy = StepPolicy(attempts=2, initial=0.01, max=0.02, multiplier=2.0)
+    failed = StepCall(StepKind.RUN, StepStatus.FAILED, 0, error='{"message":"no"}', policy=policy)
+    now = time.time()
+    run = await store.get_run("r1")
+    assert run is not None
+    first = await store.put_step("r1", token(run), "s", failed, now=now, lookback_since=now)
+    assert (first.step.attempts, first.step.final, first.step.failed_in) == (1, False, 1)
+    seen: list[list[str]] = []
+
+    def rule(stored: Run, steps: list[Any]) -> lifecycle.AfterAttempt:
+        seen.append([step.id for step in steps])
+        return after(answered(stored.attempt, 500))(stored, steps)
+
+    ended = await store.finish_attempt("r1", answered(1, 500), rule)
+    assert seen == [["s"]]
+    assert ended.retry_reason == "step_policy"
+    assert ended.run.failures == 0  # the route's budget is untouched
+    claimed = await store.claim("r1", time.time() + 1)
+    assert claimed is not None and claimed.attempt == 2
+    second = await store.put_step("r1", token(claimed), "s", failed, now=now, lookback_since=now)
+    assert (second.step.attempts, second.step.final, second.step.failed_in) == (2, True, 2)
+    again = await store.put_step("r1", token(claimed), "s", OUTPUT, now=now, lookback_since=now)
+    assert not again.created and again.step.final and again.step.status == StepStatus.FAILED
+    retried = await store.finish_attempt("r1", answered(2, 500), rule)
+    assert retried.delay == 0.0  # final: at once, for the handler to catch it
+    # An operator's retry of the ended run gives the step its attempts again.
+    await store.cancel("r1", time.time())
+    assert await store.retry_ended("r1", time.time()) is not None
+    (step,) = await store.steps("r1")
+    assert (step.final, step.attempts, step.status) == (False, 0, StepStatus.FAILED)
+    assert step.error == '{"message":"no"}'
+
+
+async def test_an_event_step_is_recorded_once(open_store: Opener) -> None:
+    store = await open_store()
+    await store.create_run(new_run("r1"))
+    run = await store.get_run("r1")
+    assert run is not None
+    now = time.time()
+    sent = StepCall(StepKind.EVENT, StepStatus.COMPLETED, 0, output='{"id":"a","name":"e"}')
+    first = await store.put_step("r1", token(run), "e", sent, now=now, lookback_since=now)
+    other = StepCall(StepKind.EVENT, StepStatus.COMPLETED, 0, output='{"id":"b","name":"e"}')
+    second = await store.put_step("r1", token(run), "e", other, now=now, lookback_since=now)
+    assert first.created and not second.created
+    assert second.step.output == '{"id":"a","name":"e"}'
+    assert second.step.kind == StepKind.EVENT and second.step.attempts == 0

@@ -232,6 +232,22 @@ describe('end to end against the real gateway', { skip: SKIP }, () => {
       { 'reserve-flight': 1, 'reserve-hotel': 1, 'charge-card': 4, 'send-confirmation': 0, 'refund-flight': 0 });
   });
 
+  test('a hotel that fails for good is compensated: the flight is refunded, 409', { timeout: 60_000 }, async () => {
+    const start = { ...executions };
+    const response = await fetch(`${publicUrl}/trips?fail=reserve-hotel:always`, {
+      method: 'POST', headers: { 'content-type': 'application/json' }, body: TRIP,
+    });
+    const answer = await response.json();
+    assert.equal(response.status, 409, JSON.stringify(answer));
+    assert.match(answer.refund.refund, /^RF-/);
+    assert.deepEqual(delta(start),
+      { 'reserve-flight': 1, 'reserve-hotel': 3, 'charge-card': 0, 'send-confirmation': 0, 'refund-flight': 1 });
+    const run = await (await fetch(`${internalUrl}/v1/runs/${response.headers.get('stepgate-run-id')}`)).json();
+    const hotel = run.steps.find((/** @type {any} */ s) => s.id === 'reserve-hotel');
+    assert.equal(hotel.final, true);
+    assert.equal(hotel.attempts, 3);
+  });
+
   test('a run sleeps, waits for an event, and is delivered through the poll URL', { timeout: 60_000 }, async () => {
     const id = `flow-${Date.now()}`;
     const accepted = await fetch(`${publicUrl}/flow?id=${id}`, {
