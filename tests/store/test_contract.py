@@ -430,14 +430,22 @@ async def test_a_signal_is_kept_with_its_step_and_delivered_once(open_store: Ope
     await store.create_run(run)
     now = time.time()
     first = await store.put_step(
-        "r1", token(run), "approve", signal_call("sig-1", "secret-1", now + 60), now=now,
+        "r1",
+        token(run),
+        "approve",
+        signal_call("sig-1", "secret-1", now + 60),
+        now=now,
         lookback_since=now,
-    )  # fmt: skip
+    )
     # A repeated PUT keeps the first id and secret (the call's new ones are not kept).
     again = await store.put_step(
-        "r1", token(run), "approve", signal_call("sig-2", "secret-2", now + 99), now=now,
+        "r1",
+        token(run),
+        "approve",
+        signal_call("sig-2", "secret-2", now + 99),
+        now=now,
         lookback_since=now,
-    )  # fmt: skip
+    )
     assert first.signal == again.signal == ("sig-1", "secret-1")
     assert not again.created and again.step.wake_at == now + 60
     ref = await store.find_signal("sig-1")
