@@ -443,8 +443,15 @@ async def _invoke_call(engine: Engine, run_id: str, body: dict[str, Any], now: f
         )
     try:
         parent = await engine.store.get_run(run_id)
+        depth = await _depth(engine, run_id)
     except StoreError as exc:
         raise _refusal(exc) from exc
+    if depth >= MAX_CHILD_DEPTH:
+        raise Problem(
+            422,
+            f"invoke: this run is a child run {depth} levels deep, and child runs nest at most "
+            f"{MAX_CHILD_DEPTH} deep (does a route invoke itself?)",
+        )
     payload = _dump(value.get("body")).encode()
     if len(payload) > route.max_body:
         raise Problem(
@@ -456,6 +463,23 @@ async def _invoke_call(engine: Engine, run_id: str, body: dict[str, Any], now: f
         body.get("seq"),
         child=child_run(route, payload, parent, now),
     )
+
+
+# Child runs of child runs of ...: a route that invokes itself would otherwise start runs
+# without end, each parked on the next.
+MAX_CHILD_DEPTH: Final = 16
+
+
+async def _depth(engine: Engine, run_id: str) -> int:
+    """How many parents the run has (0 for a run that is no child run)."""
+    depth = 0
+    while depth < MAX_CHILD_DEPTH:
+        parent, _ = await engine.store.links(run_id)
+        if parent is None:
+            break
+        run_id = parent.parent_id
+        depth += 1
+    return depth
 
 
 def child_run(route: Route, payload: bytes, parent: Run | None, now: float) -> Run:

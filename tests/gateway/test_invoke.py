@@ -253,3 +253,34 @@ async def test_a_child_that_sleeps_across_a_restart_still_wakes_its_parent(
     finally:
         gw.stop()
     assert trip.ran["hotel"] == 2  # before and after its sleep: started once
+
+
+async def test_a_route_that_invokes_itself_stops_at_the_depth_bound(
+    gateway: GatewayFactory, upstream: UpstreamFactory
+) -> None:
+    refused: list[tuple[int, Any]] = []
+
+    async def again(request: web.Request) -> web.Response:
+        steps = RawSteps(request)
+        recorded = (await steps.steps()).get("again")
+        if recorded is not None and recorded["status"] != "waiting":
+            return web.json_response({"below": recorded.get("output")})
+        status, answer = await steps.put("again", {"invoke": {"route": "loop"}})
+        if status != 200:
+            refused.append((status, answer))
+            return web.json_response({"depth": "max"})
+        return suspended()
+
+    app = web.Application()
+    app.router.add_post("/loop", again)
+    base = await upstream(app)
+    gw = await gateway([{"name": "loop", "path": "/loop", "upstream": base, "durable": True}])
+    async with gw.session.post(gw.url + "/loop", json={}, allow_redirects=False) as resp:
+        location = resp.headers["Location"] if resp.status == 303 else None
+    if location is not None:
+        async with gw.session.get(gw.url + location + "&wait=30") as resp:
+            assert resp.status == 200
+    ((status, problem),) = refused
+    assert status == 422 and "at most 16 deep" in problem["detail"]
+    async with gw.session.get(gw.internal + "/v1/runs?route=loop&limit=100") as resp:
+        assert len((await resp.json())["runs"]) == 17  # the first run and 16 below it

@@ -507,3 +507,147 @@ async def test_an_event_step_is_recorded_once(open_store: Opener) -> None:
     assert first.created and not second.created
     assert second.step.output == '{"id":"a","name":"e"}'
     assert second.step.kind == StepKind.EVENT and second.step.attempts == 0
+
+
+# -- signals and child runs (step.signal, step.invoke) -------------------------------------------
+
+
+def signal_call(signal_id: str, secret: str, wake_at: float) -> StepCall:
+    return StepCall(
+        StepKind.SIGNAL,
+        StepStatus.WAITING,
+        0,
+        wake_at=wake_at,
+        signal_id=signal_id,
+        signal_token=secret,
+    )
+
+
+async def test_a_signal_is_kept_with_its_step_and_delivered_once(open_store: Opener) -> None:
+    store = await open_store()
+    run = new_run("r1")
+    await store.create_run(run)
+    now = time.time()
+    first = await store.put_step(
+        "r1",
+        token(run),
+        "approve",
+        signal_call("sig-1", "secret-1", now + 60),
+        now=now,
+        lookback_since=now,
+    )
+    # A repeated PUT keeps the first id and secret (the call's new ones are not kept).
+    again = await store.put_step(
+        "r1",
+        token(run),
+        "approve",
+        signal_call("sig-2", "secret-2", now + 99),
+        now=now,
+        lookback_since=now,
+    )
+    assert first.signal == again.signal == ("sig-1", "secret-1")
+    assert not again.created and again.step.wake_at == now + 60
+    ref = await store.find_signal("sig-1")
+    assert ref is not None and (ref.run_id, ref.step_id, ref.token) == ("r1", "approve", "secret-1")
+    assert await store.find_signal("sig-2") is None
+    assert set(await store.signals("r1")) == {"approve"}
+
+    assert await store.deliver_signal("sig-1", "secret-x", '{"ok":true}', now) is None
+    assert await store.deliver_signal("nope", "secret-1", '{"ok":true}', now) is None
+    assert await store.deliver_signal("sig-1", "secret-1", '{"ok":true}', now) == "deliver"
+    assert await store.deliver_signal("sig-1", "secret-1", '{"ok":false}', now) == "done"
+    (step,) = await store.steps("r1")
+    assert (step.status, step.output) == (StepStatus.COMPLETED, '{"ok":true}')
+    # Delivered while the attempt runs: the run is woken as soon as it parks.
+    stored = await store.get_run("r1")
+    assert stored is not None and stored.wake_pending
+
+
+async def test_a_signal_past_its_time_out_or_of_an_ended_run_is_not_delivered(
+    open_store: Opener,
+) -> None:
+    store = await open_store()
+    runs = [new_run("r1"), new_run("r2")]
+    now = time.time()
+    for n, run in enumerate(runs):
+        await store.create_run(run)
+        call = signal_call(f"sig-{n}", "s", now - 1 if n == 0 else now + 60)
+        await store.put_step(run.id, token(run), "approve", call, now=now, lookback_since=now)
+    await store.cancel("r2", now)
+    assert await store.deliver_signal("sig-0", "s", "1", now) == "done"  # timed out
+    assert await store.deliver_signal("sig-1", "s", "1", now) == "ended"
+    assert [s.status for s in await store.steps("r1")] == [StepStatus.WAITING]
+
+
+def suspended(attempt: int) -> Outcome:
+    now = time.time()
+    reply = UpstreamReply(202, "Accepted", [], b"", True, False, None)
+    return Outcome(attempt, now, now, reply, None)
+
+
+def child_of(child_id: str) -> StepCall:
+    return StepCall(StepKind.INVOKE, StepStatus.WAITING, 0, child=new_run(child_id))
+
+
+async def test_a_child_run_is_created_once_and_its_end_completes_the_parents_step(
+    open_store: Opener,
+) -> None:
+    store = await open_store()
+    parent = new_run("p")
+    await store.create_run(parent)
+    now = time.time()
+    first = await store.put_step(
+        "p", token(parent), "book", child_of("c1"), now=now, lookback_since=now
+    )
+    again = await store.put_step(
+        "p", token(parent), "book", child_of("c2"), now=now, lookback_since=now
+    )
+    assert first.started is not None and first.started.id == "c1" and first.child_id == "c1"
+    assert again.started is None and again.child_id == "c1"
+    assert await store.get_run("c2") is None
+    up, down = await store.links("p")
+    assert up is None and [(link.child_id, link.step_id) for link in down] == [("c1", "book")]
+    up, down = await store.links("c1")
+    assert up is not None and (up.parent_id, up.step_id) == ("p", "book") and down == []
+
+    # The parent parks on its child; the child's end completes the step and wakes the parent.
+    parked = await store.finish_attempt("p", suspended(1), after(suspended(1)))
+    assert parked.run.status == RunStatus.WAITING and parked.run.due_at is None
+    child = await store.get_run("c1")
+    assert child is not None
+    await store.finish_attempt("c1", answered(1), after(answered(1)))
+    (step,) = await store.steps("p")
+    assert step.status == StepStatus.COMPLETED and step.output is not None
+    woken = await store.get_run("p")
+    assert woken is not None and woken.due_at is not None
+
+
+async def test_a_failed_child_fails_the_step_for_good(open_store: Opener) -> None:
+    store = await open_store()
+    parent = new_run("p")
+    await store.create_run(parent)
+    now = time.time()
+    await store.put_step("p", token(parent), "book", child_of("c1"), now=now, lookback_since=now)
+    await store.finish_attempt("c1", answered(1, 404), after(answered(1, 404)))
+    (step,) = await store.steps("p")
+    assert step.status == StepStatus.FAILED and step.final
+    assert step.error is not None and '"status":404' in step.error
+
+
+async def test_cancelling_a_run_cancels_its_children_and_theirs(open_store: Opener) -> None:
+    store = await open_store()
+    now = time.time()
+    runs = {name: new_run(name) for name in ("p", "c", "g")}
+    await store.create_run(runs["p"])
+    await store.put_step("p", token(runs["p"]), "a", child_of("c"), now=now, lookback_since=now)
+    child = await store.get_run("c")
+    assert child is not None
+    await store.put_step("c", token(child), "b", child_of("g"), now=now, lookback_since=now)
+    heard: list[str] = []
+    store.subscribe(lambda change: heard.append(f"{change.run_id}:{change.status}"))
+    assert await store.cancel("p", now) is not None
+    statuses = {name: (await store.get_run(name)) for name in runs}
+    assert {name: run.status for name, run in statuses.items() if run} == dict.fromkeys(
+        runs, RunStatus.CANCELLED
+    )
+    assert {"p:cancelled", "c:cancelled", "g:cancelled"} <= set(heard)
