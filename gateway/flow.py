@@ -27,6 +27,7 @@ from multidict import CIMultiDictProxy
 
 from gateway.config import FlowKey, Rate, Route
 from gateway.jsonin import BadJSON, loads
+from gateway.lifecycle import next_attempt
 from gateway.model import Run, RunStatus
 
 # A key value longer than this (or holding a NUL) is kept as its hash: it names the same
@@ -132,16 +133,7 @@ def take_turn(run: Run, route: Route, tat: float | None, now: float) -> Admissio
 
 def started(run: Run, now: float) -> Run:
     """The run as it starts its next invocation (a new run is on its first already)."""
-    if run.status == RunStatus.RUNNING:
-        return run
-    return run.but(
-        status=RunStatus.RUNNING,
-        attempt=run.attempt + 1,
-        due_at=None,
-        queued_at=None,
-        updated_at=now,
-        wake_pending=False,
-    )
+    return run if run.status == RunStatus.RUNNING else next_attempt(run, now)
 
 
 def queued(run: Run, now: float, *, due: float | None) -> Run:

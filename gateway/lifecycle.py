@@ -380,10 +380,16 @@ def claim(run: Run, now: float) -> Run | None:
     stale timer) or not parked any more."""
     if run.status not in PARKED or run.due_at is None or run.due_at > now + 0.001:
         return None
+    return next_attempt(run, now)
+
+
+def next_attempt(run: Run, now: float) -> Run:
+    """The run as it starts its next invocation (out of a queue, too)."""
     return run.but(
         status=RunStatus.RUNNING,
         attempt=run.attempt + 1,
         due_at=None,
+        queued_at=None,
         updated_at=now,
         wake_pending=False,
     )
