@@ -243,7 +243,7 @@ def step_cost(p50_0: float, p50_10: float) -> float:
 
 
 def per_step(sc: Mapping[str, Scenario], via: str) -> Verdict:
-    target = f"one checkpointed step <= 0.35 ms p50 (1 conn) [{via}]"
+    target = f"one checkpointed step <= 0.30 ms p50 (1 conn) [{via}]"
     zero, why0 = _get(sc, f"stepgate-{via}-0", 1)
     ten, why10 = _get(sc, f"stepgate-{via}-10", 1)
     if zero is None or ten is None:
@@ -251,14 +251,14 @@ def per_step(sc: Mapping[str, Scenario], via: str) -> Verdict:
     cost = step_cost(zero.p50_ms, ten.p50_ms)
     return Verdict(
         target,
-        _judge(cost <= 0.35),
+        _judge(cost <= 0.30),
         f"{cost:.3f} ms/step (p50 {fmt_ms(zero.p50_ms)} ms at 0, "
         f"{fmt_ms(ten.p50_ms)} ms at 10 steps)",
     )
 
 
 def vs_restate_latency(sc: Mapping[str, Scenario], via: str) -> Verdict:
-    target = f"durable 3-step p50 (1 conn) <= 0.5 x Restate's [{via}]"
+    target = f"durable 3-step p50 (1 conn) <= 0.35 x Restate's [{via}]"
     ours, why = _get(sc, f"stepgate-{via}-3", 1)
     ref, why_ref = _get(sc, "restate-3", 1)
     if ours is None:
@@ -274,13 +274,13 @@ def vs_restate_latency(sc: Mapping[str, Scenario], via: str) -> Verdict:
     ratio = ours.p50_ms / ref.p50_ms
     return Verdict(
         target,
-        _judge(ratio <= 0.5),
+        _judge(ratio <= 0.35),
         f"{ratio:.2f} x ({fmt_ms(ours.p50_ms)} vs {fmt_ms(ref.p50_ms)} ms)",
     )
 
 
 def vs_restate_throughput(sc: Mapping[str, Scenario], via: str) -> Verdict:
-    target = f"durable 3-step throughput (32 conns) >= 2 x Restate's [{via}]"
+    target = f"durable 3-step throughput (32 conns) >= 3 x Restate's [{via}]"
     ours, why = _get(sc, f"stepgate-{via}-3", 32)
     ref, why_ref = _get(sc, "restate-3", 32)
     if ours is None:
@@ -296,7 +296,7 @@ def vs_restate_throughput(sc: Mapping[str, Scenario], via: str) -> Verdict:
     ratio = ours.rps / ref.rps
     return Verdict(
         target,
-        _judge(ratio >= 2.0),
+        _judge(ratio >= 3.0),
         f"{ratio:.2f} x ({fmt_rps(ours.rps)} vs {fmt_rps(ref.rps)} req/s)",
     )
 
