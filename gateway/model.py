@@ -109,6 +109,23 @@ class Run:
 
 
 @dataclass(frozen=True, slots=True)
+class RunHead:
+    """What a step write needs of its run: whose token it takes, whether that attempt is still
+    the current one, and the route for metrics. Read instead of the whole run, whose request
+    and answer a step write has no use for."""
+
+    id: str
+    route: str
+    status: RunStatus
+    attempt: int
+    token: str
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ENDED
+
+
+@dataclass(frozen=True, slots=True)
 class Step:
     run_id: str
     id: str

@@ -29,14 +29,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from gateway.auth import token_attempt, token_valid
 from gateway.config import Rate, Route
 from gateway.errors import GatewayError, StoreError
 from gateway.flow import allowed
 from gateway.lifecycle import AfterAttempt
-from gateway.model import Attempt, Outcome, Run, RunStatus, Step
+from gateway.model import Attempt, Outcome, Run, RunHead, RunStatus, Step
 from gateway.store.rows import RUN_COLUMNS
 from gateway.store.rules import SignalVerdict, StepCall, StepWrite, fenced
 
@@ -68,13 +68,16 @@ class WrongToken(Refused):
 class AttemptFenced(Refused):
     """A callback came from an attempt that is not the run's current running attempt."""
 
-    def __init__(self, run: Run, attempt: int) -> None:
+    def __init__(self, run: Run | RunHead, attempt: int) -> None:
         super().__init__(f"attempt {attempt} of run {run.id} was superseded")
         self.run = run
         self.attempt = attempt
 
 
-def authorize_callback(run: Run | None, run_id: str, token: str) -> tuple[Run, int]:
+AnyRun = TypeVar("AnyRun", Run, RunHead)
+
+
+def authorize_callback(run: AnyRun | None, run_id: str, token: str) -> tuple[AnyRun, int]:
     """The run and attempt a callback's token speaks for, or the refusal (every dialect asks
     this inside its transaction, on the run it just read)."""
     if run is None:

@@ -63,6 +63,8 @@ from gateway.store.base import (
 from gateway.store.rows import (
     BUCKET_TAT,
     FLOW_COUNTS,
+    HEAD_COLUMNS,
+    HEAD_WIDTH,
     OLDEST_WAITING,
     QUEUED_ON_ROUTE,
     RESTART_FINAL_STEPS,
@@ -73,6 +75,7 @@ from gateway.store.rows import (
     UPDATE_RUN,
     WAITING_FLOWS,
     Rows,
+    head_from_row,
     step_from_row,
     step_values,
 )
@@ -250,6 +253,12 @@ _INSERT_RUN: Final = (
 # The run row, locked, with one step of it (or nulls): a step write's two reads in one.
 _LOCK_RUN_AND_STEP: Final = (
     f"SELECT {', '.join('r.' + c.strip() for c in RUN_COLUMNS.split(','))}, "
+    f"{', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} FROM runs r "
+    "LEFT JOIN steps s ON s.run_id = r.id AND s.step_id = $2 WHERE r.id = $1 FOR UPDATE OF r"
+)
+# A step write's reads in one: the run's head (rows.HEAD_COLUMNS), locked, and the step.
+_LOCK_HEAD_AND_STEP: Final = (
+    f"SELECT {', '.join('r.' + c.strip() for c in HEAD_COLUMNS.split(','))}, "
     f"{', '.join('s.' + c.strip() for c in STEP_COLUMNS.split(','))} FROM runs r "
     "LEFT JOIN steps s ON s.run_id = r.id AND s.step_id = $2 WHERE r.id = $1 FOR UPDATE OF r"
 )
@@ -971,12 +980,16 @@ class PostgresStore(Store):
             if call.kind == StepKind.WAIT:
                 await self._lock_event(conn, call.event)
             row = (
-                await conn.fetchrow(_LOCK_RUN_AND_STEP, run_id, step_id)
+                await conn.fetchrow(_LOCK_HEAD_AND_STEP, run_id, step_id)
                 if _NUL not in run_id
                 else None
             )
-            stored, current = self._split(row) if row is not None else (None, None)
-            run, attempt = authorize_callback(stored, run_id, token)
+            head, current = None, None
+            if row is not None:
+                step = tuple(row[HEAD_WIDTH:])
+                head = head_from_row(row)
+                current = step_from_row(step) if step[0] is not None else None
+            run, attempt = authorize_callback(head, run_id, token)
             call_now = call
             if call.kind == StepKind.WAIT and (
                 current is None or current.status == StepStatus.FAILED

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Final, Protocol
 
-from gateway.model import Headers, Run, RunStatus, Step, StepKind, StepStatus
+from gateway.model import Headers, Run, RunHead, RunStatus, Step, StepKind, StepStatus
 from gateway.store.sealing import SealBroken, Sealer, StoreKeyError
 
 RUN_COLUMNS: Final = (
@@ -15,6 +15,9 @@ RUN_COLUMNS: Final = (
     "resp_status, resp_reason, resp_headers, resp_body, error, ended_at, sealed, slot_key, "
     "throttle_key, queued_at"
 )
+# A run's head (model.RunHead): what a step write reads of its run.
+HEAD_COLUMNS: Final = "id, route, status, attempt, token"
+HEAD_WIDTH: Final = HEAD_COLUMNS.count(",") + 1
 STEP_COLUMNS: Final = (
     "run_id, step_id, seq, kind, status, output, error, attempts, wake_at, event, match, "
     "created_at, updated_at"
@@ -47,6 +50,10 @@ class Row(Protocol):
     """A fetched row as either driver gives it: values by position."""
 
     def __getitem__(self, index: int, /) -> Any: ...
+
+
+def head_from_row(row: Row) -> RunHead:
+    return RunHead(row[0], row[1], RunStatus(row[2]), row[3], row[4])
 
 
 def headers_from(text: str | None) -> Headers | None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from gateway import jsonin
 from gateway.events import event_object, matches_text
-from gateway.model import STEP_PARKED, Run, RunStatus, Step, StepKind, StepStatus
+from gateway.model import STEP_PARKED, Run, RunHead, RunStatus, Step, StepKind, StepStatus
 from gateway.policies import StepPolicy
 
 
@@ -58,7 +58,7 @@ class StepWrite:
     started: Run | None = None  # the child run this write created, to be invoked now
 
 
-def fenced(run: Run, attempt: int) -> bool:
+def fenced(run: Run | RunHead, attempt: int) -> bool:
     """Whether a callback from `attempt` must be refused: only the current attempt of a running
     run may record steps. Every other one was given up on (crashed, timed out, cancelled)."""
     return run.status != RunStatus.RUNNING or run.attempt != attempt

@@ -57,6 +57,7 @@ from gateway.store.rows import (
     ANY_WAITING,
     BUCKET_TAT,
     FLOW_COUNTS,
+    HEAD_COLUMNS,
     OLDEST_WAITING,
     QUEUED_ON_ROUTE,
     RESTART_FINAL_STEPS,
@@ -67,6 +68,7 @@ from gateway.store.rows import (
     UPDATE_RUN,
     WAITING_FLOWS,
     Rows,
+    head_from_row,
     step_from_row,
     step_values,
 )
@@ -207,6 +209,9 @@ MIGRATIONS: tuple[str, ...] = (
 _INSERT_RUN = (
     f"INSERT INTO runs ({RUN_COLUMNS}) VALUES ({', '.join('?' * (RUN_COLUMNS.count(',') + 1))})"
 )
+
+
+_SELECT_HEAD = f"SELECT {HEAD_COLUMNS} FROM runs WHERE id = ?"
 
 
 class _Rows(Rows):
@@ -841,7 +846,9 @@ class SQLiteStore(Store):
         lookback_since: float,
     ) -> StepWrite:
         def op(conn: sqlite3.Connection) -> StepWrite:
-            run, attempt = authorize_callback(self._rows.read(conn, run_id), run_id, token)
+            found = conn.execute(_SELECT_HEAD, (run_id,)).fetchone()
+            head = head_from_row(found) if found is not None else None
+            run, attempt = authorize_callback(head, run_id, token)
             current = _read_step(conn, run_id, step_id)
             if call.kind == StepKind.WAIT and (
                 current is None or current.status == StepStatus.FAILED
