@@ -6,6 +6,8 @@ same server:
     GET|POST /plain       small JSON, the pass-through reference
     POST     /steps/{n}   durable handler: n `step.run` calls through the Stepgate SDK
     POST     /raw/{n}     the same handler speaking the step protocol itself (PUT per step)
+                          over aiohttp's client
+    POST     /min/{n}     /raw/{n} over a minimal keep-alive HTTP/1.1 client (MinClient)
     POST     /gate        held while the gate is closed (growth scenario: unfinished runs)
     POST     /hold/{n}    /raw/{n} with a ledger; while held, step s1 blocks (take-over scenario)
 
@@ -90,25 +92,101 @@ async def plain(request: web.Request) -> web.Response:
     return web.Response(body=PLAIN_BODY, content_type=JSON)
 
 
-# --- /raw/{n}: the step protocol spoken by hand ------------------------------------
+# --- /raw/{n} and /min/{n}: the step protocol spoken by hand --------------------------
+
+# One callback round trip: (method, url, token, JSON body or None) -> (status, body).
+Call = Callable[[str, str, str, bytes | None], Awaitable[tuple[int, bytes]]]
+
+
+def aiohttp_call(session: aiohttp.ClientSession) -> Call:
+    """Callbacks through aiohttp's client (one keep-alive session): /raw and /hold."""
+
+    async def call(method: str, url: str, token: str, body: bytes | None) -> tuple[int, bytes]:
+        headers = {"Authorization": f"Bearer {token}"}
+        if body is not None:
+            headers["Content-Type"] = JSON
+        async with session.request(method, url, data=body, headers=headers) as resp:
+            return resp.status, await resp.read()
+
+    return call
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class MinClient:
+    """The least HTTP/1.1 client that speaks to the gateway's callback listener: one prebuilt
+    write per request, the status line and headers read up to the blank line, a body of
+    Content-Length bytes (the listener answers every callback with one, never chunked), and
+    idle keep-alive connections kept by host:port. One per event loop (per upstream app)."""
+
+    def __init__(self) -> None:
+        self.idle: dict[str, list[Connection]] = {}
+
+    async def __call__(
+        self, method: str, url: str, token: str, body: bytes | None
+    ) -> tuple[int, bytes]:
+        netloc, _, path = url.removeprefix("http://").partition("/")
+        data = (
+            f"{method} /{path} HTTP/1.1\r\nHost: {netloc}\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: {JSON}\r\nContent-Length: {len(body or b'')}\r\n\r\n"
+        ).encode() + (body or b"")
+        idle = self.idle.setdefault(netloc, [])
+        while idle:  # a kept-alive connection the gateway closed meanwhile fails: next one
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                return await self.exchange(netloc, idle.pop(), data)
+        host, _, port = netloc.rpartition(":")
+        return await self.exchange(netloc, await asyncio.open_connection(host, int(port)), data)
+
+    async def exchange(self, netloc: str, conn: Connection, data: bytes) -> tuple[int, bytes]:
+        reader, writer = conn
+        try:
+            writer.write(data)
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            length, keep = 0, True
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"connection":
+                    keep = value.strip() != b"close"
+            body = await reader.readexactly(length)
+        except BaseException:
+            writer.close()
+            raise
+        if keep:
+            self.idle[netloc].append(conn)
+        else:
+            writer.close()
+        return int(head[9:12]), body
+
+    def close(self) -> None:
+        for conns in self.idle.values():
+            for _, writer in conns:
+                writer.close()
+        self.idle.clear()
+
+
+MIN_CLIENT = web.AppKey("min_client", MinClient)
 
 
 async def recorded_outputs(
-    request: web.Request, callback: str, auth: dict[str, str]
+    request: web.Request, call: Call, callback: str, token: str
 ) -> dict[str, Any] | web.Response:
     """The outputs of the run's completed steps (none asked for on a first attempt), or the
     problem to answer when the gateway would not list them."""
     if int(request.headers.get("Stepgate-Steps", "0")) == 0:
         return {}
-    session = request.app[CALLBACK_SESSION]
-    async with session.get(f"{callback}/steps", headers=auth) as resp:
-        if resp.status != 200:
-            return problem(502, "Step list failed", f"GET steps answered {resp.status}")
-        listing = await resp.json()
+    status, body = await call("GET", f"{callback}/steps", token, None)
+    if status != 200:
+        return problem(502, "Step list failed", f"GET steps answered {status}")
+    listing = json.loads(body)
     return {s["id"]: s["output"] for s in listing["steps"] if s["status"] == "completed"}
 
 
-async def raw_steps(request: web.Request) -> web.Response:
+async def protocol_steps(request: web.Request, call: Call) -> web.Response:
+    """n steps by the raw protocol: the list of recorded ones when Stepgate-Steps > 0, then
+    one PUT {"output", "seq"} per step not yet recorded."""
     n = steps_of(request)
     await request.read()
     callback = request.headers.get("Stepgate-Callback")
@@ -120,9 +198,7 @@ async def raw_steps(request: web.Request) -> web.Response:
             total += await bump(i)
         return web.json_response({"steps": n, "total": total})
 
-    session = request.app[CALLBACK_SESSION]
-    auth = {"Authorization": f"Bearer {token}"}
-    recorded = await recorded_outputs(request, callback, auth)
+    recorded = await recorded_outputs(request, call, callback, token)
     if isinstance(recorded, web.Response):
         return recorded
 
@@ -133,14 +209,20 @@ async def raw_steps(request: web.Request) -> web.Response:
             total += int(recorded[step_id])
             continue
         output = await bump(i)
-        body = {"output": output, "seq": i}
-        async with session.put(f"{callback}/steps/{step_id}", json=body, headers=auth) as resp:
-            if resp.status not in (200, 201):
-                detail = f"PUT {step_id} answered {resp.status}"
-                return problem(502, "Checkpoint failed", detail)
-            stored = await resp.json()
-        total += int(stored["output"])
+        body = json.dumps({"output": output, "seq": i}).encode()
+        status, answer = await call("PUT", f"{callback}/steps/{step_id}", token, body)
+        if status not in (200, 201):
+            return problem(502, "Checkpoint failed", f"PUT {step_id} answered {status}")
+        total += int(json.loads(answer)["output"])
     return web.json_response({"steps": n, "total": total})
+
+
+async def raw_steps(request: web.Request) -> web.Response:
+    return await protocol_steps(request, aiohttp_call(request.app[CALLBACK_SESSION]))
+
+
+async def min_steps(request: web.Request) -> web.Response:
+    return await protocol_steps(request, request.app[MIN_CLIENT])
 
 
 async def hold_steps(request: web.Request) -> web.Response:
@@ -154,9 +236,8 @@ async def hold_steps(request: web.Request) -> web.Response:
     if not (callback and token and run_id):
         return problem(400, "Not through a gateway", "/hold needs the Stepgate-* headers")
     ledger.invoked.setdefault(run_id, []).append(time.time())
-    session = request.app[CALLBACK_SESSION]
-    auth = {"Authorization": f"Bearer {token}"}
-    recorded = await recorded_outputs(request, callback, auth)
+    call = aiohttp_call(request.app[CALLBACK_SESSION])
+    recorded = await recorded_outputs(request, call, callback, token)
     if isinstance(recorded, web.Response):
         return recorded
     total = 0
@@ -175,13 +256,12 @@ async def hold_steps(request: web.Request) -> web.Response:
             finally:
                 ledger.blocked -= 1
             return problem(503, "Released", "the hold was released before the step ended")
-        body = {"output": output, "seq": i}
-        async with session.put(f"{callback}/steps/{step_id}", json=body, headers=auth) as resp:
-            if resp.status not in (200, 201):
-                return problem(502, "Checkpoint failed", f"PUT {step_id} answered {resp.status}")
-            stored = await resp.json()
+        body = json.dumps({"output": output, "seq": i}).encode()
+        status, answer = await call("PUT", f"{callback}/steps/{step_id}", token, body)
+        if status not in (200, 201):
+            return problem(502, "Checkpoint failed", f"PUT {step_id} answered {status}")
         ledger.acked.setdefault(run_id, {}).setdefault(step_id, time.time())
-        total += int(stored["output"])
+        total += int(json.loads(answer)["output"])
     return web.json_response({"steps": n, "total": total})
 
 
@@ -190,7 +270,9 @@ async def callback_session_ctx(app: web.Application) -> AsyncIterator[None]:
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
     async with aiohttp.ClientSession(connector=connector) as session:
         app[CALLBACK_SESSION] = session
+        app[MIN_CLIENT] = MinClient()
         yield
+        app[MIN_CLIENT].close()
 
 
 # --- /steps/{n}: the same handler through the SDK -----------------------------------
@@ -327,6 +409,7 @@ def make_app() -> web.Application:
     app.router.add_get("/plain", plain)
     app.router.add_post("/plain", plain)
     app.router.add_post("/raw/{n}", raw_steps)
+    app.router.add_post("/min/{n}", min_steps)
     app.router.add_post("/gate", gate)
     app.router.add_post("/hold/{n}", hold_steps)
     app.router.add_post("/_bench/hold", control_hold)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import upstream
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -23,8 +24,9 @@ async def test_raw_without_gateway_headers_runs_steps_in_process(aiohttp_client:
     assert await resp.json() == {"steps": 3, "total": 1 + 2 + 3}
 
 
+@pytest.mark.parametrize("path", ["/raw/3", "/min/3"])
 async def test_raw_checkpoints_each_step_and_replays_recorded_ones(
-    aiohttp_client: Any, aiohttp_server: Any
+    path: str, aiohttp_client: Any, aiohttp_server: Any
 ) -> None:
     puts: list[tuple[str, Any, str]] = []
 
@@ -46,7 +48,7 @@ async def test_raw_checkpoints_each_step_and_replays_recorded_ones(
     client: TestClient[web.Request, web.Application] = await aiohttp_client(upstream.make_app())
 
     resp = await client.post(
-        "/raw/3",
+        path,
         data=b"{}",
         headers={
             "Stepgate-Callback": str(server.make_url("/v1/runs/r1")),
@@ -59,6 +61,36 @@ async def test_raw_checkpoints_each_step_and_replays_recorded_ones(
         ("s1", {"output": 2, "seq": 1}, "Bearer tok"),
         ("s2", {"output": 3, "seq": 2}, "Bearer tok"),
     ]
+
+
+async def test_min_client_reuses_a_connection_and_replaces_one_closed_meanwhile() -> None:
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answers one request per connection, then closes it without saying so.
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        body = await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 201 Created\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = upstream.MinClient()
+    try:
+        url = f"http://127.0.0.1:{port}/v1/runs/r1/steps/s0"
+        assert await client("PUT", url, "tok", b'{"output":1}') == (201, b'{"output":1}')
+        assert len(client.idle[f"127.0.0.1:{port}"]) == 1  # kept: the answer did not say close
+        await asyncio.sleep(0.05)  # the server has closed it by now
+        assert await client("PUT", url, "tok", b'{"output":2}') == (201, b'{"output":2}')
+        assert connections == 2
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_gate_holds_until_opened_and_counts_runs_after(aiohttp_client: Any) -> None:
