@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Stepgate benchmark: every scenario of issue #6 in one go, on this machine.
+"""Stepgate benchmark: every scenario of issues #6 and #15 in one go, on this machine.
 
     bench/setup.sh            # once: wrk, nginx, Restate, restate-sdk, hypercorn
-    python bench/run.py       # ~10 min; --quick for a 1-2 min smoke run; --soak adds 10 min
+    python bench/run.py       # ~15 min; --quick for a 2-3 min smoke run; --soak adds 10 min
 
 Prints one table (req/s, p50, p99, RSS of the process in the middle), the growth
 figures and one PASS/FAIL/SKIP line per target; writes bench/results/<stamp>.json,
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -44,9 +45,11 @@ from harness.peers import (
     stop_restate,
     write_stepgate_config,
 )
+from harness.pg import Database, PostgresUnavailable, database_name
 from harness.processes import Processes, raise_fd_limit, rss_bytes
 from harness.report import (
     NOISE_THRESHOLD,
+    PG_KEY,
     Scenario,
     evaluate,
     info_lines,
@@ -57,9 +60,12 @@ from harness.report import (
 )
 from harness.soak import run_soak
 
-GROUPS = ("upstream", "nginx", "bare", "stepgate", "restate", "growth", "soak")
-DEFAULT_GROUPS = ("upstream", "nginx", "bare", "stepgate", "restate", "growth")
+GROUPS = ("upstream", "nginx", "bare", "stepgate", "postgres", "restate", "growth", "soak")
+DEFAULT_GROUPS = ("upstream", "nginx", "bare", "stepgate", "postgres", "restate", "growth")
 STEP_COUNTS = (0, 3, 10)
+# How each durable handler of bench/upstream.py is reached: the SDK, the raw protocol over
+# aiohttp's client, the raw protocol over the bench's minimal client.
+HANDLER_PATHS = {"sdk": "steps", "raw": "raw", "min": "min"}
 BODY = '{"bench": true}'
 
 
@@ -77,6 +83,7 @@ class Options:
     growth: GrowthOptions
     soak_minutes: float
     work_dir: Path
+    stamp: str
     keep_work: bool
     results_dir: Path
     strict: bool
@@ -212,6 +219,7 @@ def parse_args(argv: list[str]) -> Options:
         growth=growth,
         soak_minutes=a.soak_minutes,
         work_dir=a.work_dir or BENCH_DIR / ".work" / stamp,
+        stamp=stamp,
         keep_work=a.keep_work,
         results_dir=a.results_dir,
         strict=a.strict,
@@ -335,7 +343,7 @@ class Runner:
 
     def stepgate_labels(self) -> list[tuple[str, str]]:
         labels = [("stepgate-plain", "stepgate plain route")]
-        for via in ("sdk", "raw"):
+        for via in HANDLER_PATHS:
             labels += [
                 (f"stepgate-{via}-{n}", f"stepgate durable {n} steps [{via}]") for n in STEP_COUNTS
             ]
@@ -380,8 +388,7 @@ class Runner:
                 expect_json(ok=True),
                 pid,
             )
-            for via in ("sdk", "raw"):
-                path = "steps" if via == "sdk" else "raw"
+            for via, path in HANDLER_PATHS.items():
                 for n in STEP_COUNTS:
                     self.measure(
                         f"stepgate-{via}-{n}",
@@ -392,6 +399,44 @@ class Runner:
                     )
         finally:
             self.bench.procs.stop(gateway.child)
+
+    def run_postgres(self, command: list[str]) -> None:
+        """A second gateway, on a fresh PostgreSQL database: the SDK handler's durable runs."""
+        say("== 4b. Stepgate on PostgreSQL, durability " + self.opts.durability)
+        database = Database(database_name(self.opts.stamp, os.getpid()))
+        try:
+            store = database.create()
+        except PostgresUnavailable as exc:
+            self.skip("stepgate-pg", "stepgate-pg scenarios", str(exc))
+            return
+        say(f"  PostgreSQL {database.server.get('version', '?')}, database {database.name}")
+        try:
+            config = write_stepgate_config(
+                self.bench,
+                "pg",
+                self.upstream,
+                durability=self.opts.durability,
+                extra=self.opts.gateway_extra,
+                store=store,
+            )
+            try:
+                gateway = start_stepgate(self.bench, command, config, name="pg")
+            except PeerUnavailable as exc:
+                self.skip("stepgate-pg", "stepgate-pg scenarios", str(exc))
+                return
+            try:
+                for n in STEP_COUNTS:
+                    self.measure(
+                        f"{PG_KEY}-{n}",
+                        f"stepgate-pg durable {n} steps [sdk]",
+                        Request(f"{config.public_url}/steps/{n}", body=BODY),
+                        expect_json(steps=n),
+                        gateway.child.pid,
+                    )
+            finally:
+                self.bench.procs.stop(gateway.child)
+        finally:
+            database.drop()
 
     def run_restate(self) -> None:
         say("== 5. Restate (restate-server + restate-sdk on hypercorn)")
@@ -458,7 +503,7 @@ def run(opts: Options, procs: Processes) -> int:
         runner.run_nginx()
     if "bare" in opts.groups:
         runner.run_bare()
-    needs_gateway = {"stepgate", "growth", "soak"} & set(opts.groups)
+    needs_gateway = {"stepgate", "postgres", "growth", "soak"} & set(opts.groups)
     command: list[str] | None = None
     why = ""
     if needs_gateway:
@@ -471,6 +516,11 @@ def run(opts: Options, procs: Processes) -> int:
                 runner.scenarios[key] = Scenario(key=key, label=label, skipped=why)
         else:
             runner.run_stepgate(command)
+    if "postgres" in opts.groups:
+        if command is None:
+            runner.skip("stepgate-pg", "stepgate-pg scenarios", why)
+        else:
+            runner.run_postgres(command)
     if "restate" in opts.groups:
         runner.run_restate()
     if "growth" in opts.groups and command is not None:

@@ -368,13 +368,15 @@ def stepgate_settings(
     upstream_url: str,
     durability: str,
     extra: dict[str, Any],
+    store: str | None = None,
 ) -> dict[str, Any]:
-    """The gateway config every Stepgate scenario uses (see docs/performance.md)."""
+    """The gateway config every Stepgate scenario uses (see docs/performance.md); `store`
+    (a postgresql:// URL) replaces the SQLite file at `store_path`."""
     settings: dict[str, Any] = {
         "listen": f"127.0.0.1:{public_port}",
         "internal_listen": f"127.0.0.1:{internal_port}",
         # Four slashes: an absolute path.
-        "store": f"sqlite:///{store_path}",
+        "store": store or f"sqlite:///{store_path}",
         "durability": durability,
         "routes": [
             {"name": "plain", "path": "/plain", "upstream": upstream_url},
@@ -388,6 +390,13 @@ def stepgate_settings(
             {
                 "name": "raw",
                 "path": "/raw/*",
+                "methods": ["POST"],
+                "upstream": upstream_url,
+                "durable": True,
+            },
+            {
+                "name": "min",
+                "path": "/min/*",
                 "methods": ["POST"],
                 "upstream": upstream_url,
                 "durable": True,
@@ -410,19 +419,26 @@ def stepgate_settings(
 
 
 def write_stepgate_config(
-    bench: Bench, name: str, upstream: Upstream, *, durability: str, extra: dict[str, Any]
+    bench: Bench,
+    name: str,
+    upstream: Upstream,
+    *,
+    durability: str,
+    extra: dict[str, Any],
+    store: str | None = None,
 ) -> StepgateConfig:
     home = bench.work_dir / f"stepgate-{name}"
     home.mkdir(parents=True, exist_ok=True)
     public_port, internal_port = free_port(), free_port()
-    store = home / "stepgate.db"
+    store_file = home / "stepgate.db"
     settings = stepgate_settings(
         public_port=public_port,
         internal_port=internal_port,
-        store_path=store,
+        store_path=store_file,
         upstream_url=upstream.url,
         durability=durability,
         extra=extra,
+        store=store,
     )
     path = home / "stepgate.yaml"
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
@@ -430,7 +446,7 @@ def write_stepgate_config(
         path=path,
         public_url=f"http://127.0.0.1:{public_port}",
         internal_url=f"http://127.0.0.1:{internal_port}",
-        store_path=store,
+        store_path=store_file,
     )
 
 

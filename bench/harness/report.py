@@ -1,4 +1,4 @@
-"""The results table and the verdicts against issue #6's targets (pure: no I/O)."""
+"""The results table and the verdicts against issues #6 and #15's targets (pure: no I/O)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,13 @@ RESTATE_REFERENCE_RPS_32 = {0: 1650.0, 3: 690.0}
 
 Status = Literal["PASS", "FAIL", "SKIP"]
 
+PG_KEY = "stepgate-pg-sdk"  # the gateway on PostgreSQL, SDK handler: stepgate-pg-sdk-{0,3,10}
+
 
 @dataclass(slots=True)
 class Scenario:
-    key: str  # upstream, nginx, bare, stepgate-plain, stepgate-sdk-3, stepgate-raw-3, restate-3
+    # upstream, nginx, bare, stepgate-plain, stepgate-{sdk,raw,min}-3, stepgate-pg-sdk-3, restate-3
+    key: str
     label: str
     loads: dict[int, LoadResult] = field(default_factory=dict)  # by connections
     rss_bytes: int | None = None  # the process in the middle, after the load
@@ -242,18 +245,39 @@ def step_cost(p50_0: float, p50_10: float) -> float:
     return (p50_10 - p50_0) / 10
 
 
-def per_step(sc: Mapping[str, Scenario], via: str) -> Verdict:
-    target = f"one checkpointed step <= 0.30 ms p50 (1 conn) [{via}]"
-    zero, why0 = _get(sc, f"stepgate-{via}-0", 1)
-    ten, why10 = _get(sc, f"stepgate-{via}-10", 1)
+def _step_cost_of(sc: Mapping[str, Scenario], key: str) -> tuple[float | None, str, str]:
+    """(cost per step, the figures it comes from, why not) for scenarios `{key}-0`, `{key}-10`."""
+    zero, why0 = _get(sc, f"{key}-0", 1)
+    ten, why10 = _get(sc, f"{key}-10", 1)
     if zero is None or ten is None:
-        return _missing(target, via, why0 or why10, "")
-    cost = step_cost(zero.p50_ms, ten.p50_ms)
+        return None, "", why0 or why10
+    figures = f"p50 {fmt_ms(zero.p50_ms)} ms at 0, {fmt_ms(ten.p50_ms)} ms at 10 steps"
+    return step_cost(zero.p50_ms, ten.p50_ms), figures, ""
+
+
+def per_step(
+    sc: Mapping[str, Scenario], via: str, *, key: str = "", limit: float = 0.30, label: str = ""
+) -> Verdict:
+    """One checkpointed step: `stepgate-{via}` (or `key`) from 0 to 10 steps, p50 at 1 conn."""
+    target = f"{label}one checkpointed step <= {limit:.2f} ms p50 (1 conn) [{via}]"
+    cost, figures, why = _step_cost_of(sc, key or f"stepgate-{via}")
+    if cost is None:
+        return _missing(target, via, why, "")
+    return Verdict(target, _judge(cost <= limit), f"{cost:.3f} ms/step ({figures})")
+
+
+def sdk_vs_minimal(sc: Mapping[str, Scenario], limit: float = 0.05) -> Verdict:
+    """Issue 15: the SDK's transport within `limit` ms a step of the minimal client's."""
+    target = f"SDK transport within {limit:.2f} ms/step of the minimal client [sdk - min]"
+    sdk, _, why = _step_cost_of(sc, "stepgate-sdk")
+    ref, _, why_ref = _step_cost_of(sc, "stepgate-min")
+    if sdk is None or ref is None:
+        return _missing(target, "sdk", why, why_ref)
+    gap = sdk - ref
     return Verdict(
         target,
-        _judge(cost <= 0.30),
-        f"{cost:.3f} ms/step (p50 {fmt_ms(zero.p50_ms)} ms at 0, "
-        f"{fmt_ms(ten.p50_ms)} ms at 10 steps)",
+        _judge(gap <= limit),
+        f"{gap:+.3f} ms/step ({sdk:.3f} ms/step [sdk] vs {ref:.3f} [min])",
     )
 
 
@@ -279,9 +303,11 @@ def vs_restate_latency(sc: Mapping[str, Scenario], via: str) -> Verdict:
     )
 
 
-def vs_restate_throughput(sc: Mapping[str, Scenario], via: str) -> Verdict:
-    target = f"durable 3-step throughput (32 conns) >= 3 x Restate's [{via}]"
-    ours, why = _get(sc, f"stepgate-{via}-3", 32)
+def vs_restate_throughput(
+    sc: Mapping[str, Scenario], via: str, *, key: str = "", factor: float = 3.0, label: str = ""
+) -> Verdict:
+    target = f"{label}durable 3-step throughput (32 conns) >= {factor:g} x Restate's [{via}]"
+    ours, why = _get(sc, f"{key or f'stepgate-{via}'}-3", 32)
     ref, why_ref = _get(sc, "restate-3", 32)
     if ours is None:
         return _missing(target, via, why, "")
@@ -296,7 +322,7 @@ def vs_restate_throughput(sc: Mapping[str, Scenario], via: str) -> Verdict:
     ratio = ours.rps / ref.rps
     return Verdict(
         target,
-        _judge(ratio >= 3.0),
+        _judge(ratio >= factor),
         f"{ratio:.2f} x ({fmt_rps(ours.rps)} vs {fmt_rps(ref.rps)} req/s)",
     )
 
@@ -363,6 +389,11 @@ def evaluate(
             vs_restate_latency(scenarios, via),
             vs_restate_throughput(scenarios, via),
         ]
+    verdicts += [per_step(scenarios, "min"), sdk_vs_minimal(scenarios)]
+    verdicts += [
+        per_step(scenarios, "sdk", key=PG_KEY, limit=0.6, label="PostgreSQL: "),
+        vs_restate_throughput(scenarios, "sdk", key=PG_KEY, factor=2.0, label="PostgreSQL: "),
+    ]
     verdicts += [rss_after_runs(growth), soak_flat(soak), resume_time(growth)]
     return verdicts
 

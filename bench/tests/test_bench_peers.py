@@ -33,7 +33,20 @@ def test_stepgate_settings_use_loopback_an_absolute_store_and_full_durability() 
     assert s["listen"] == "127.0.0.1:1" and s["internal_listen"] == "127.0.0.1:2"
     assert s["durability"] == "full" and s["log_level"] == "warning"
     durable = {r["name"] for r in s["routes"] if r.get("durable")}
-    assert durable == {"steps", "raw", "gate"}
+    assert durable == {"steps", "raw", "min", "gate"}
+
+
+def test_stepgate_settings_take_a_postgresql_store_instead_of_the_file() -> None:
+    s = stepgate_settings(
+        public_port=1,
+        internal_port=2,
+        store_path=Path("/abs/s.db"),
+        upstream_url="http://127.0.0.1:3",
+        durability="full",
+        extra={},
+        store="postgresql://postgres@127.0.0.1:5432/stepgate_bench_x",
+    )
+    assert s["store"] == "postgresql://postgres@127.0.0.1:5432/stepgate_bench_x"
 
 
 def test_restate_config_binds_loopback_only() -> None:

@@ -163,3 +163,48 @@ def test_the_plain_route_is_held_to_a_bare_aiohttp_proxy() -> None:
     scenarios["bare"] = scenario("bare", (3500, 0.30), (3200, 8.0))
     verdict = by_target(evaluate(scenarios, None, None), target)
     assert verdict.status == "FAIL" and verdict.value.startswith("0.94 x")
+
+
+def with_steps(key: str, p50_0: float, p50_10: float, rps_3: float = 1000.0) -> dict[str, Scenario]:
+    return {
+        f"{key}-0": scenario(f"{key}-0", (800, p50_0), (2000, 15.0)),
+        f"{key}-3": scenario(f"{key}-3", (500, p50_0 * 2), (rps_3, 20.0)),
+        f"{key}-10": scenario(f"{key}-10", (250, p50_10), (600, 50.0)),
+    }
+
+
+def test_the_minimal_client_is_judged_per_step_and_the_sdk_against_it() -> None:
+    scenarios = suite()  # sdk: (3.8 - 0.8) / 10 = 0.30 ms a step
+    minimal = "SDK transport within 0.05 ms/step of the minimal client"
+    assert by_target(evaluate(scenarios, None, None), minimal).status == "SKIP"
+    scenarios |= with_steps("stepgate-min", 0.8, 3.35)  # 0.255 ms a step: the SDK +0.045
+    verdicts = evaluate(scenarios, None, None)
+    assert by_target(verdicts, "one checkpointed step <= 0.30 ms p50 (1 conn) [min]").status == (
+        "PASS"
+    )
+    verdict = by_target(verdicts, minimal)
+    assert verdict.status == "PASS" and verdict.value.startswith("+0.045 ms/step")
+    scenarios |= with_steps("stepgate-min", 0.8, 3.2)  # 0.24: the SDK is 0.06 behind
+    verdict = by_target(evaluate(scenarios, None, None), minimal)
+    assert verdict.status == "FAIL" and verdict.value.startswith("+0.060 ms/step")
+    # The minimal client erring is a broken reference, not a slow SDK.
+    scenarios["stepgate-min-10"] = scenario("stepgate-min-10", (250, 3.2), (600, 50.0), errors=500)
+    assert by_target(evaluate(scenarios, None, None), minimal).status == "SKIP"
+
+
+def test_postgresql_per_step_and_throughput_against_restate() -> None:
+    per_step = "PostgreSQL: one checkpointed step <= 0.60 ms p50 (1 conn) [sdk]"
+    throughput = "PostgreSQL: durable 3-step throughput (32 conns) >= 2 x Restate's [sdk]"
+    scenarios = suite()  # restate-3: 700 req/s at 32
+    assert by_target(evaluate(scenarios, None, None), per_step).status == "SKIP"
+    scenarios |= with_steps("stepgate-pg-sdk", 1.0, 7.0, rps_3=1500.0)  # 0.6 ms; 2.14 x
+    verdicts = evaluate(scenarios, None, None)
+    assert by_target(verdicts, per_step).status == "PASS"
+    assert by_target(verdicts, throughput).value.startswith("2.14 x")
+    assert by_target(verdicts, throughput).status == "PASS"
+    scenarios |= with_steps("stepgate-pg-sdk", 1.0, 7.5, rps_3=1300.0)  # 0.65 ms; 1.86 x
+    verdicts = evaluate(scenarios, None, None)
+    assert by_target(verdicts, per_step).status == "FAIL"
+    assert by_target(verdicts, throughput).status == "FAIL"
+    del scenarios["restate-3"]
+    assert by_target(evaluate(scenarios, None, None), throughput).status == "SKIP"
