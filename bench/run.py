@@ -159,13 +159,24 @@ def parse_args(argv: list[str]) -> Options:
         "--unfinished",
         type=int,
         default=None,
-        help="unfinished runs to resume (default 10000; quick 1000)",
+        help="unfinished runs to resume (default 100000; quick 1000)",
     )
-    p.add_argument("--fill-concurrency", type=int, default=32)
+    p.add_argument("--fill-concurrency", type=int, default=32, help="in flight, finished runs")
+    p.add_argument(
+        "--unfinished-concurrency",
+        type=int,
+        default=128,
+        help="in flight while the unfinished runs are accepted",
+    )
     p.add_argument(
         "--fill-time-limit", type=float, default=300.0, help="seconds allowed for each store fill"
     )
-    p.add_argument("--resume-timeout", type=float, default=60.0)
+    p.add_argument(
+        "--resume-timeout",
+        type=float,
+        default=300.0,
+        help="seconds after the restart's readiness to wait for every unfinished run",
+    )
     p.add_argument(
         "--work-dir",
         type=Path,
@@ -197,9 +208,10 @@ def parse_args(argv: list[str]) -> Options:
     duration = a.duration if a.duration is not None else (3.0 if a.quick else 10.0)
     growth = GrowthOptions(
         sizes=tuple(sorted(sizes)),
-        unfinished=a.unfinished if a.unfinished is not None else (1_000 if a.quick else 10_000),
+        unfinished=a.unfinished if a.unfinished is not None else (1_000 if a.quick else 100_000),
         poll_seconds=min(duration, 5.0),
         fill_concurrency=a.fill_concurrency,
+        unfinished_concurrency=a.unfinished_concurrency,
         fill_time_limit=a.fill_time_limit,
         resume_timeout=a.resume_timeout,
         threads=a.threads,

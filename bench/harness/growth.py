@@ -6,9 +6,10 @@ start-up time of a second gateway opened on a snapshot of that store (so the fir
 one keeps its whole history in memory for the RSS-after-N figure).
 
 Unfinished runs: the upstream's /gate holds every request; N runs are accepted with
-`Prefer: respond-async`, the gateway is killed with SIGKILL (a crash), the gate is
-opened and the gateway started again; we time how long until the upstream has seen
-every one of the N runs again.
+`Prefer: respond-async` (128 in flight by default: each acceptance is a committed write,
+and more of them at once share a commit), the gateway is killed with SIGKILL (a crash),
+the gate is opened and the gateway started again; we time how long until the upstream
+has seen every one of the N runs again.
 
 Everything here goes through `stepgate serve` and its HTTP API only; the single
 exception is the snapshot, a SQLite online backup of the store file.
@@ -46,6 +47,7 @@ class GrowthOptions:
     unfinished: int
     poll_seconds: float
     fill_concurrency: int
+    unfinished_concurrency: int  # requests in flight while the unfinished runs are accepted
     fill_time_limit: float  # per fill step
     resume_timeout: float
     threads: int
@@ -220,7 +222,7 @@ def unfinished_runs(
             opts.unfinished,
             headers={"Prefer": "respond-async"},
             ok_statuses=frozenset({202}),
-            concurrency=opts.fill_concurrency,
+            concurrency=opts.unfinished_concurrency,
             time_limit=opts.fill_time_limit,
         )
         out["fill"] = stats.to_json()
@@ -237,9 +239,20 @@ def unfinished_runs(
     gateway = start_stepgate(bench, command, config, name="resume-restart")
     spawned = gateway.child.started_wall
     out["ready_s"] = round(gateway.ready_s, 3)
+    _say(f"restart: ready in {gateway.ready_s:.2f} s; waiting for {expected:,} runs")
+    next_report = time.monotonic() + 30
+
+    def all_seen() -> bool:
+        nonlocal next_report
+        seen = int(_gate_stats(upstream)["gate_runs_since_open"])
+        if time.monotonic() >= next_report:  # a long wait says how it goes
+            next_report += 30
+            _say(f"{seen:,} resumed, {time.time() - spawned:.0f} s after spawn")
+        return seen >= expected
+
     try:
         reached = wait_until(
-            lambda: _gate_stats(upstream)["gate_runs_since_open"] >= expected,
+            all_seen,
             timeout=opts.resume_timeout,
             interval=0.05,
             child=gateway.child,
