@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -45,7 +45,7 @@ from harness.peers import (
     stop_restate,
     write_stepgate_config,
 )
-from harness.pg import Database, PostgresUnavailable, database_name
+from harness.pg import Database, PostgresUnavailable, database_name, server_pids
 from harness.processes import Processes, raise_fd_limit, rss_bytes
 from harness.report import (
     NOISE_THRESHOLD,
@@ -264,8 +264,10 @@ class Runner:
         request: Request,
         expect: Callable[[int, bytes], str | None],
         rss_pid: int | None,
+        also_ours: Callable[[], Sequence[int]] | None = None,
     ) -> Scenario:
-        """Check one request, warm up, then measure at each connection count."""
+        """Check one request, warm up, then measure at each connection count (`also_ours`:
+        see run_wrk)."""
         problem = check_once(request, expect=expect, attempts_for=5.0)
         if problem:
             self.skip(key, label, f"the check request failed: {problem}")
@@ -288,6 +290,7 @@ class Runner:
                     connections=c,
                     threads=1 if c == 1 else self.opts.threads,
                     seconds=self.opts.duration,
+                    also_ours=also_ours,
                 )
                 scenario.loads[c] = r
                 errors = f", {r.errors:,} errors" if r.errors else ""
@@ -444,6 +447,7 @@ class Runner:
                         Request(f"{config.public_url}/steps/{n}", body=BODY),
                         expect_json(steps=n),
                         gateway.child.pid,
+                        also_ours=lambda: server_pids(database.name),
                     )
             finally:
                 self.bench.procs.stop(gateway.child)

@@ -13,7 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -122,10 +122,13 @@ def run_wrk(
     timeout_s: float = 10.0,
     on_tick: Callable[[float], None] | None = None,
     tick_s: float = 5.0,
+    also_ours: Callable[[], Sequence[int]] | None = None,
 ) -> LoadResult:
     """One wrk run; wrk is a child like the servers so that Ctrl-C stops it too.
 
     `on_tick(elapsed_seconds)` is called every `tick_s` while wrk runs (RSS sampling).
+    `also_ours()` lists processes outside the harness's tree whose CPU is part of what is
+    measured, not noise (a PostgreSQL server's).
     """
     wrk = wrk_path()
     if wrk is None:
@@ -143,7 +146,8 @@ def run_wrk(
     for name, value in request.headers:
         argv += ["-H", f"{name}: {value}"]
     argv += [request.url, "--", request.method, request.body]
-    before = cpu_snapshot()
+    ours: Callable[[], Sequence[int]] = also_ours or (lambda: ())
+    before = cpu_snapshot(ours())
     child = procs.start("wrk", argv, log_path=None, capture=True)
     try:
         if on_tick is not None:
@@ -164,7 +168,8 @@ def run_wrk(
     if child.popen.returncode != 0:
         raise LoadError(f"wrk exited with {child.popen.returncode}:\n{text[-2000:]}")
     result = parse_wrk_output(text, connections=connections, threads=threads)
-    return replace(result, foreign_cpu=round(foreign_cpu(before, cpu_snapshot()), 4))
+    after = cpu_snapshot(ours())
+    return replace(result, foreign_cpu=round(foreign_cpu(before, after), 4))
 
 
 def check_once(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 from typing import Any
 
 PG_SERVER = os.environ.get("STEPGATE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -63,3 +64,24 @@ class Database:
             # FORCE: a gateway killed mid-run may leave a connection behind for a moment.
             asyncio.run(_admin(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
             self.created = False
+
+
+def server_pids(database: str) -> list[int]:
+    """The PostgreSQL server's processes that work for `database`: the postmaster, its
+    auxiliaries (checkpointer, WAL writer, ...) and the backends connected to `database`,
+    not backends of other databases (another engineer's tests). Linux /proc only."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if Path(f"/proc/{entry}/comm").read_text().strip() != "postgres":
+                continue
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        # A backend's title names its client, "127.0.0.1(40000)" or "[local]", and database.
+        backend = "(" in title or "[local]" in title
+        if database in title or not backend:
+            pids.append(int(entry))
+    return pids

@@ -239,15 +239,16 @@ class CpuSnapshot:
     ours: int  # clock ticks spent by the harness and every process it started
 
 
-def cpu_snapshot() -> CpuSnapshot:
-    """Where the CPU went so far: everybody, and the harness's own process tree."""
+def cpu_snapshot(also_ours: Sequence[int] = ()) -> CpuSnapshot:
+    """Where the CPU went so far: everybody, and the harness's own process tree plus
+    `also_ours` (servers the harness uses but did not start: the PostgreSQL store's)."""
     busy = 0
     with contextlib.suppress(OSError):
         first = Path("/proc/stat").read_text().splitlines()[0].split()
         user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
         busy = user + nice + system + irq + softirq + steal
     ours = 0
-    for pid in _descendants(os.getpid()):
+    for pid in {*_descendants(os.getpid()), *also_ours}:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             # utime, stime, cutime, cstime: children reaped by a member count as ours.
