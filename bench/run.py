@@ -2,7 +2,7 @@
 """Stepgate benchmark: every scenario of issues #6 and #15 in one go, on this machine.
 
     bench/setup.sh            # once: wrk, nginx, Restate, restate-sdk, hypercorn
-    python bench/run.py       # ~15 min; --quick for a 2-3 min smoke run; --soak adds 10 min
+    python bench/run.py       # ~13 min; --quick for a 3 min smoke run; --soak adds 10 min
 
 Prints one table (req/s, p50, p99, RSS of the process in the middle), the growth
 figures and one PASS/FAIL/SKIP line per target; writes bench/results/<stamp>.json,
@@ -114,7 +114,7 @@ def parse_args(argv: list[str]) -> Options:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--quick", action="store_true", help="smoke run (~1-2 min): short loads, small growth sizes"
+        "--quick", action="store_true", help="smoke run (~3 min): short loads, small growth sizes"
     )
     p.add_argument("--soak", action="store_true", help="add the soak (see --soak-minutes)")
     p.add_argument("--soak-minutes", type=float, default=10.0)
