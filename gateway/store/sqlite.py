@@ -1,11 +1,13 @@
 """The SQLite dialect: one file, one gateway, group commit.
 
-Writes go through one writer thread that owns its own connection and commits every write that
-queued up while the previous commit was on its way to disk in a single transaction (group
-commit). Each write waits for the commit that holds it, so an acknowledged write is always
-durable; concurrent writers share the fsync instead of queueing behind one each. Each
-transaction body below runs in that thread: it reads the rows it decides on and writes the
-result, and nothing can come between.
+Writes go through one connection that commits every write that queued up while the previous
+commit was on its way to disk in a single transaction (group commit). Each write waits for the
+commit that holds it, so an acknowledged write is always durable; concurrent writers share the
+fsync instead of queueing behind one each. Each transaction body below reads the rows it decides
+on and writes the result, and nothing can come between. The bodies run on the event loop's
+thread, which holds the GIL for their Python anyway; only the COMMIT, whose fsync is the slow
+part, goes to the writer thread. A write lock held by another process (a CLI, a backup) is never
+waited for on the loop: that batch goes to the writer thread whole, which waits for the lock.
 
 Reads go through aiosqlite on a second connection, one whole statement (execute and fetch) at a
 time, so no read is left holding an old snapshot: WAL lets them run beside the writer and each
@@ -266,12 +268,50 @@ def _write_step(conn: sqlite3.Connection, step: Step) -> None:
     )
 
 
-class _Writer:
-    """One thread, one connection, group commit (see the module docstring).
+_Queued = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
+# Another process (a CLI, a backup) may hold the write lock for a moment: the writer thread
+# waits this long for it instead of failing. Longer locks fail the write, which its caller
+# retries or answers 503. The loop's thread never waits (busy_timeout 0).
+BUSY_TIMEOUT_MS = 5000
 
-    No task sits between a write and its commit: `submit` hands a batch to the thread at once
-    when none is in flight, and the thread, when it has committed, hands the results back with
-    `call_soon_threadsafe` and the loop starts the next batch from what queued up meanwhile.
+
+def _apply(conn: sqlite3.Connection, batch: list[_Queued]) -> list[tuple[bool, Any]]:
+    """Each write of an open transaction, under a savepoint of its own, so that one failing
+    write (a duplicate key) is undone alone."""
+    results: list[tuple[bool, Any]] = []
+    for op, _ in batch:
+        conn.execute("SAVEPOINT op")
+        try:
+            results.append((True, op(conn)))
+            conn.execute("RELEASE op")
+        except Exception as exc:
+            conn.execute("ROLLBACK TO op")
+            conn.execute("RELEASE op")
+            results.append((False, _translate(exc)))
+    return results
+
+
+def _failed(
+    conn: sqlite3.Connection, batch: list[_Queued], exc: sqlite3.Error
+) -> list[tuple[bool, Any]]:
+    """The transaction is lost: roll back what is left of it, and fail every write."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite rolled back already (a full disk does that)
+    error = StoreError(f"commit failed: {exc}")
+    error.__cause__ = exc
+    return [(False, error) for _ in batch]
+
+
+class _Writer:
+    """One connection, one thread for its commits, group commit (see the module docstring).
+
+    No task sits between a write and its commit: `submit` applies a batch and hands its COMMIT
+    to the thread at once when none is in flight, and the thread, when it has committed, hands
+    the results back with `call_soon_threadsafe` and the loop starts the next batch from what
+    queued up meanwhile.
     """
 
     def __init__(self, path: str, synchronous: str) -> None:
@@ -279,7 +319,8 @@ class _Writer:
         self._synchronous = synchronous
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="stepgate-store")
         self._conn: sqlite3.Connection | None = None
-        self._queue: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._queue: list[_Queued] = []
+        self._bulk_queued = False
         self._busy = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -308,9 +349,7 @@ class _Writer:
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         # Steps and attempts are deleted with their run (retention).
         conn.execute("PRAGMA foreign_keys=ON")
-        # Another process (a CLI, a backup) may hold a lock for a moment; wait instead of failing.
-        # Longer locks fail the write, which its caller retries or answers 503.
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         # After a checkpoint the WAL is cut back to this size instead of keeping its peak, so a
         # burst does not keep a small volume full.
         conn.execute("PRAGMA journal_size_limit=4194304")
@@ -322,25 +361,62 @@ class _Writer:
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
             conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+        # From here on the wait is set around each BEGIN in the writer thread (`_commit`) only.
+        conn.execute("PRAGMA busy_timeout=0")
 
-    async def submit(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def submit(self, op: Callable[[sqlite3.Connection], T], *, bulk: bool = False) -> T:
+        """Queue `op` for the next commit and wait for it. A `bulk` op (one that may touch
+        thousands of rows) runs in the writer thread, with its whole batch, not on the loop."""
         if self._closing or self._loop is None:
             raise StoreError("the store is closed")
         future: asyncio.Future[T] = self._loop.create_future()
         self._queue.append((op, future))
+        self._bulk_queued = self._bulk_queued or bulk
         if not self._busy:
             self._dispatch()
         return await future
 
     def _dispatch(self) -> None:
         batch, self._queue = self._queue, []
+        bulk, self._bulk_queued = self._bulk_queued, False
         self._busy = True
         self._idle.clear()
-        self._executor.submit(self._commit_and_report, batch)
+        try:
+            results = None if bulk else self._apply_here(batch)
+        except sqlite3.Error as exc:  # the statements could not run at all (disk I/O)
+            assert self._conn is not None and self._loop is not None
+            self._loop.call_soon(self._committed, batch, _failed(self._conn, batch, exc))
+            return
+        if results is None:
+            self._executor.submit(self._commit_and_report, batch)
+        else:
+            self._executor.submit(self._commit_applied, batch, results)
 
-    def _commit_and_report(
-        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
-    ) -> None:
+    def _apply_here(self, batch: list[_Queued]) -> list[tuple[bool, Any]] | None:
+        """The batch's statements, on the loop's thread; None when the write lock is taken
+        (another process holds it), and the writer thread must wait for it instead."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")  # busy_timeout is 0 here: never blocks the loop
+        except sqlite3.Error:  # locked, or worse: the writer thread tries, and reports it
+            return None
+        return _apply(conn, batch)
+
+    def _commit_applied(self, batch: list[_Queued], results: list[tuple[bool, Any]]) -> None:
+        """Runs in the writer thread: only the COMMIT, whose fsync is the slow part."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            results = _failed(conn, batch, exc)
+        except BaseException as exc:  # never leave a writer waiting forever
+            results = [(False, StoreError(f"commit failed: {exc}")) for _ in batch]
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._committed, batch, results)
+
+    def _commit_and_report(self, batch: list[_Queued]) -> None:
         """Runs in the writer thread."""
         try:
             results = self._commit(batch)
@@ -350,11 +426,7 @@ class _Writer:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._committed, batch, results)
 
-    def _committed(
-        self,
-        batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
-        results: list[tuple[bool, Any]],
-    ) -> None:
+    def _committed(self, batch: list[_Queued], results: list[tuple[bool, Any]]) -> None:
         for (_, future), (ok, value) in zip(batch, results, strict=True):
             if future.done():
                 continue
@@ -368,34 +440,19 @@ class _Writer:
         else:
             self._idle.set()
 
-    def _commit(
-        self, batch: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]]
-    ) -> list[tuple[bool, Any]]:
+    def _commit(self, batch: list[_Queued]) -> list[tuple[bool, Any]]:
         conn = self._conn
         assert conn is not None
-        results: list[tuple[bool, Any]] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            for op, _ in batch:
-                # A savepoint per write: one failing write (a duplicate key) is undone alone.
-                conn.execute("SAVEPOINT op")
-                try:
-                    results.append((True, op(conn)))
-                    conn.execute("RELEASE op")
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    results.append((False, _translate(exc)))
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            finally:
+                conn.execute("PRAGMA busy_timeout=0")
+            results = _apply(conn, batch)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass  # SQLite rolled back already (a full disk does that)
-            error = StoreError(f"commit failed: {exc}")
-            error.__cause__ = exc
-            return [(False, error) for _ in batch]
+            return _failed(conn, batch, exc)
         return results
 
     async def close(self) -> None:
@@ -563,10 +620,10 @@ class SQLiteStore(Store):
         finally:
             await self._unlock()
 
-    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(self, op: Callable[[sqlite3.Connection], T], *, bulk: bool = False) -> T:
         started = time.perf_counter()
         try:
-            result = await self._writer.submit(op)
+            result = await self._writer.submit(op, bulk=bulk)
         except StoreError:
             self.last_write_failed = time.monotonic()
             raise
@@ -748,7 +805,7 @@ class SQLiteStore(Store):
                 given += self._release(conn, route, slot_key, now)
             return given
 
-        given = await self._write(op)
+        given = await self._write(op, bulk=True)
         self._given(given)
         return len(given)
 
@@ -775,7 +832,7 @@ class SQLiteStore(Store):
             return done, given
 
         woken: list[Run] = []
-        recovered, given = await self._write(op)
+        recovered, given = await self._write(op, bulk=True)
         for after in recovered:
             self._changed(after.run)
         for parent in woken:
@@ -1143,14 +1200,14 @@ class SQLiteStore(Store):
             )
             return cursor.rowcount
 
-        return await self._write(op)
+        return await self._write(op, bulk=True)
 
     async def purge_events(self, before: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             conn.execute("DELETE FROM flow_buckets WHERE tat < ?", (before,))
             return conn.execute("DELETE FROM events WHERE ts < ?", (before,)).rowcount
 
-        return await self._write(op)
+        return await self._write(op, bulk=True)
 
     async def checkpoint(self) -> None:
         """Fold the WAL back into the database and truncate it (housekeeping). A checkpoint

@@ -137,6 +137,37 @@ async def test_a_store_locked_by_another_process(
     assert gate.step_answers == [201, 201]
 
 
+async def test_a_write_waiting_for_another_process_s_lock_leaves_the_loop_free(
+    gateway: GatewayFactory, upstream: UpstreamFactory, tmp_path: Path
+) -> None:
+    # A batch's statements run on the event loop's thread, but never wait there for a lock:
+    # the writer thread does the waiting, and the write lands once the lock is let go.
+    async def done(request: web.Request) -> web.Response:
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_post("/work", done)
+    db = tmp_path / "stepgate.db"
+    gw = await gateway([route(await upstream(app))], db=db)
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    loop = asyncio.get_running_loop()
+    try:
+        request = asyncio.ensure_future(post(gw))
+        late = 0.0
+        for _ in range(15):  # 0.75 s of the writer waiting for the lock
+            before = loop.time()
+            await asyncio.sleep(0.05)
+            late = max(late, loop.time() - before - 0.05)
+        assert not request.done()
+        assert late < 0.25, f"the event loop stalled {late:.3f} s behind a locked store"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    status, _, body = await asyncio.wait_for(request, 10)
+    assert (status, body) == (200, b"done")
+
+
 @pytest.fixture
 def small_volume(tmp_path: Path) -> Iterator[Path]:
     mount = tmp_path / "volume"
