@@ -315,6 +315,34 @@ async def test_the_runs_of_a_replica_whose_lease_expired_are_taken_over_once(
     assert mine is not None and mine.status == RunStatus.RUNNING
 
 
+async def test_a_step_write_waits_for_an_attempt_end_in_progress_and_is_then_fenced(
+    replicas: tuple[PostgresStore, PostgresStore], pg_database: str
+) -> None:
+    """Forced interleaving: another replica has locked the run to end attempt 1 (it moves the
+    run on to attempt 2) and has not committed yet, when attempt 1 records a step in one
+    statement. The statement must wait for that commit and then refuse the stale attempt;
+    reading the last committed row instead would record a step of a superseded attempt."""
+    a, _ = replicas
+    run = await a.create_run(new_run("r1"))  # a keeps the run's secret: the one-statement path
+    other = await asyncpg.connect(pg_database)
+    try:
+        ending = other.transaction()
+        await ending.start()
+        await other.execute("SELECT 1 FROM runs WHERE id = 'r1' FOR UPDATE")
+        await other.execute("UPDATE runs SET attempt = 2 WHERE id = 'r1'")
+        write = asyncio.ensure_future(
+            a.put_step("r1", token(run), "s1", OUTPUT, now=time.time(), lookback_since=0)
+        )
+        await asyncio.sleep(0.3)
+        assert not write.done(), "the step write did not wait for the run's lock"
+        await ending.commit()
+        with pytest.raises(AttemptFenced):
+            await asyncio.wait_for(write, 10)
+    finally:
+        await other.close()
+    assert await a.steps("r1") == []
+
+
 async def test_a_wait_and_its_event_cannot_miss_each_other_across_replicas(
     replicas: tuple[PostgresStore, PostgresStore],
     monkeypatch: pytest.MonkeyPatch,
