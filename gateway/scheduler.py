@@ -39,6 +39,7 @@ class Scheduler:
         self._heap: list[tuple[float, str]] = []
         self._due: dict[str, float] = {}  # run id -> the due time its heap entry stands for
         self._loaded_until = 0.0  # every timer due before this is in the heap
+        self._after: tuple[float, str] | None = None  # where a load that filled its batch ended
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._housekeeping = housekeeping
@@ -73,12 +74,26 @@ class Scheduler:
 
     async def _load(self, now: float) -> None:
         until = now + self._horizon
-        rows = await self._store.due(until, _BATCH)
-        if len(rows) == _BATCH:
-            until = rows[-1][0]  # more remain: load past this point once the heap has drained
+        rows = await self._store.due(until, _BATCH, self._after)
         for due, run_id in rows:
             self._push(run_id, due)
-        self._loaded_until = until
+        if len(rows) == _BATCH:
+            # More remain: the next load reads on from here. Reading from the start again
+            # would find these same runs still due (fired, but not claimed yet) and never
+            # reach the rest.
+            self._after = rows[-1]
+            self._loaded_until = rows[-1][0]
+        else:
+            self._after = None
+            self._loaded_until = until
+
+    def _load_now(self, now: float) -> bool:
+        """Half a horizon after the last load; or, while a backlog is read batch by batch,
+        once the heap has drained. Not merely because the heap is empty: the runs it just
+        fired are still due in the store until their claims are committed."""
+        if self._after is not None:
+            return not self._heap
+        return now >= self._loaded_until - self._horizon / 2
 
     async def _run(self) -> None:
         next_housekeeping = 0.0
@@ -90,7 +105,7 @@ class Scheduler:
                     await self._housekeeping()  # type: ignore[misc]
                 except Exception:
                     log.exception("scheduler.housekeeping_failed")
-            if now >= self._loaded_until - self._horizon / 2 or not self._heap:
+            if self._load_now(now):
                 try:
                     await self._load(now)
                 except Exception:
@@ -100,9 +115,13 @@ class Scheduler:
                 if self._due.get(run_id) == due:
                     del self._due[run_id]
                     self._fire(run_id)
-            wake_at = min(self._loaded_until - self._horizon / 2, next_housekeeping)
+            wake_at = next_housekeeping
+            if self._after is None:
+                wake_at = min(wake_at, self._loaded_until - self._horizon / 2)
             if self._heap:
                 wake_at = min(wake_at, self._heap[0][0])
+            elif self._after is not None:
+                wake_at = now  # this batch has fired: read the next one
             delay = max(0.0, wake_at - time.time())
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):

@@ -60,6 +60,7 @@ class Invoker:
         self.internal_url = settings.internal_url
         self.inflight: dict[str, asyncio.Task[Run | None]] = {}
         self._refire: set[str] = set()
+        self._waiting: set[str] = set()  # resumptions queued for a slot, not yet claiming
         self._slots = asyncio.Semaphore(BACKGROUND_CONCURRENCY)
         self._rng = random.Random()
         self.closing = False
@@ -76,6 +77,7 @@ class Invoker:
 
     def _done(self, run_id: str) -> None:
         self.inflight.pop(run_id, None)
+        self._waiting.discard(run_id)  # also when it was cancelled before it began
         if run_id in self._refire:
             self._refire.discard(run_id)
             self.fire(run_id)
@@ -83,11 +85,12 @@ class Invoker:
     def fire(self, run_id: str) -> None:
         """A run's due time has come (a timer or a wake-up): start its next attempt if the store
         agrees it is due."""
-        if self.closing:
-            return
+        if self.closing or run_id in self._waiting:
+            return  # the claim it is waiting to make reads the store after this wake-up
         if run_id in self.inflight:
             self._refire.add(run_id)
             return
+        self._waiting.add(run_id)  # from now until its claim begins
         self.spawn(run_id, self._resume(run_id))
 
     def start(self, run: Run) -> None:
@@ -99,7 +102,11 @@ class Invoker:
             return await self.invoke(run)
 
     async def _resume(self, run_id: str) -> Run | None:
-        async with self._slots:
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting.discard(run_id)
+        try:
             try:
                 run = await self.store.claim(run_id, time.time())
             except StoreError as exc:
@@ -109,6 +116,8 @@ class Invoker:
             if run is None:
                 return None  # a stale timer: the run moved on, or is not due yet
             return await self.invoke(run)
+        finally:
+            self._slots.release()
 
     # -- one invocation ------------------------------------------------------------------------
 

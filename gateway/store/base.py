@@ -278,8 +278,11 @@ class Store(abc.ABC):
         """Queued runs by route (routes with none are left out)."""
 
     @abc.abstractmethod
-    async def due(self, before: float, limit: int) -> list[tuple[float, str]]:
-        """(due_at, run id) of parked runs due before `before`, soonest first."""
+    async def due(
+        self, before: float, limit: int, after: tuple[float, str] | None = None
+    ) -> list[tuple[float, str]]:
+        """(due_at, run id) of parked runs due before `before`, soonest first (ties by id);
+        only those that come after `after` in that order, when given."""
 
     # -- transactions --------------------------------------------------------------------------
 

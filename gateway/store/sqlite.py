@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import time
@@ -671,11 +672,14 @@ class SQLiteStore(Store):
         rows = await self._fetchall("SELECT status, count(*) FROM runs GROUP BY status")
         return {status: n for status, n in rows}
 
-    async def due(self, before: float, limit: int) -> list[tuple[float, str]]:
+    async def due(
+        self, before: float, limit: int, after: tuple[float, str] | None = None
+    ) -> list[tuple[float, str]]:
+        start, start_id = after if after is not None else (-math.inf, "")
         rows = await self._fetchall(
             "SELECT due_at, id FROM runs WHERE due_at IS NOT NULL AND due_at <= ? "
-            "ORDER BY due_at LIMIT ?",
-            (before, limit),
+            "AND (due_at, id) > (?, ?) ORDER BY due_at, id LIMIT ?",
+            (before, start, start_id, limit),
         )
         return [(due, run_id) for due, run_id in rows]
 
