@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import math
 import time
 from collections.abc import Callable
 
@@ -96,7 +97,7 @@ class Scheduler:
         return now >= self._loaded_until - self._horizon / 2
 
     async def _run(self) -> None:
-        next_housekeeping = 0.0
+        next_housekeeping = 0.0 if self._housekeeping is not None else math.inf
         while True:
             now = time.time()
             if now >= next_housekeeping and self._housekeeping is not None:
@@ -124,5 +125,8 @@ class Scheduler:
                 wake_at = now  # this batch has fired: read the next one
             delay = max(0.0, wake_at - time.time())
             self._wakeup.clear()
+            # Not asyncio.wait_for: on 3.11 a wake-up landing in the same turn as stop()'s
+            # cancel made it return the wake-up and drop the cancel, and the scheduler slept on.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._wakeup.wait()

@@ -42,3 +42,18 @@ async def test_a_backlog_larger_than_one_load_is_read_once_and_fired_once(
     assert sorted(fired) == [row[1] for row in store.rows]
     assert set(fired.values()) == {1}, "a run still due in the store was fired again"
     assert store.loads <= 4, f"{store.loads} loads of the store for 250 due runs"
+
+
+async def test_a_scheduler_stopped_as_a_timer_wakes_it_stops() -> None:
+    # The wake-up and the cancel land in one turn of the loop. asyncio.wait_for (3.11)
+    # returned the finished wait instead of raising the cancel, and the scheduler slept on.
+    async def housekeeping() -> None:
+        pass
+
+    scheduler = Scheduler(cast(Store, Backlog([])), lambda run_id: None, housekeeping=housekeeping)
+    scheduler.start()
+    await asyncio.sleep(0.05)  # it waits for its next load, half a horizon away
+    stopping = asyncio.ensure_future(scheduler.stop())  # its cancel comes first in the turn
+    scheduler.add("r1", time.time() + 5)  # then the wake-up
+    done, _ = await asyncio.wait({stopping}, timeout=2)
+    assert done, "the scheduler went on after it was stopped"
