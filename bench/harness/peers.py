@@ -380,27 +380,17 @@ def stepgate_settings(
         "durability": durability,
         "routes": [
             {"name": "plain", "path": "/plain", "upstream": upstream_url},
-            {
-                "name": "steps",
-                "path": "/steps/*",
-                "methods": ["POST"],
-                "upstream": upstream_url,
-                "durable": True,
-            },
-            {
-                "name": "raw",
-                "path": "/raw/*",
-                "methods": ["POST"],
-                "upstream": upstream_url,
-                "durable": True,
-            },
-            {
-                "name": "min",
-                "path": "/min/*",
-                "methods": ["POST"],
-                "upstream": upstream_url,
-                "durable": True,
-            },
+            # The SDK's handler, the raw protocol over aiohttp's client, and over a minimal one.
+            *(
+                {
+                    "name": name,
+                    "path": f"/{name}/*",
+                    "methods": ["POST"],
+                    "upstream": upstream_url,
+                    "durable": True,
+                }
+                for name in ("steps", "raw", "min")
+            ),
             # Held by the upstream while its gate is closed; the attempt must outlive
             # the whole fill, so its timeout is long.
             {
