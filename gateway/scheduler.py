@@ -83,18 +83,17 @@ class Scheduler:
             # would find these same runs still due (fired, but not claimed yet) and never
             # reach the rest.
             self._after = rows[-1]
-            self._loaded_until = rows[-1][0]
         else:
             self._after = None
             self._loaded_until = until
 
-    def _load_now(self, now: float) -> bool:
+    def _next_load(self, now: float) -> float:
         """Half a horizon after the last load; or, while a backlog is read batch by batch,
         once the heap has drained. Not merely because the heap is empty: the runs it just
         fired are still due in the store until their claims are committed."""
         if self._after is not None:
-            return not self._heap
-        return now >= self._loaded_until - self._horizon / 2
+            return math.inf if self._heap else now
+        return self._loaded_until - self._horizon / 2
 
     async def _run(self) -> None:
         next_housekeeping = 0.0 if self._housekeeping is not None else math.inf
@@ -106,7 +105,7 @@ class Scheduler:
                     await self._housekeeping()  # type: ignore[misc]
                 except Exception:
                     log.exception("scheduler.housekeeping_failed")
-            if self._load_now(now):
+            if now >= self._next_load(now):
                 try:
                     await self._load(now)
                 except Exception:
@@ -116,13 +115,9 @@ class Scheduler:
                 if self._due.get(run_id) == due:
                     del self._due[run_id]
                     self._fire(run_id)
-            wake_at = next_housekeeping
-            if self._after is None:
-                wake_at = min(wake_at, self._loaded_until - self._horizon / 2)
+            wake_at = min(next_housekeeping, self._next_load(now))
             if self._heap:
                 wake_at = min(wake_at, self._heap[0][0])
-            elif self._after is not None:
-                wake_at = now  # this batch has fired: read the next one
             delay = max(0.0, wake_at - time.time())
             self._wakeup.clear()
             # Not asyncio.wait_for: on 3.11 a wake-up landing in the same turn as stop()'s
