@@ -102,11 +102,8 @@ class Invoker:
             return await self.invoke(run)
 
     async def _resume(self, run_id: str) -> Run | None:
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting.discard(run_id)
-        try:
+        async with self._slots:
+            self._waiting.discard(run_id)  # (`_done` does it if cancelled before this)
             try:
                 run = await self.store.claim(run_id, time.time())
             except StoreError as exc:
@@ -116,8 +113,6 @@ class Invoker:
             if run is None:
                 return None  # a stale timer: the run moved on, or is not due yet
             return await self.invoke(run)
-        finally:
-            self._slots.release()
 
     # -- one invocation ------------------------------------------------------------------------
 
